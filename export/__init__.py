@@ -1,0 +1,1 @@
+"""Offline pipeline: checkpoint -> ONNX -> parity gate -> precision variants (-> TensorRT engines)."""

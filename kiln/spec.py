@@ -1,0 +1,221 @@
+"""The one typed deployment spec every stage reads.
+
+A YAML file is validated into :class:`DeploymentSpec` before any work starts; a bad
+field fails with its dotted path and what is allowed. Nothing downstream re-derives
+names, shapes or paths by hand: they come from here or from the export manifest.
+"""
+
+from __future__ import annotations
+
+import re
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+PACKAGED_SPECS = Path(__file__).parent / "specs"
+
+
+class SpecError(ValueError):
+    """A spec that cannot be used; the message names each bad field."""
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class Task(str, Enum):
+    feature_extraction = "feature-extraction"
+    text_classification = "text-classification"
+
+
+class Pooling(str, Enum):
+    mean = "mean"
+    cls = "cls"
+
+
+class Precision(str, Enum):
+    fp32 = "fp32"
+    int8 = "int8"
+    fp16 = "fp16"
+
+
+class Runtime(str, Enum):
+    """Where the encoder runs inside Triton.
+
+    python-ort: ONNX Runtime inside a python-backend model (the only one the
+    pip-installed Triton can load); onnxruntime_onnx / tensorrt_plan: NVIDIA's
+    container backends.
+    """
+
+    python_ort = "python-ort"
+    onnxruntime_onnx = "onnxruntime_onnx"
+    tensorrt_plan = "tensorrt_plan"
+
+
+class PackageSource(_Frozen):
+    kind: Literal["package"] = "package"
+    package: str = Field(description="an installed Python package that carries the checkpoint")
+    subdir: str = "model"
+
+
+class FolderSource(_Frozen):
+    kind: Literal["folder"] = "folder"
+    path: Path
+
+
+Source = Annotated[PackageSource | FolderSource, Field(discriminator="kind")]
+
+
+class Batching(_Frozen):
+    max_batch_size: int = Field(64, ge=1, le=4096)
+    preferred_batch_sizes: list[int] = Field(default_factory=lambda: [8, 16, 32])
+    max_queue_delay_us: int = Field(2000, ge=0, le=10_000_000)
+    # bounded queue: requests beyond it are rejected at once (HTTP 503 / UNAVAILABLE)
+    max_queue_size: int = Field(256, ge=1)
+
+    @model_validator(mode="after")
+    def _preferred_fit(self) -> "Batching":
+        bad = [b for b in self.preferred_batch_sizes if not 1 <= b <= self.max_batch_size]
+        if bad:
+            raise ValueError(
+                f"preferred_batch_sizes {bad} must lie in 1..max_batch_size ({self.max_batch_size})"
+            )
+        return self
+
+
+class Instances(_Frozen):
+    tokenizer: int = Field(1, ge=1, le=64)
+    encoder: int = Field(1, ge=1, le=64)
+    postprocess: int = Field(1, ge=1, le=64)
+    kind: Literal["cpu", "gpu"] = "cpu"
+    # ONNX Runtime threads per encoder instance (0: ONNX Runtime decides)
+    intra_op_threads: int = Field(0, ge=0, le=256)
+
+
+class Parity(_Frozen):
+    """Gates a variant must pass before anything downstream may use it."""
+
+    fp32_min_cosine: float = 0.99999
+    fp32_max_abs: float = 1e-3
+    fp16_min_cosine: float = 0.999
+    int8_mean_cosine: float = 0.99
+    int8_min_cosine: float = 0.98
+    min_inputs: int = Field(32, ge=1)
+
+
+class Ports(_Frozen):
+    http: int = Field(8000, ge=0, le=65535)
+    grpc: int = Field(8001, ge=0, le=65535)
+    metrics: int = Field(8002, ge=0, le=65535)
+
+
+_NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,62}$")
+
+
+class DeploymentSpec(_Frozen):
+    name: str = Field(description="served (public) model name")
+    source: Source
+    task: Task = Task.feature_extraction
+    pooling: Pooling = Pooling.mean
+    normalize: bool = True
+    labels: list[str] | None = Field(
+        None, description="class names for text-classification; default: the checkpoint's id2label"
+    )
+    max_length: int = Field(256, ge=8, le=8192)
+    precisions: list[Precision] = Field(default_factory=lambda: [Precision.fp32, Precision.int8])
+    serve_precision: Precision = Precision.int8
+    int8_mode: Literal["dynamic", "static"] = "dynamic"
+    runtime: Runtime = Runtime.python_ort
+    opset: int = Field(18, ge=17, le=23)
+    batching: Batching = Batching()
+    instances: Instances = Instances()
+    parity: Parity = Parity()
+    ports: Ports = Ports()
+    workdir: Path = Field(Path("build"), description="artifacts go to <workdir>/<name>/")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "DeploymentSpec":
+        if not _NAME.match(self.name):
+            raise ValueError(f"name {self.name!r}: use lowercase letters, digits, '_', '-', '.'")
+        if Precision.fp32 not in self.precisions:
+            raise ValueError("precisions must include fp32: every other variant derives from it")
+        if self.serve_precision not in self.precisions:
+            raise ValueError(
+                f"serve_precision {self.serve_precision.value!r} is not among precisions "
+                f"{[p.value for p in self.precisions]}"
+            )
+        if self.task is Task.text_classification and self.labels is not None and len(self.labels) < 2:
+            raise ValueError("labels: a classifier needs at least 2")
+        if self.runtime is Runtime.tensorrt_plan and self.serve_precision is Precision.int8:
+            # int8 TensorRT engines need calibration or QDQ; the QDQ route needs static int8
+            if self.int8_mode != "static":
+                raise ValueError("runtime tensorrt_plan with int8 needs int8_mode: static (QDQ)")
+        return self
+
+    # --- derived locations: the one place paths are decided ---
+    @property
+    def root(self) -> Path:
+        return self.workdir / self.name
+
+    @property
+    def export_dir(self) -> Path:
+        return self.root / "export"
+
+    @property
+    def repository_dir(self) -> Path:
+        return self.root / "model_repository"
+
+    @property
+    def server_dir(self) -> Path:
+        return self.root / "server"
+
+
+def _format_errors(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        where = ".".join(str(p) for p in e["loc"]) or "(spec)"
+        msg = e["msg"].removeprefix("Value error, ")
+        allowed = e.get("ctx", {}).get("expected")
+        lines.append(f"  {where}: {msg}" + (f" (allowed: {allowed})" if allowed and allowed not in msg else ""))
+    return "\n".join(lines)
+
+
+def parse_spec(data: dict, origin: str = "spec") -> DeploymentSpec:
+    if not isinstance(data, dict):
+        raise SpecError(f"{origin}: expected a mapping at the top level, got {type(data).__name__}")
+    try:
+        return DeploymentSpec.model_validate(data)
+    except ValidationError as err:
+        raise SpecError(f"{origin} is not a valid deployment spec:\n{_format_errors(err)}") from None
+
+
+def load_spec(path: str | Path, **overrides) -> DeploymentSpec:
+    """Load a spec file, or a packaged one by name (e.g. ``minilm``)."""
+    p = Path(path)
+    if not p.exists() and (PACKAGED_SPECS / f"{path}.yaml").exists():
+        p = PACKAGED_SPECS / f"{path}.yaml"
+    if not p.exists():
+        known = ", ".join(sorted(s.stem for s in PACKAGED_SPECS.glob("*.yaml")))
+        raise SpecError(f"no spec file {path!r} (packaged specs: {known})")
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as err:
+        raise SpecError(f"{p}: not valid YAML: {err}") from None
+    if isinstance(data, dict):
+        data = _merge(data, overrides)
+    return parse_spec(data, origin=str(p))
+
+
+def _merge(base: dict, overrides: dict) -> dict:
+    out = dict(base)
+    for k, v in overrides.items():
+        if v is None:
+            continue
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _merge(out[k], v)
+        else:
+            out[k] = v
+    return out
