@@ -1,0 +1,189 @@
+"""Launch the real Triton Inference Server that ships in the `nvidia-pytriton` wheel.
+
+No container: the wheel carries `tritonserver`, the python backend and per-Python
+stubs. We assemble a backend directory with the stub for the running interpreter,
+put the wheel's bundled libraries on LD_LIBRARY_PATH and this environment's
+site-packages on PYTHONPATH (what the python-backend models import), start the
+server, wait for readiness, and on a failed model load surface Triton's own errors.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import sysconfig
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from kiln.spec import Ports
+
+
+class ServerError(RuntimeError):
+    """Triton did not come up; the message carries Triton's own error lines."""
+
+
+def _wheel_root() -> Path:
+    import pytriton
+
+    root = Path(pytriton.__file__).parent / "tritonserver"
+    if not (root / "bin" / "tritonserver").is_file():
+        raise ServerError(f"no tritonserver binary under {root}: is nvidia-pytriton installed?")
+    return root
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def free_ports() -> Ports:
+    return Ports(http=free_port(), grpc=free_port(), metrics=free_port())
+
+
+def prepare_backends(dest: Path) -> Path:
+    """backends/python with the stub for this Python; returns the backend directory."""
+    root = _wheel_root()
+    py = f"{sys.version_info.major}.{sys.version_info.minor}"
+    stub = root / "python_backend_stubs" / py / "triton_python_backend_stub"
+    if not stub.is_file():
+        raise ServerError(f"the nvidia-pytriton wheel has no python-backend stub for Python {py}")
+    python_dir = dest / "python"
+    python_dir.mkdir(parents=True, exist_ok=True)
+    for src in [*(root / "backends" / "python").glob("*.*"), stub]:
+        target = python_dir / src.name
+        if not target.exists() or target.stat().st_size != src.stat().st_size:
+            shutil.copy2(src, target)
+    return dest
+
+
+def server_env() -> dict[str, str]:
+    root = _wheel_root()
+    libs = root.parent.parent / "nvidia_pytriton.libs"
+    env = dict(os.environ)
+    env["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in (str(libs), env.get("LD_LIBRARY_PATH", "")) if p)
+    site = [sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]]
+    env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(site + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]))
+    env["PYTHONSAFEPATH"] = "1"
+    env.setdefault("OMP_NUM_THREADS", "1")  # ORT sets its own intra-op threads per model
+    return env
+
+
+_ERROR_LINE = re.compile(r"^(E\d{4} |.*\b(UNAVAILABLE|INVALID_ARG|INTERNAL|error|Error|failed)\b)")
+
+
+def error_lines(log_text: str, limit: int = 20) -> list[str]:
+    """Triton's own error lines from its log (load failures, python tracebacks)."""
+    lines = [l for l in log_text.splitlines() if _ERROR_LINE.search(l)]
+    harmless = ("Failed to initialize NVML", "DCGM", "Unable to create DCGM", "cudaGetDeviceCount", "CUDA driver")
+    return [l for l in lines if not any(h in l for h in harmless)][-limit:]
+
+
+@dataclass
+class TritonServer:
+    repository: Path
+    ports: Ports = field(default_factory=Ports)
+    workdir: Path = Path("build/server")
+    extra_args: list[str] = field(default_factory=list)
+    process: subprocess.Popen | None = None
+
+    @property
+    def log_file(self) -> Path:
+        return self.workdir / "tritonserver.log"
+
+    @property
+    def http_url(self) -> str:
+        return f"127.0.0.1:{self.ports.http}"
+
+    @property
+    def grpc_url(self) -> str:
+        return f"127.0.0.1:{self.ports.grpc}"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://127.0.0.1:{self.ports.metrics}/metrics"
+
+    def command(self) -> list[str]:
+        return [
+            str(_wheel_root() / "bin" / "tritonserver"),
+            f"--model-repository={self.repository.resolve()}",
+            f"--backend-directory={(self.workdir / 'backends').resolve()}",
+            f"--cache-directory={(_wheel_root() / 'caches').resolve()}",
+            f"--http-port={self.ports.http}",
+            f"--grpc-port={self.ports.grpc}",
+            f"--metrics-port={self.ports.metrics}",
+            "--http-address=127.0.0.1",
+            "--grpc-address=127.0.0.1",
+            "--allow-metrics=true",
+            "--allow-gpu-metrics=false",
+            "--exit-on-error=true",
+            "--strict-readiness=true",
+            "--log-verbose=0",
+            *self.extra_args,
+        ]
+
+    def start(self, timeout: float = 180.0) -> "TritonServer":
+        if not (self.repository / "kiln.json").is_file():
+            raise ServerError(f"{self.repository} is not a kiln model repository: run `kiln repo` first")
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        prepare_backends(self.workdir / "backends")
+        log = open(self.log_file, "w")
+        self.process = subprocess.Popen(
+            self.command(),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=server_env(),
+            cwd=self.workdir,
+            start_new_session=True,  # Ctrl-C reaches us; we stop Triton in order
+        )
+        log.close()
+        self.wait_ready(timeout)
+        return self
+
+    def ready(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"http://{self.http_url}/v2/health/ready", timeout=2) as r:
+                return r.status == 200
+        except OSError:
+            return False
+
+    def wait_ready(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise ServerError(self._failure(f"tritonserver exited with code {self.process.returncode}"))
+            if self.ready():
+                return
+            time.sleep(0.25)
+        self.stop()
+        raise ServerError(self._failure(f"tritonserver was not ready after {timeout:.0f}s"))
+
+    def _failure(self, head: str) -> str:
+        text = self.log_file.read_text(errors="replace") if self.log_file.exists() else ""
+        lines = error_lines(text) or text.splitlines()[-20:]
+        return head + f" (log: {self.log_file})\n" + "\n".join("  " + l for l in lines)
+
+    def stop(self, timeout: float = 30.0) -> int | None:
+        p = self.process
+        if p is None or p.poll() is not None:
+            return p.returncode if p else None
+        p.send_signal(signal.SIGTERM)  # Triton drains in-flight requests, unloads models
+        try:
+            p.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
+        return p.returncode
+
+    def __enter__(self) -> "TritonServer":
+        return self.start() if self.process is None else self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

@@ -1,0 +1,1 @@
+"""Triton model repository writer: configs from typed protobufs, thin python-backend models."""

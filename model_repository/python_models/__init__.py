@@ -1,0 +1,1 @@
+"""Sources of the generated python-backend models (copied into each repository)."""

@@ -1,0 +1,102 @@
+"""`kiln repo`: spec + export manifest -> a Triton model repository.
+
+    <repo>/<name>/               ensemble: the public model (text -> embedding | label, scores)
+    <repo>/<name>_tokenizer/     python backend, Hugging Face `tokenizers`
+    <repo>/<name>_encoder/       python-ort (ONNX Runtime in a python model) | onnxruntime_onnx | tensorrt_plan
+    <repo>/<name>_postprocess/   python backend, pooling / softmax
+    <repo>/kiln.json             what was written, from which variant (sha256), by which spec
+
+The repository is self-contained (python models carry their own kiln_runtime.py), so
+the same folder loads in the pip-installed Triton and in NVIDIA's container.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+from export.manifest import ExportManifest
+from kiln.spec import DeploymentSpec, Runtime
+from model_repository import configs as C
+
+RUNTIME_MODULE = "kiln_runtime.py"
+ENGINE_FILES = {"tensorrt_plan": "model.plan", "onnxruntime_onnx": "model.onnx"}
+
+
+def _python_source(name: str) -> str:
+    return (Path(__file__).parent / "python_models" / name).read_text()
+
+
+def _place(src: Path, dst: Path) -> None:
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.link(src, dst)  # same disk: no copy of a large graph
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def _write_model(repo: Path, cfg, model_py: str | None = None) -> Path:
+    folder = repo / cfg.name
+    (folder / "1").mkdir(parents=True, exist_ok=True)
+    (folder / "config.pbtxt").write_text(C.to_pbtxt(cfg))
+    if model_py:
+        (folder / "1" / "model.py").write_text(_python_source(model_py))
+        (folder / "1" / RUNTIME_MODULE).write_text(_python_source(RUNTIME_MODULE))
+    return folder
+
+
+def write_repository(spec: DeploymentSpec, manifest: ExportManifest | None = None, out: Path | None = None) -> Path:
+    manifest = manifest or ExportManifest.read(spec.export_dir)
+    repo = out or spec.repository_dir
+    names = C.Names(spec.name)
+
+    variant = manifest.usable_variant(spec.serve_precision.value)  # refuses a variant that failed its gate
+    if spec.runtime is Runtime.tensorrt_plan:
+        engine = spec.export_dir / f"model.{spec.serve_precision.value}.plan"
+        if not engine.is_file():
+            raise FileNotFoundError(
+                f"{engine} not found: TensorRT engines are built on a GPU machine with `kiln engines` "
+                "(TensorRT cannot be installed on CPU-only machines)"
+            )
+        source, model_file = engine, ENGINE_FILES["tensorrt_plan"]
+    else:
+        source = spec.export_dir / variant.file
+        model_file = ENGINE_FILES["onnxruntime_onnx"]
+
+    tok = C.tokenizer_config(spec, manifest, names)
+    enc = C.encoder_config(spec, manifest, names, model_file)
+    post = C.postprocess_config(spec, manifest, names)
+    ens = C.ensemble_config(spec, names, [tok, enc, post])
+    C.validate_ensemble(ens, {m.name: m for m in (tok, enc, post)})
+
+    if repo.exists():
+        shutil.rmtree(repo)
+    repo.mkdir(parents=True)
+    tok_dir = _write_model(repo, tok, "tokenizer.py")
+    shutil.copytree(spec.export_dir / manifest.tokenizer_dir, tok_dir / "1" / "tokenizer")
+    enc_dir = _write_model(repo, enc, "encoder_ort.py" if spec.runtime is Runtime.python_ort else None)
+    _place(source, enc_dir / "1" / model_file)
+    _write_model(repo, post, "postprocess.py")
+    _write_model(repo, ens)
+
+    (repo / "kiln.json").write_text(
+        json.dumps(
+            {
+                "public_model": names.public,
+                "models": [names.tokenizer, names.encoder, names.postprocess, names.public],
+                "runtime": spec.runtime.value,
+                "precision": spec.serve_precision.value,
+                "variant_sha256": variant.sha256,
+                "parity": variant.parity.model_dump(),
+                "task": manifest.task,
+                "inputs": {C.TEXT: "BYTES [batch, 1] UTF-8 text"},
+                "outputs": {o.name: f"{C.mc.DataType.Name(o.data_type)} {list(o.dims)}" for o in ens.output},
+                "spec": json.loads(spec.model_dump_json()),
+            },
+            indent=2,
+        )
+        + "\n"
+    )
+    return repo
