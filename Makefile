@@ -1,0 +1,51 @@
+# kiln: `make demo` runs the whole job on the packaged default; `make test` runs the tests.
+# Every target sets up its environment first (ci/bootstrap.sh), so both work on a fresh machine.
+SPEC ?= minilm
+VENV ?= .venv
+KILN := $(VENV)/bin/kiln
+STAMP := $(VENV)/.kiln-installed
+# The repo root must never be on sys.path: triton/ would shadow the `triton` package torch imports.
+export PYTHONSAFEPATH := 1
+export HF_HUB_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: demo test export repo serve bench engines unit functional e2e clean setup
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml ci/bootstrap.sh
+	VENV=$(VENV) bash ci/bootstrap.sh
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(KILN) demo $(SPEC)
+
+export: $(STAMP)
+	$(KILN) export $(SPEC)
+
+repo: $(STAMP)
+	$(KILN) repo $(SPEC)
+
+serve: $(STAMP)
+	$(KILN) serve $(SPEC)
+
+bench: $(STAMP)
+	$(KILN) bench $(SPEC)
+
+engines: $(STAMP)
+	$(KILN) engines $(SPEC)
+
+test: $(STAMP)
+	$(VENV)/bin/pytest
+
+unit: $(STAMP)
+	$(VENV)/bin/pytest tests/unit
+
+functional: $(STAMP)
+	$(VENV)/bin/pytest tests/functional
+
+e2e: $(STAMP)
+	$(VENV)/bin/pytest tests/e2e
+
+clean:
+	rm -rf build

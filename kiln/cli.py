@@ -1,0 +1,266 @@
+"""`kiln`: one CLI over the pipeline stages, all driven by one deployment spec.
+
+    kiln export [SPEC]   checkpoint -> parity-gated ONNX variants + manifest
+    kiln repo   [SPEC]   manifest -> Triton model repository
+    kiln serve  [SPEC]   start Triton on the repository; Ctrl-C / SIGTERM stops it
+    kiln bench  [SPEC]   PyTorch vs ONNX Runtime vs served, one table
+    kiln demo   [SPEC]   all of the above on the packaged default, with real requests
+    kiln engines [SPEC]  TensorRT engines (GPU machines only)
+
+SPEC is a YAML file or a packaged spec name (default: minilm). Exit codes: 0 ok,
+1 a gate or the server failed, 2 the spec or the command line is wrong.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from kiln.spec import DeploymentSpec, SpecError, load_spec
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.split("\n\n")[0])
+console = Console(stderr=True)
+out = Console()
+
+SpecArg = typer.Argument("minilm", help="spec YAML file, or a packaged spec name")
+WorkdirOpt = typer.Option(None, "--workdir", help="override the spec's workdir (artifacts go to WORKDIR/NAME)")
+
+
+def _spec(path: str, workdir: Optional[Path], **overrides) -> DeploymentSpec:
+    try:
+        return load_spec(path, workdir=str(workdir) if workdir else None, **overrides)
+    except SpecError as err:
+        console.print(f"[red]spec error[/] {err}")
+        raise typer.Exit(2)
+
+
+def _ports(http: Optional[int], grpc: Optional[int], metrics: Optional[int]) -> dict | None:
+    ports = {k: v for k, v in dict(http=http, grpc=grpc, metrics=metrics).items() if v is not None}
+    return ports or None
+
+
+@app.command()
+def export(spec: str = SpecArg, workdir: Optional[Path] = WorkdirOpt):
+    """Export the checkpoint to ONNX, build precision variants, gate each on PyTorch parity."""
+    from export.parity import ParityError
+    from export.pipeline import run_export
+
+    s = _spec(spec, workdir)
+    try:
+        run_export(s, console)
+    except ParityError as err:
+        console.print(f"[red]parity gate failed[/]: {err}")
+        raise typer.Exit(1)
+
+
+@app.command()
+def repo(spec: str = SpecArg, workdir: Optional[Path] = WorkdirOpt):
+    """Write the Triton model repository from the spec and the export manifest."""
+    from model_repository.writer import write_repository
+
+    s = _spec(spec, workdir)
+    try:
+        path = write_repository(s)
+    except (FileNotFoundError, LookupError, ValueError) as err:
+        console.print(f"[red]cannot write the repository[/]: {err}")
+        raise typer.Exit(1)
+    console.print(f"[bold cyan]repo[/] wrote {path} (public model: {s.name!r}, {s.serve_precision.value}, {s.runtime.value})")
+
+
+@app.command()
+def serve(
+    spec: str = SpecArg,
+    workdir: Optional[Path] = WorkdirOpt,
+    http_port: Optional[int] = typer.Option(None, help="default 8000"),
+    grpc_port: Optional[int] = typer.Option(None, help="default 8001"),
+    metrics_port: Optional[int] = typer.Option(None, help="default 8002"),
+):
+    """Start Triton on the generated repository and keep it up until Ctrl-C / SIGTERM."""
+    from kiln.server import ServerError, TritonServer
+
+    s = _spec(spec, workdir, ports=_ports(http_port, grpc_port, metrics_port))
+    server = TritonServer(s.repository_dir, s.ports, workdir=s.server_dir)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    try:
+        console.print(f"[bold cyan]serve[/] starting Triton on {s.repository_dir} (log: {server.log_file})")
+        server.start()
+    except ServerError as err:
+        console.print(f"[red]Triton failed to start[/]: {err}")
+        raise typer.Exit(1)
+    console.print(
+        f"[green]ready[/]  HTTP http://{server.http_url}  gRPC {server.grpc_url}  metrics {server.metrics_url}\n"
+        f"       model {s.name!r}: POST http://{server.http_url}/v2/models/{s.name}/infer   (Ctrl-C stops)"
+    )
+    while not stop.is_set() and server.process.poll() is None:
+        stop.wait(0.5)
+    if server.process.poll() is not None and not stop.is_set():
+        console.print(f"[red]Triton exited on its own[/] (code {server.process.returncode}); see {server.log_file}")
+        raise typer.Exit(1)
+    code = server.stop()
+    console.print(f"[bold cyan]serve[/] Triton stopped (exit {code})")
+
+
+@app.command()
+def bench(spec: str = SpecArg, workdir: Optional[Path] = WorkdirOpt):
+    """PyTorch eager vs in-process ONNX Runtime vs served Triton, batch 1 and 32: one table."""
+    from kiln.bench import run_bench
+
+    s = _spec(spec, workdir)
+    _ensure_export(s)
+    run_bench(s, out)
+
+
+@app.command()
+def engines(spec: str = SpecArg, workdir: Optional[Path] = WorkdirOpt):
+    """Build TensorRT engines from the exported variants (needs a GPU and TensorRT)."""
+    from export.manifest import ExportManifest
+    from export.tensorrt import TensorRTUnavailable, build_engine
+
+    s = _spec(spec, workdir)
+    manifest = ExportManifest.read(s.export_dir)
+    try:
+        for precision in s.precisions:
+            if precision.value in ("fp16", "int8"):
+                console.print(f"[bold cyan]engines[/] building {precision.value} engine")
+                console.print(f"  -> {build_engine(s, manifest, precision.value)}")
+    except TensorRTUnavailable as err:
+        console.print(f"[red]TensorRT unavailable[/]: {err}")
+        raise typer.Exit(1)
+
+
+DEMO_SENTENCES = [
+    "A man is playing a guitar.",
+    "Someone is strumming a guitar on stage.",
+    "The stock market fell sharply today.",
+    "Share prices dropped after the announcement.",
+    "我喜欢弹吉他。",
+]
+
+
+def _ensure_export(s: DeploymentSpec) -> None:
+    from export.manifest import ExportManifest
+    from export.pipeline import run_export
+
+    try:
+        ExportManifest.read(s.export_dir).usable_variant(s.serve_precision.value)
+        console.print(f"[bold cyan]export[/] reusing {s.export_dir / 'manifest.json'} (delete it to re-export)")
+    except (FileNotFoundError, LookupError):
+        run_export(s, console)
+
+
+@app.command()
+def demo(spec: str = SpecArg, workdir: Optional[Path] = WorkdirOpt):
+    """Export, write the repository, start Triton, send real requests, print a similarity matrix."""
+    import numpy as np
+    import tritonclient.grpc as grpcclient
+    import tritonclient.http as httpclient
+
+    from export.parity import ParityError
+    from kiln.server import ServerError, TritonServer, free_ports
+    from model_repository.writer import write_repository
+
+    s = _spec(spec, workdir)
+    try:
+        _ensure_export(s)
+    except ParityError as err:
+        console.print(f"[red]parity gate failed[/]: {err}")
+        raise typer.Exit(1)
+    write_repository(s)
+    ports = free_ports()
+    server = TritonServer(s.repository_dir, ports, workdir=s.server_dir)
+    console.print(f"[bold cyan]demo[/] starting Triton (HTTP {ports.http}, gRPC {ports.grpc})")
+    try:
+        with server:
+            client = grpcclient.InferenceServerClient(server.grpc_url)
+            meta = client.get_model_metadata(s.name, as_json=True)
+            console.print(f"[bold cyan]demo[/] serving {meta['name']}: inputs {[(i['name'], i['datatype'], i['shape']) for i in meta['inputs']]}")
+            if s.task.value != "feature-extraction":
+                _demo_classify(server, s, DEMO_SENTENCES)
+                return
+            emb, latencies = None, []
+            for _ in range(20):
+                t0 = time.perf_counter()
+                emb = embed_grpc(client, s.name, DEMO_SENTENCES)
+                latencies.append((time.perf_counter() - t0) * 1000)
+            one = []
+            for text in DEMO_SENTENCES * 4:
+                t0 = time.perf_counter()
+                embed_grpc(client, s.name, [text])
+                one.append((time.perf_counter() - t0) * 1000)
+            http = httpclient.InferenceServerClient(server.http_url)
+            via_http = embed_http(http, s.name, DEMO_SENTENCES)
+            agree = float(np.min((via_http * emb).sum(-1)))
+            out.print(similarity_table(DEMO_SENTENCES, emb @ emb.T))
+            out.print(
+                f"embedding dim {emb.shape[1]} ({s.serve_precision.value}, {s.runtime.value}); "
+                f"gRPC batch of {len(DEMO_SENTENCES)}: p50 {np.median(latencies):.1f} ms; "
+                f"single sentence: p50 {np.median(one):.1f} ms; HTTP vs gRPC cosine >= {agree:.6f}"
+            )
+    except ServerError as err:
+        console.print(f"[red]Triton failed to start[/]: {err}")
+        raise typer.Exit(1)
+    console.print("[bold cyan]demo[/] Triton shut down")
+
+
+def _demo_classify(server, s: DeploymentSpec, texts: list[str]) -> None:
+    import tritonclient.grpc as grpcclient
+
+    client = grpcclient.InferenceServerClient(server.grpc_url)
+    inp = _text_input(grpcclient, texts)
+    res = client.infer(s.name, [inp])
+    for text, label, scores in zip(texts, res.as_numpy("label").reshape(-1), res.as_numpy("scores")):
+        out.print(f"{label.decode():>12}  {scores.max():.3f}  {text}")
+
+
+def _text_input(module, texts: list[str]):
+    import numpy as np
+
+    arr = np.array([t.encode("utf-8") for t in texts], dtype=object).reshape(-1, 1)
+    inp = module.InferInput("text", list(arr.shape), "BYTES")
+    inp.set_data_from_numpy(arr)
+    return inp
+
+
+def embed_grpc(client, model: str, texts: list[str]):
+    import tritonclient.grpc as grpcclient
+
+    return client.infer(model, [_text_input(grpcclient, texts)]).as_numpy("embedding")
+
+
+def embed_http(client, model: str, texts: list[str]):
+    import tritonclient.http as httpclient
+
+    return client.infer(model, [_text_input(httpclient, texts)]).as_numpy("embedding")
+
+
+def similarity_table(texts: list[str], sim) -> Table:
+    table = Table(title="cosine similarity (served embeddings)")
+    table.add_column("")
+    for i in range(len(texts)):
+        table.add_column(f"[{i}]", justify="right")
+    for i, text in enumerate(texts):
+        cells = []
+        for j in range(len(texts)):
+            v = float(sim[i, j])
+            style = "bold green" if i != j and v > 0.5 else ("dim" if i == j else "")
+            cells.append(f"[{style}]{v:.2f}[/]" if style else f"{v:.2f}")
+        table.add_row(f"[{i}] {text}", *cells)
+    return table
+
+
+def main() -> None:  # pragma: no cover
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(app())

@@ -1,0 +1,121 @@
+"""Shared fixtures: tiny random checkpoints built here, the packaged MiniLM export, servers.
+
+The repo root must never be on sys.path (triton/ would shadow the `triton` package that
+torch imports): pytest inserts only this tests/ folder, and the Makefile sets
+PYTHONSAFEPATH=1.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+assert not any(Path(p or ".").resolve() == Path(__file__).resolve().parents[1] for p in sys.path), (
+    "the repo root is on sys.path: run tests with the pytest executable and PYTHONSAFEPATH=1 (make test)"
+)
+
+REPO = Path(__file__).resolve().parents[1]
+KILN = Path(sys.executable).parent / "kiln"
+
+TINY_VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + list("abcdefghijklmnopqrstuvwxyz0123456789.,!?") + [
+    "the", "a", "is", "on", "of", "and", "man", "guitar", "play", "##ing", "##s", "street", "hello", "world",
+    "我", "爱", "北", "京", "🚀",
+]
+
+
+def build_tiny_bert(folder: Path, classifier: bool = False) -> Path:
+    """A random 2-layer BERT (hidden 32) with a real WordPiece tokenizer, saved as a checkpoint."""
+    import torch
+    from transformers import BertConfig, BertForSequenceClassification, BertModel, BertTokenizerFast
+
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab = folder / "vocab.txt"
+    vocab.write_text("\n".join(TINY_VOCAB) + "\n")
+    tok = BertTokenizerFast(vocab_file=str(vocab), do_lower_case=True)
+    cfg = BertConfig(
+        vocab_size=len(TINY_VOCAB),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=128,
+        id2label={0: "negative", 1: "neutral", 2: "positive"} if classifier else None,
+        label2id={"negative": 0, "neutral": 1, "positive": 2} if classifier else None,
+    )
+    torch.manual_seed(0)
+    model = (BertForSequenceClassification if classifier else BertModel)(cfg).eval()
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_bert(tmp_path_factory) -> Path:
+    return build_tiny_bert(tmp_path_factory.mktemp("ckpt") / "tiny-bert")
+
+
+@pytest.fixture(scope="session")
+def tiny_classifier(tmp_path_factory) -> Path:
+    return build_tiny_bert(tmp_path_factory.mktemp("ckpt") / "tiny-cls", classifier=True)
+
+
+def tiny_spec(checkpoint: Path, workdir: Path, **kw):
+    from kiln.spec import parse_spec
+
+    data = {
+        "name": kw.pop("name", "tiny"),
+        "source": {"kind": "folder", "path": str(checkpoint)},
+        "max_length": 64,
+        "precisions": ["fp32", "fp16"],
+        "serve_precision": "fp32",
+        "workdir": str(workdir),
+        "batching": {"max_batch_size": 16, "preferred_batch_sizes": [4, 8], "max_queue_delay_us": 1000},
+    }
+    data.update(kw)
+    return parse_spec(data)
+
+
+@pytest.fixture(scope="session")
+def minilm_export(tmp_path_factory):
+    """The packaged MiniLM exported once per session (fp32, int8, fp16): (spec, manifest)."""
+    from export.pipeline import run_export
+    from kiln.spec import load_spec
+
+    spec = load_spec("minilm", workdir=str(tmp_path_factory.mktemp("minilm")))
+    return spec, run_export(spec)
+
+
+def _serve(spec, repo: Path, workdir: Path):
+    from kiln.server import TritonServer, free_ports
+
+    server = TritonServer(repo, free_ports(), workdir=workdir)
+    server.start()
+    return server
+
+
+@pytest.fixture(scope="session")
+def minilm_int8_server(minilm_export, tmp_path_factory):
+    from model_repository.writer import write_repository
+
+    spec, manifest = minilm_export
+    repo = write_repository(spec, manifest, spec.root / "repo-int8")
+    server = _serve(spec, repo, tmp_path_factory.mktemp("srv-int8"))
+    yield spec, server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def minilm_fp32_server(minilm_export, tmp_path_factory):
+    from model_repository.writer import write_repository
+
+    spec, manifest = minilm_export
+    fp32 = spec.model_copy(update={"serve_precision": spec.precisions[0]})
+    repo = write_repository(fp32, manifest, spec.root / "repo-fp32")
+    server = _serve(fp32, repo, tmp_path_factory.mktemp("srv-fp32"))
+    yield fp32, server
+    server.stop()

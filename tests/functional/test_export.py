@@ -1,0 +1,112 @@
+"""export/: tiny random checkpoints built by the test go through the real export pipeline;
+the gate passes on a faithful graph and stops a corrupted one, with its figures."""
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+from onnx import numpy_helper
+
+from conftest import tiny_spec
+from export import variants as V
+from export.manifest import ExportManifest
+from export.onnx_export import load_encoder
+from export.parity import ParityError, compare, gate, ort_runner, parity_batches
+from export.pipeline import run_export
+from kiln.sources import checkpoint_dir
+from kiln.spec import Precision
+from model_repository.writer import write_repository
+
+
+@pytest.fixture(scope="module")
+def exported(tiny_bert, tmp_path_factory):
+    spec = tiny_spec(tiny_bert, tmp_path_factory.mktemp("work"))
+    return spec, run_export(spec)
+
+
+def test_export_passes_gate_and_writes_the_contract(exported):
+    spec, manifest = exported
+    assert set(manifest.variants) == {"fp32", "fp16"}
+    fp32 = manifest.variants["fp32"]
+    assert fp32.parity.passed and fp32.parity.inputs >= 32
+    assert fp32.parity.figures["min_cosine"] >= 0.99999 and fp32.parity.figures["max_abs_diff"] <= 1e-3
+    assert manifest.variants["fp16"].parity.passed
+    # the manifest on disk is the contract: names, dtypes, named dynamic axes, hashes, versions
+    on_disk = json.loads((spec.export_dir / "manifest.json").read_text())
+    assert [i["name"] for i in on_disk["inputs"]] == ["input_ids", "attention_mask", "token_type_ids"]
+    assert on_disk["outputs"][0] == {"name": "last_hidden_state", "dtype": "float32", "shape": ["batch", "sequence", 32]}
+    assert {"torch", "transformers", "onnx", "onnxruntime"} <= set(on_disk["tools"])
+    assert len(fp32.sha256) == 64 and (spec.export_dir / fp32.file).is_file()
+    graph = onnx.load(str(spec.export_dir / fp32.file)).graph
+    dims = [d.dim_param for d in graph.input[0].type.tensor_type.shape.dim]
+    assert all(dims) and len(dims) == 2, f"batch and sequence must be named dynamic axes, got {dims}"
+
+
+def test_exported_graph_handles_batch_and_length_it_was_not_traced_with(exported):
+    spec, manifest = exported
+    run = ort_runner(spec.export_dir / manifest.variants["fp32"].file)
+    ids = np.random.default_rng(0).integers(5, 40, size=(7, 61))
+    out = run({"input_ids": ids, "attention_mask": np.ones_like(ids), "token_type_ids": np.zeros_like(ids)})
+    assert out.shape == (7, 61, 32)
+
+
+def test_corrupted_graph_fails_the_gate_with_figures(exported, tmp_path):
+    spec, manifest = exported
+    model = onnx.load(str(spec.export_dir / manifest.variants["fp32"].file))
+    big = max(model.graph.initializer, key=lambda t: np.prod(t.dims))
+    w = numpy_helper.to_array(big).copy()
+    w += np.random.default_rng(1).normal(0, 0.05, size=w.shape).astype(w.dtype)  # a perturbed weight
+    big.CopyFrom(numpy_helper.from_array(w, big.name))
+    bad = tmp_path / "corrupt.onnx"
+    onnx.save(model, str(bad))
+
+    loaded = load_encoder(spec, checkpoint_dir(spec))
+    batches = parity_batches(spec, loaded)
+    report = gate(spec, Precision.fp32, compare(spec, batches, ort_runner(bad)), sum(len(b.reference) for b in batches))
+    assert not report.passed
+    assert any("max_abs_diff" in f for f in report.failures), report.failures
+    assert report.figures["max_abs_diff"] > 1e-3
+
+
+def test_failed_gate_stops_the_pipeline_and_nothing_downstream_uses_it(tiny_bert, tmp_path, monkeypatch):
+    real = V.optimize_fp32
+
+    def corrupting(src, dst, model_type):
+        stats = real(src, dst, model_type)
+        model = onnx.load(str(dst))
+        emb = next(t for t in model.graph.initializer if list(t.dims) == [len(open(tiny_bert / "vocab.txt").read().split()), 32])
+        emb.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(emb) * 1.5, emb.name))
+        onnx.save(model, str(dst))
+        return stats
+
+    monkeypatch.setattr(V, "optimize_fp32", corrupting)
+    spec = tiny_spec(tiny_bert, tmp_path)
+    with pytest.raises(ParityError, match="fp32"):
+        run_export(spec)
+    manifest = ExportManifest.read(spec.export_dir)
+    assert not manifest.variants["fp32"].parity.passed
+    assert "fp16" not in manifest.variants  # nothing is built on a failed fp32
+    with pytest.raises(LookupError, match="failed its parity gate"):
+        write_repository(spec, manifest)
+
+
+def test_int8_variant_is_gated_and_reports_figures(tiny_bert, tmp_path):
+    spec = tiny_spec(tiny_bert, tmp_path, precisions=["fp32", "int8"], serve_precision="int8")
+    try:
+        manifest = run_export(spec)
+    except ParityError:
+        manifest = ExportManifest.read(spec.export_dir)
+    v = manifest.variants["int8"]
+    assert set(v.parity.thresholds) == {"mean_cosine", "min_cosine"}
+    assert 0 < v.parity.figures["mean_cosine"] <= 1.0
+    assert v.bytes < manifest.variants["fp32"].bytes
+    assert "MatMuls kept fp32" in v.notes
+
+
+def test_classifier_exports_logits_with_labels(tiny_classifier, tmp_path):
+    spec = tiny_spec(tiny_classifier, tmp_path, task="text-classification")
+    manifest = run_export(spec)
+    assert manifest.labels == ["negative", "neutral", "positive"]
+    assert manifest.outputs[0].name == "logits" and manifest.outputs[0].shape == ["batch", 3]
+    assert manifest.variants["fp32"].parity.figures["label_agreement"] == 1.0

@@ -1,0 +1,103 @@
+"""model_repository.configs: generated configs parse through Triton's ModelConfig schema,
+carry the spec's batching/queue/instances, and bad ensemble wiring fails before serving."""
+
+import pytest
+from tritonclient.grpc import model_config_pb2 as mc
+
+from export.manifest import ExportManifest, TensorSpec
+from kiln.spec import parse_spec
+from model_repository import configs as C
+
+
+def _manifest(task="feature-extraction", labels=None):
+    inputs = [TensorSpec(name=n, dtype="int64", shape=["batch", "sequence"]) for n in ("input_ids", "attention_mask", "token_type_ids")]
+    if task == "text-classification":
+        outputs = [TensorSpec(name="logits", dtype="float32", shape=["batch", len(labels)])]
+    else:
+        outputs = [TensorSpec(name="last_hidden_state", dtype="float32", shape=["batch", "sequence", 384])]
+    return ExportManifest(
+        name="enc", task=task, architecture="BertModel", checkpoint="/x", tokenizer_dir="tokenizer",
+        max_length=128, hidden_size=384, pooling="mean", normalize=True, labels=labels, opset=18,
+        inputs=inputs, outputs=outputs,
+    )
+
+
+def _spec(**kw):
+    return parse_spec({"name": "enc", "source": {"kind": "package", "package": "x"}, **kw})
+
+
+def _all(spec, man):
+    names = C.Names(spec.name)
+    steps = [C.tokenizer_config(spec, man, names), C.encoder_config(spec, man, names, "model.onnx"), C.postprocess_config(spec, man, names)]
+    return names, steps, C.ensemble_config(spec, names, steps)
+
+
+def test_every_config_round_trips_through_triton_schema():
+    spec, man = _spec(), _manifest()
+    _, steps, ens = _all(spec, man)
+    for cfg in steps + [ens]:
+        text = C.to_pbtxt(cfg)
+        assert C.parse_pbtxt(text) == cfg
+    C.validate_ensemble(ens, {m.name: m for m in steps})
+
+
+def test_encoder_config_carries_batching_queue_instances_and_ragged_inputs():
+    spec = _spec(batching={"max_batch_size": 32, "preferred_batch_sizes": [4, 16], "max_queue_delay_us": 500, "max_queue_size": 7},
+                 instances={"encoder": 3, "intra_op_threads": 2})
+    enc = C.encoder_config(spec, _manifest(), C.Names("enc"), "model.onnx")
+    assert enc.backend == "python" and enc.max_batch_size == 32
+    assert list(enc.dynamic_batching.preferred_batch_size) == [4, 16]
+    assert enc.dynamic_batching.max_queue_delay_microseconds == 500
+    q = enc.dynamic_batching.default_queue_policy
+    assert q.max_queue_size == 7 and q.timeout_action == mc.ModelQueuePolicy.REJECT
+    assert enc.instance_group[0].count == 3 and enc.instance_group[0].kind == mc.ModelInstanceGroup.KIND_CPU
+    assert [i.name for i in enc.input] == ["input_ids", "attention_mask", "token_type_ids"]
+    assert all(i.allow_ragged_batch and list(i.dims) == [-1] and i.data_type == mc.TYPE_INT64 for i in enc.input)
+    assert list(enc.output[0].dims) == [-1, 384]
+    assert enc.parameters["intra_op_threads"].string_value == "2"
+
+
+def test_container_runtimes_use_triton_platforms():
+    for runtime, platform in (("onnxruntime_onnx", "onnxruntime_onnx"), ("tensorrt_plan", "tensorrt_plan")):
+        spec = _spec(runtime=runtime, instances={"kind": "gpu"}, precisions=["fp32", "fp16"], serve_precision="fp16")
+        enc = C.encoder_config(spec, _manifest(), C.Names("enc"), "model.plan")
+        assert enc.platform == platform and not enc.backend
+        assert enc.default_model_filename == "model.plan"
+        assert enc.instance_group[0].kind == mc.ModelInstanceGroup.KIND_GPU
+        assert not any(i.allow_ragged_batch for i in enc.input)  # native backends batch equal shapes
+
+
+def test_ensemble_is_the_public_model_text_in_embedding_out():
+    spec = _spec()
+    names, steps, ens = _all(spec, _manifest())
+    assert ens.name == "enc" and ens.platform == "ensemble"
+    assert [(i.name, i.data_type, list(i.dims)) for i in ens.input] == [("text", mc.TYPE_STRING, [1])]
+    assert [(o.name, list(o.dims)) for o in ens.output] == [("embedding", [384])]
+    assert [s.model_name for s in ens.ensemble_scheduling.step] == [names.tokenizer, names.encoder, names.postprocess]
+
+
+def test_classification_ensemble_outputs_label_and_scores():
+    spec = _spec(task="text-classification")
+    _, steps, ens = _all(spec, _manifest("text-classification", ["neg", "pos"]))
+    assert [(o.name, o.data_type, list(o.dims)) for o in ens.output] == [("label", mc.TYPE_STRING, [1]), ("scores", mc.TYPE_FP32, [2])]
+    assert steps[2].parameters["labels"].string_value == "neg\npos"
+    C.validate_ensemble(ens, {m.name: m for m in steps})
+
+
+def test_bad_wiring_is_caught_before_serving():
+    spec = _spec()
+    _, steps, ens = _all(spec, _manifest())
+    members = {m.name: m for m in steps}
+    broken = mc.ModelConfig()
+    broken.CopyFrom(ens)
+    broken.ensemble_scheduling.step[1].input_map["input_ids"] = "token_ids"  # nothing produces it
+    with pytest.raises(C.ConfigError, match="nothing upstream produces"):
+        C.validate_ensemble(broken, members)
+    typed = {k: mc.ModelConfig() for k in members}
+    for k in typed:
+        typed[k].CopyFrom(members[k])
+    typed["enc_encoder"].input[0].data_type = mc.TYPE_INT32
+    with pytest.raises(C.ConfigError, match="type TYPE_INT32"):
+        C.validate_ensemble(ens, typed)
+    with pytest.raises(C.ConfigError, match="unknown model"):
+        C.validate_ensemble(ens, {k: v for k, v in members.items() if k != "enc_postprocess"})

@@ -1,0 +1,39 @@
+"""kiln.server pieces that need no running server."""
+
+from kiln.server import error_lines, free_ports, prepare_backends, server_env
+
+
+def test_error_lines_keep_load_failures_and_drop_cpu_noise():
+    log = "\n".join([
+        'I1121 10:00:00 server.cc:1] "Started"',
+        'W1121 10:00:00 metrics.cc:1] "Failed to initialize NVML"',
+        'E1121 10:00:01 model_lifecycle.cc:1] "failed to load \'enc_encoder\' version 1: Internal: onnxruntime error"',
+        "| enc_encoder | 1 | UNAVAILABLE: Internal: Load model failed |",
+    ])
+    lines = error_lines(log)
+    assert any("failed to load 'enc_encoder'" in l for l in lines)
+    assert any("UNAVAILABLE" in l for l in lines)
+    assert not any("NVML" in l for l in lines)
+
+
+def test_backend_dir_has_the_stub_for_this_python(tmp_path):
+    import sys
+
+    dest = prepare_backends(tmp_path / "backends")
+    names = {p.name for p in (dest / "python").iterdir()}
+    assert {"libtriton_python.so", "triton_python_backend_utils.py", "triton_python_backend_stub"} <= names, names
+    assert sys.version_info[:2] == (3, 11)
+
+
+def test_env_gives_the_stub_this_site_packages_and_safe_path():
+    env = server_env()
+    import numpy
+
+    assert any(numpy.__file__.startswith(p) for p in env["PYTHONPATH"].split(":"))
+    assert "nvidia_pytriton.libs" in env["LD_LIBRARY_PATH"]
+    assert env["PYTHONSAFEPATH"] == "1"
+
+
+def test_free_ports_are_distinct():
+    p = free_ports()
+    assert len({p.http, p.grpc, p.metrics}) == 3
