@@ -124,17 +124,22 @@ def bench(spec: str = SpecArg, workdir: Optional[Path] = WorkdirOpt):
 def engines(spec: str = SpecArg, workdir: Optional[Path] = WorkdirOpt):
     """Build TensorRT engines from the exported variants (needs a GPU and TensorRT)."""
     from export.manifest import ExportManifest
-    from export.tensorrt import TensorRTUnavailable, build_engine
+    from export.tensorrt import EngineError, TensorRTUnavailable, build_engine
 
     s = _spec(spec, workdir)
-    manifest = ExportManifest.read(s.export_dir)
+    wanted = [p.value for p in s.precisions if p.value == "fp16" or (p.value == "int8" and s.int8_mode == "static")]
+    if "int8" in [p.value for p in s.precisions] and s.int8_mode != "static":
+        console.print("[yellow]engines[/] skipping int8: TensorRT needs a QDQ graph (spec int8_mode: static)")
     try:
-        for precision in s.precisions:
-            if precision.value in ("fp16", "int8"):
-                console.print(f"[bold cyan]engines[/] building {precision.value} engine")
-                console.print(f"  -> {build_engine(s, manifest, precision.value)}")
+        manifest = ExportManifest.read(s.export_dir)
+        for precision in wanted:
+            console.print(f"[bold cyan]engines[/] building {precision} engine")
+            console.print(f"  -> {build_engine(s, manifest, precision)}")
     except TensorRTUnavailable as err:
         console.print(f"[red]TensorRT unavailable[/]: {err}")
+        raise typer.Exit(1)
+    except (EngineError, LookupError, FileNotFoundError) as err:
+        console.print(f"[red]engine build failed[/]: {err}")
         raise typer.Exit(1)
 
 

@@ -2,8 +2,8 @@
 
 No container: the wheel carries `tritonserver`, the python backend and per-Python
 stubs. We assemble a backend directory with the stub for the running interpreter,
-put the wheel's bundled libraries on LD_LIBRARY_PATH and this environment's
-site-packages on PYTHONPATH (what the python-backend models import), start the
+put the wheel's bundled libraries on LD_LIBRARY_PATH and this environment's bin/ first
+on PATH (the stub finds its site-packages from it, as PyTriton does), start the
 server, wait for readiness, and on a failed model load surface Triton's own errors.
 """
 
@@ -16,7 +16,6 @@ import signal
 import socket
 import subprocess
 import sys
-import sysconfig
 import time
 import urllib.request
 from dataclasses import dataclass, field
@@ -69,8 +68,9 @@ def server_env() -> dict[str, str]:
     libs = root.parent.parent / "nvidia_pytriton.libs"
     env = dict(os.environ)
     env["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in (str(libs), env.get("LD_LIBRARY_PATH", "")) if p)
-    site = [sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]]
-    env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(site + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]))
+    # The stub's embedded interpreter ignores PYTHONPATH; it takes its prefix (and so this
+    # environment's site-packages, via pyvenv.cfg) from the first `python3` on PATH.
+    env["PATH"] = os.pathsep.join([str(Path(sys.prefix) / "bin"), env.get("PATH", "")])
     env["PYTHONSAFEPATH"] = "1"
     env.setdefault("OMP_NUM_THREADS", "1")  # ORT sets its own intra-op threads per model
     return env
