@@ -76,11 +76,13 @@ def _instance_group(count: int, kind: str) -> mc.ModelInstanceGroup:
     return mc.ModelInstanceGroup(count=count, kind=mc.ModelInstanceGroup.KIND_GPU if kind == "gpu" else mc.ModelInstanceGroup.KIND_CPU)
 
 
-def _dynamic_batching(spec: DeploymentSpec) -> mc.ModelDynamicBatching:
+def _dynamic_batching(spec: DeploymentSpec, wait: bool = True) -> mc.ModelDynamicBatching:
+    """The encoder waits up to max_queue_delay for a fuller batch (that is where batching
+    pays); the cheap python steps take whatever is queued at once (wait=False)."""
     b = spec.batching
     return mc.ModelDynamicBatching(
-        preferred_batch_size=b.preferred_batch_sizes,
-        max_queue_delay_microseconds=b.max_queue_delay_us,
+        preferred_batch_size=b.preferred_batch_sizes if wait else [],
+        max_queue_delay_microseconds=b.max_queue_delay_us if wait else 0,
         default_queue_policy=mc.ModelQueuePolicy(
             max_queue_size=b.max_queue_size, timeout_action=mc.ModelQueuePolicy.REJECT
         ),
@@ -100,7 +102,7 @@ def tokenizer_config(spec: DeploymentSpec, man: ExportManifest, names: Names) ->
         input=[_tensor(mc.ModelInput, TEXT, "bytes", [1])],
         output=[_io(mc.ModelOutput, t) for t in man.inputs],
         instance_group=[_instance_group(spec.instances.tokenizer, "cpu")],
-        dynamic_batching=_dynamic_batching(spec),
+        dynamic_batching=_dynamic_batching(spec, wait=False),
     )
     _set_params(
         cfg,
@@ -138,7 +140,7 @@ def postprocess_config(spec: DeploymentSpec, man: ExportManifest, names: Names) 
         backend="python",
         max_batch_size=spec.batching.max_batch_size,
         instance_group=[_instance_group(spec.instances.postprocess, "cpu")],
-        dynamic_batching=_dynamic_batching(spec),
+        dynamic_batching=_dynamic_batching(spec, wait=False),
     )
     if spec.task is Task.text_classification:
         cfg.input.append(_io(mc.ModelInput, encoder_out))

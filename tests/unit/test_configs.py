@@ -55,6 +55,9 @@ def test_encoder_config_carries_batching_queue_instances_and_ragged_inputs():
     assert all(i.allow_ragged_batch and list(i.dims) == [-1] and i.data_type == mc.TYPE_INT64 for i in enc.input)
     assert list(enc.output[0].dims) == [-1, 384]
     assert enc.parameters["intra_op_threads"].string_value == "2"
+    tok = C.tokenizer_config(spec, _manifest(), C.Names("enc"))
+    assert tok.dynamic_batching.max_queue_delay_microseconds == 0  # no added latency off the encoder
+    assert tok.dynamic_batching.default_queue_policy.max_queue_size == 7
 
 
 def test_container_runtimes_use_triton_platforms():
