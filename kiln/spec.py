@@ -93,6 +93,9 @@ class Instances(_Frozen):
     kind: Literal["cpu", "gpu"] = "cpu"
     # ONNX Runtime threads per encoder instance (0: ONNX Runtime decides)
     intra_op_threads: int = Field(0, ge=0, le=256)
+    # ONNX Runtime's busy-wait between runs: faster big batches, but on few cores it takes
+    # CPU from the other models under many small concurrent requests (see README, bench)
+    allow_spinning: bool = True
 
 
 class Parity(_Frozen):

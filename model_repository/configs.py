@@ -126,7 +126,12 @@ def encoder_config(spec: DeploymentSpec, man: ExportManifest, names: Names, mode
     )
     if python:
         cfg.backend = "python"
-        _set_params(cfg, onnx_file=model_file, intra_op_threads=spec.instances.intra_op_threads)
+        _set_params(
+            cfg,
+            onnx_file=model_file,
+            intra_op_threads=spec.instances.intra_op_threads,
+            allow_spinning=int(spec.instances.allow_spinning),
+        )
     else:
         cfg.platform = spec.runtime.value
         cfg.default_model_filename = model_file

@@ -21,6 +21,9 @@ class TritonPythonModel:
         here = os.path.join(args["model_repository"], args["model_version"])
         so = ort.SessionOptions()
         so.log_severity_level = 3
+        # busy-waiting between runs speeds up big batches but takes the cores the other
+        # models and Triton's own threads need under many small requests (spec field)
+        so.add_session_config_entry("session.intra_op.allow_spinning", params.get("allow_spinning", "1"))
         threads = int(params.get("intra_op_threads", "0"))
         if threads:
             so.intra_op_num_threads = threads

@@ -43,7 +43,7 @@ def test_every_config_round_trips_through_triton_schema():
 
 def test_encoder_config_carries_batching_queue_instances_and_ragged_inputs():
     spec = _spec(batching={"max_batch_size": 32, "preferred_batch_sizes": [4, 16], "max_queue_delay_us": 500, "max_queue_size": 7},
-                 instances={"encoder": 3, "intra_op_threads": 2})
+                 instances={"encoder": 3, "intra_op_threads": 2, "allow_spinning": False})
     enc = C.encoder_config(spec, _manifest(), C.Names("enc"), "model.onnx")
     assert enc.backend == "python" and enc.max_batch_size == 32
     assert list(enc.dynamic_batching.preferred_batch_size) == [4, 16]
@@ -55,6 +55,7 @@ def test_encoder_config_carries_batching_queue_instances_and_ragged_inputs():
     assert all(i.allow_ragged_batch and list(i.dims) == [-1] and i.data_type == mc.TYPE_INT64 for i in enc.input)
     assert list(enc.output[0].dims) == [-1, 384]
     assert enc.parameters["intra_op_threads"].string_value == "2"
+    assert enc.parameters["allow_spinning"].string_value == "0"
     tok = C.tokenizer_config(spec, _manifest(), C.Names("enc"))
     assert tok.dynamic_batching.max_queue_delay_microseconds == 0  # no added latency off the encoder
     assert tok.dynamic_batching.default_queue_policy.max_queue_size == 7
