@@ -9,7 +9,7 @@ export PYTHONSAFEPATH := 1
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: demo test export repo serve bench engines unit functional e2e clean setup
+.PHONY: demo test export repo serve bench engines loadtest unit functional e2e clean setup
 
 setup: $(STAMP)
 
@@ -34,6 +34,10 @@ bench: $(STAMP)
 
 engines: $(STAMP)
 	$(KILN) engines $(SPEC)
+
+# headless Locust run against a Triton it starts (or URL=host:port); exits 1 on a missed SLO
+loadtest: $(STAMP)
+	$(KILN) loadtest $(SPEC) $(if $(URL),--url $(URL))
 
 test: $(STAMP)
 	$(VENV)/bin/pytest

@@ -143,6 +143,62 @@ def engines(spec: str = SpecArg, workdir: Optional[Path] = WorkdirOpt):
         raise typer.Exit(1)
 
 
+@app.command()
+def loadtest(
+    spec: str = SpecArg,
+    workdir: Optional[Path] = WorkdirOpt,
+    url: Optional[str] = typer.Option(None, help="host:port of a running Triton (gRPC or HTTP per --protocol); default: start one from the spec"),
+    shape: Optional[str] = typer.Option(None, help="users | rate | capacity (default: the spec's)"),
+    protocol: Optional[str] = typer.Option(None, help="grpc | http | stream"),
+    users: Optional[int] = typer.Option(None, help="concurrent users (shape users)"),
+    rate: Optional[float] = typer.Option(None, help="requests/s (shape rate)"),
+    run_time: Optional[float] = typer.Option(None, help="seconds of load"),
+    slo: Optional[Path] = typer.Option(None, help="YAML with a `loadtest:` mapping (targets, shape) overriding the spec's"),
+    out_dir: Optional[Path] = typer.Option(None, help="reports folder (default <workdir>/<name>/loadtest)"),
+):
+    """Headless Locust load test; exits 1 when an SLO target is missed."""
+    from gevent import monkey
+
+    monkey.patch_all()  # before any socket is made: Locust runs on gevent
+    import yaml
+
+    overrides = {}
+    if slo is not None:
+        try:
+            overrides = (yaml.safe_load(slo.read_text()) or {}).get("loadtest", {})
+        except (OSError, yaml.YAMLError, AttributeError) as err:
+            console.print(f"[red]cannot read --slo {slo}[/]: {err}")
+            raise typer.Exit(2)
+    shape_over = {k: v for k, v in dict(kind=shape, protocol=protocol, users=users, rate=rate, run_time_s=run_time).items() if v is not None}
+    overrides = {**overrides, "shape": {**overrides.get("shape", {}), **shape_over}}
+    s = _spec(spec, workdir, loadtest=overrides)
+
+    from kiln.server import ServerError, TritonServer, free_ports
+    from loadtest.runner import Endpoint, run_loadtest
+    from model_repository import configs as C
+
+    output = C.SCORES if s.task.value == "text-classification" else C.EMBEDDING
+    server = None
+    try:
+        if url is None:
+            from model_repository.writer import write_repository
+
+            _ensure_export(s)
+            write_repository(s)
+            server = TritonServer(s.repository_dir, free_ports(), workdir=s.server_dir)
+            console.print(f"[bold cyan]load[/] starting Triton for {s.name}")
+            server.start()
+            url = server.grpc_url if s.loadtest.shape.protocol == "grpc" else server.http_url
+        summary = run_loadtest(s.loadtest.shape, s.loadtest.targets, Endpoint(url, s.name, output), out_dir or s.loadtest_dir, console)
+    except ServerError as err:
+        console.print(f"[red]Triton failed to start[/]: {err}")
+        raise typer.Exit(1)
+    finally:
+        if server is not None:
+            server.stop()
+    raise typer.Exit(summary["exit_code"])
+
+
 DEMO_SENTENCES = [
     "A man is playing a guitar.",
     "Someone is strumming a guitar on stage.",

@@ -115,6 +115,40 @@ class Ports(_Frozen):
     metrics: int = Field(8002, ge=0, le=65535)
 
 
+class Targets(_Frozen):
+    """Service-level objectives a load test checks; None: not checked."""
+
+    p50_ms: float | None = Field(300.0, gt=0)
+    p95_ms: float | None = Field(1000.0, gt=0)
+    p99_ms: float | None = Field(2000.0, gt=0)
+    min_qps: float | None = Field(10.0, ge=0)
+    max_error_ratio: float = Field(0.01, ge=0, le=1)
+
+
+class LoadShape(_Frozen):
+    """users: fixed concurrency (closed loop); rate: constant request rate (open loop, so a
+    slow server cannot slow the client down and hide latency); capacity: step the rate up
+    and report the highest sustained QPS whose p95 stays under the target."""
+
+    kind: Literal["users", "rate", "capacity"] = "users"
+    protocol: Literal["grpc", "http", "stream"] = "grpc"  # stream: generate_stream (token streaming)
+    users: int = Field(4, ge=1, le=1000)
+    spawn_rate: float = Field(4.0, gt=0)
+    rate: float = Field(20.0, gt=0, description="requests/s for kind: rate")
+    run_time_s: float = Field(20.0, gt=0, le=3600)
+    texts_per_request: int = Field(1, ge=1, le=4096)
+    max_in_flight: int = Field(256, ge=1, description="open-loop cap on outstanding requests")
+    start_rate: float = Field(10.0, gt=0)
+    step_factor: float = Field(1.5, gt=1)
+    step_time_s: float = Field(5.0, gt=0)
+    max_steps: int = Field(8, ge=1, le=50)
+
+
+class LoadTest(_Frozen):
+    targets: Targets = Targets()
+    shape: LoadShape = LoadShape()
+
+
 _NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,62}$")
 
 
@@ -137,6 +171,7 @@ class DeploymentSpec(_Frozen):
     instances: Instances = Instances()
     parity: Parity = Parity()
     ports: Ports = Ports()
+    loadtest: LoadTest = LoadTest()
     workdir: Path = Field(Path("build"), description="artifacts go to <workdir>/<name>/")
 
     @model_validator(mode="after")
@@ -174,6 +209,10 @@ class DeploymentSpec(_Frozen):
     @property
     def server_dir(self) -> Path:
         return self.root / "server"
+
+    @property
+    def loadtest_dir(self) -> Path:
+        return self.root / "loadtest"
 
 
 def _format_errors(err: ValidationError) -> str:

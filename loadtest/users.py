@@ -1,0 +1,100 @@
+"""Layers 2 and 3: an abstract user that builds its client, and scenario users holding
+only tasks. Configure them with `configure(...)`, which returns subclasses bound to a
+model, a URL and a load shape (Locust instantiates user classes itself)."""
+
+from __future__ import annotations
+
+import time
+
+import gevent
+import gevent.pool
+from locust import User, constant, task
+
+from loadtest.clients import ClientSaturated, TritonGrpcClient, TritonHttpClient, TritonStreamClient
+from loadtest.payloads import Payloads
+
+
+class TritonUser(User):
+    """Abstract: builds the client for `protocol` against `host` on start."""
+
+    abstract = True
+    wait_time = constant(0)
+    protocol = "grpc"
+    model = ""
+    output = "embedding"
+    texts_per_request = 1
+    concurrency = 1
+
+    def __init__(self, environment):
+        super().__init__(environment)
+        fire = environment.events.request.fire
+        if self.protocol == "grpc":
+            self.client = TritonGrpcClient(fire, self.host, self.model, self.output)
+        elif self.protocol == "http":
+            self.client = TritonHttpClient(fire, self.host, self.model, self.output, self.concurrency)
+        else:
+            self.client = TritonStreamClient(fire, self.host, self.model)
+        self.payloads = Payloads(seed=id(self) & 0xFFFF)
+
+    def on_stop(self):
+        close = getattr(self.client, "close", None)
+        if close:
+            close()
+
+
+class EmbedUser(TritonUser):
+    """Closed loop: each user sends the next request when the last one is answered."""
+
+    abstract = True
+
+    @task
+    def embed(self):
+        self.client.infer_texts(self.payloads.sample(self.texts_per_request))
+
+
+class OpenLoopEmbedUser(TritonUser):
+    """Open loop: one user sends at a constant rate whatever the server's latency, each
+    request in its own greenlet, so a slow server shows up as latency, not as a slower
+    client (coordinated omission)."""
+
+    abstract = True
+    fixed_count = 1
+    rate = 20.0
+    max_in_flight = 256
+    offered = 0  # requests the schedule called for (sent or not), per configured class
+
+    @task
+    def drive(self):
+        pool = gevent.pool.Pool(self.max_in_flight)
+        interval, next_at = 1.0 / self.rate, time.perf_counter()
+        fire = self.environment.events.request.fire
+        try:
+            while True:
+                delay = next_at - time.perf_counter()
+                if delay > 0:
+                    gevent.sleep(delay)
+                type(self).offered += 1
+                if pool.full():
+                    fire(request_type=self.protocol, name=self.model, response_time=0, response_length=0,
+                         exception=ClientSaturated(f"{self.max_in_flight} requests outstanding"), context={})
+                else:
+                    pool.spawn(self.client.infer_texts, self.payloads.sample(self.texts_per_request))
+                next_at += interval
+        finally:
+            pool.join(timeout=10)  # let in-flight requests finish and be counted
+
+
+class StreamUser(TritonUser):
+    """Token streaming through Triton's generate_stream: TTFT, inter-token, tokens/s."""
+
+    abstract = True
+    protocol = "stream"
+    max_tokens = 32
+
+    @task
+    def generate(self):
+        self.client.generate(self.payloads.sample(1)[0], max_tokens=self.max_tokens)
+
+
+def configure(base: type[TritonUser], **attrs) -> type[TritonUser]:
+    return type(base.__name__.replace("User", "") + "Scenario", (base,), {"abstract": False, **attrs})
