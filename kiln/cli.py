@@ -208,15 +208,45 @@ DEMO_SENTENCES = [
 ]
 
 
+def stale_reasons(s: DeploymentSpec, manifest) -> list[str]:
+    """Why an existing export no longer matches the spec (empty: reusable)."""
+    from kiln.sources import checkpoint_dir
+
+    reasons = []
+    for field, want, got in (
+        ("task", s.task.value, manifest.task),
+        ("max_length", s.max_length, manifest.max_length),
+        ("pooling", s.pooling.value, manifest.pooling),
+        ("normalize", s.normalize, manifest.normalize),
+        ("opset", s.opset, manifest.opset),
+        ("checkpoint", str(checkpoint_dir(s)), manifest.checkpoint),
+    ):
+        if want != got:
+            reasons.append(f"{field}: spec {want!r}, export {got!r}")
+    missing = {p.value for p in s.precisions} - set(manifest.variants)
+    if missing:
+        reasons.append(f"precisions {sorted(missing)} not built")
+    if s.labels is not None and s.labels != manifest.labels:
+        reasons.append("labels differ")
+    return reasons
+
+
 def _ensure_export(s: DeploymentSpec) -> None:
+    """Reuse an export that matches the spec and passed its gate; otherwise export."""
     from export.manifest import ExportManifest
     from export.pipeline import run_export
 
     try:
-        ExportManifest.read(s.export_dir).usable_variant(s.serve_precision.value)
-        console.print(f"[bold cyan]export[/] reusing {s.export_dir / 'manifest.json'} (delete it to re-export)")
+        manifest = ExportManifest.read(s.export_dir)
+        manifest.usable_variant(s.serve_precision.value)
+        stale = stale_reasons(s, manifest)
     except (FileNotFoundError, LookupError):
+        stale = ["no usable export"]
+    if stale:
+        console.print(f"[bold cyan]export[/] exporting ({'; '.join(stale)})")
         run_export(s, console)
+    else:
+        console.print(f"[bold cyan]export[/] reusing {s.export_dir / 'manifest.json'} (matches the spec)")
 
 
 @app.command()
