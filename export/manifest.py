@@ -61,6 +61,9 @@ class ExportManifest(BaseModel):
     inputs: list[TensorSpec]
     outputs: list[TensorSpec]
     variants: dict[str, Variant] = Field(default_factory=dict)
+    # causal LMs only: num_layers, num_kv_heads, head_dim, vocab_size, eos_token_ids,
+    # bos_token_id, max_context, has_chat_template (what the generation engine needs)
+    decoder: dict | None = None
     tools: dict[str, str] = Field(default_factory=dict)
     created: str = Field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
 

@@ -119,3 +119,51 @@ def minilm_fp32_server(minilm_export, tmp_path_factory):
     server = _serve(fp32, repo, tmp_path_factory.mktemp("srv-fp32"))
     yield fp32, server
     server.stop()
+
+
+CHATML = (
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' }}{% endif %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+TINY_LM_TEXT = [
+    "The capital of France is Paris.", "Hello, how are you today?", "我爱北京天安门。", "Emoji: 🚀🔥🎉",
+    "Triton serves models with dynamic batching.", "Bonjour, comment ça va ?", "One two three four five six.",
+]
+
+
+def build_tiny_llama(folder: Path) -> Path:
+    """A random 2-layer Llama (hidden 64, GQA 4/2 heads, tied embeddings) with a byte-level
+    BPE tokenizer (so emoji and CJK split across tokens) and a ChatML chat template."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    folder.mkdir(parents=True, exist_ok=True)
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train_from_iterator(TINY_LM_TEXT * 4, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                   bos_token="<|im_start|>")
+    fast.chat_template = CHATML
+    fast.save_pretrained(folder)
+    cfg = LlamaConfig(
+        vocab_size=len(fast), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True,
+        eos_token_id=fast.convert_tokens_to_ids("<|im_end|>"), bos_token_id=fast.convert_tokens_to_ids("<|im_start|>"),
+        pad_token_id=fast.convert_tokens_to_ids("<|endoftext|>"),
+    )
+    torch.manual_seed(0)
+    LlamaForCausalLM(cfg).eval().save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory) -> Path:
+    return build_tiny_llama(tmp_path_factory.mktemp("ckpt") / "tiny-llama")
