@@ -18,6 +18,7 @@ from kiln.spec import DeploymentSpec, Runtime, Task
 
 DTYPES = {
     "int64": mc.TYPE_INT64,
+    "uint64": mc.TYPE_UINT64,
     "int32": mc.TYPE_INT32,
     "float32": mc.TYPE_FP32,
     "float16": mc.TYPE_FP16,
@@ -160,6 +161,56 @@ def postprocess_config(spec: DeploymentSpec, man: ExportManifest, names: Names) 
         cfg.input.extend([_io(mc.ModelInput, encoder_out, ragged=True), _tensor(mc.ModelInput, "attention_mask", "int64", [-1], ragged=True)])
         cfg.output.append(_tensor(mc.ModelOutput, EMBEDDING, "float32", [man.hidden_size]))
         _set_params(cfg, task=spec.task.value, pooling=man.pooling, normalize=int(man.normalize))
+    return cfg
+
+
+# generation tensors, named as in Triton's TensorRT-LLM ensemble so its clients and
+# genai-perf work unchanged; plus `messages` and the finish/usage outputs
+GENERATION_INPUTS = [
+    ("text_input", "bytes", [1]),
+    ("messages", "bytes", [1]),
+    ("max_tokens", "int32", [1]),
+    ("temperature", "float32", [1]),
+    ("top_p", "float32", [1]),
+    ("top_k", "int32", [1]),
+    ("random_seed", "uint64", [1]),
+    ("repetition_penalty", "float32", [1]),
+    ("stop_words", "bytes", [-1]),
+    ("stream", "bool", [1]),
+]
+GENERATION_OUTPUTS = [
+    ("text_output", "bytes", [1]),
+    ("finish_reason", "bytes", [1]),
+    ("prompt_tokens", "int32", [1]),
+    ("completion_tokens", "int32", [1]),
+]
+
+
+def generation_config(spec: DeploymentSpec, man: ExportManifest, model_file: str) -> mc.ModelConfig:
+    """The public chat model: decoupled python model; it batches internally (continuous
+    batching across decode steps), so Triton hands requests over one by one at once."""
+    import json
+
+    cfg = mc.ModelConfig(
+        name=spec.name,
+        backend="python",
+        max_batch_size=0,
+        input=[_tensor(mc.ModelInput, n, t, d) for n, t, d in GENERATION_INPUTS],
+        output=[_tensor(mc.ModelOutput, n, t, d) for n, t, d in GENERATION_OUTPUTS],
+        instance_group=[_instance_group(1, "cpu")],
+        model_transaction_policy=mc.ModelTransactionPolicy(decoupled=True),
+    )
+    for i in cfg.input:
+        i.optional = True  # text_input or messages; every sampling field has a default
+    g = spec.generation
+    _set_params(
+        cfg,
+        onnx_file=model_file,
+        decoder=json.dumps(man.decoder or {}),
+        intra_op_threads=spec.instances.intra_op_threads,
+        max_concurrent=g.max_concurrent,
+        default_max_tokens=g.default_max_tokens,
+    )
     return cfg
 
 

@@ -18,7 +18,7 @@ import shutil
 from pathlib import Path
 
 from export.manifest import ExportManifest
-from kiln.spec import DeploymentSpec, Runtime
+from kiln.spec import DeploymentSpec, Runtime, Task
 from model_repository import configs as C
 
 RUNTIME_MODULE = "kiln_runtime.py"
@@ -47,9 +47,15 @@ def _write_model(repo: Path, cfg, model_py: str | None = None) -> Path:
     return folder
 
 
+GENERATE_MODULE = "kiln_generate.py"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja", "generation_config.json")
+
+
 def write_repository(spec: DeploymentSpec, manifest: ExportManifest | None = None, out: Path | None = None) -> Path:
     manifest = manifest or ExportManifest.read(spec.export_dir)
     repo = out or spec.repository_dir
+    if spec.task is Task.text_generation:
+        return _write_generation_repository(spec, manifest, repo)
     names = C.Names(spec.name)
 
     variant = manifest.usable_variant(spec.serve_precision.value)  # refuses a variant that failed its gate
@@ -93,6 +99,47 @@ def write_repository(spec: DeploymentSpec, manifest: ExportManifest | None = Non
                 "task": manifest.task,
                 "inputs": {C.TEXT: "BYTES [batch, 1] UTF-8 text"},
                 "outputs": {o.name: f"{C.mc.DataType.Name(o.data_type)} {list(o.dims)}" for o in ens.output},
+                "spec": json.loads(spec.model_dump_json()),
+            },
+            indent=2,
+        )
+        + "\n"
+    )
+    return repo
+
+
+def _write_generation_repository(spec: DeploymentSpec, manifest: ExportManifest, repo: Path) -> Path:
+    """<repo>/<name>/: the decoupled generation model (public), self-contained: graph,
+    tokenizer files with the chat template, model.py, kiln_runtime.py, kiln_generate.py."""
+    variant = manifest.usable_variant(spec.serve_precision.value)
+    if not manifest.decoder:
+        raise ValueError("the manifest has no decoder section: re-export with a text-generation spec")
+    cfg = C.generation_config(spec, manifest, "model.onnx")
+    if repo.exists():
+        shutil.rmtree(repo)
+    folder = _write_model(repo, cfg, "generate.py")
+    (folder / "1" / GENERATE_MODULE).write_text(_python_source(GENERATE_MODULE))
+    _place(spec.export_dir / variant.file, folder / "1" / "model.onnx")
+    data = spec.export_dir / (variant.file + ".data")
+    if data.exists():  # external weights beside a > 2 GB graph
+        _place(data, folder / "1" / data.name)
+    tok_src = spec.export_dir / manifest.tokenizer_dir
+    (folder / "1" / "tokenizer").mkdir()
+    for name in TOKENIZER_FILES:
+        if (tok_src / name).is_file():
+            shutil.copy2(tok_src / name, folder / "1" / "tokenizer" / name)
+    (repo / "kiln.json").write_text(
+        json.dumps(
+            {
+                "public_model": spec.name,
+                "models": [spec.name],
+                "runtime": spec.runtime.value,
+                "precision": spec.serve_precision.value,
+                "variant_sha256": variant.sha256,
+                "parity": variant.parity.model_dump(),
+                "task": manifest.task,
+                "inputs": {i.name: f"{C.mc.DataType.Name(i.data_type)} {list(i.dims)}" for i in cfg.input},
+                "outputs": {o.name: f"{C.mc.DataType.Name(o.data_type)} {list(o.dims)}" for o in cfg.output},
                 "spec": json.loads(spec.model_dump_json()),
             },
             indent=2,

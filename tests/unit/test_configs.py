@@ -105,3 +105,27 @@ def test_bad_wiring_is_caught_before_serving():
         C.validate_ensemble(ens, typed)
     with pytest.raises(C.ConfigError, match="unknown model"):
         C.validate_ensemble(ens, {k: v for k, v in members.items() if k != "enc_postprocess"})
+
+
+def test_generation_config_uses_trtllm_names_and_is_decoupled():
+    spec = parse_spec({"name": "chat", "source": {"kind": "gguf", "package": "x", "file": "m.gguf"},
+                       "task": "text-generation", "precisions": ["fp32"], "serve_precision": "fp32"})
+    man = _manifest().model_copy(update={"task": "text-generation", "decoder": {"num_layers": 2, "max_context": 256}})
+    cfg = C.generation_config(spec, man, "model.onnx")
+    assert C.parse_pbtxt(C.to_pbtxt(cfg)) == cfg
+    assert cfg.model_transaction_policy.decoupled and cfg.max_batch_size == 0
+    names = {i.name: i for i in cfg.input}
+    assert {"text_input", "max_tokens", "temperature", "top_p", "top_k", "random_seed", "repetition_penalty",
+            "stop_words", "stream", "messages"} == set(names)
+    assert all(i.optional for i in cfg.input)
+    assert names["random_seed"].data_type == mc.TYPE_UINT64 and names["stop_words"].dims == [-1]
+    assert [o.name for o in cfg.output] == ["text_output", "finish_reason", "prompt_tokens", "completion_tokens"]
+    assert '"num_layers": 2' in cfg.parameters["decoder"].string_value
+
+
+def test_text_generation_needs_the_python_runtime():
+    from kiln.spec import SpecError
+
+    with pytest.raises(SpecError, match="python-ort"):
+        parse_spec({"name": "chat", "source": {"kind": "gguf", "file": "m.gguf"}, "task": "text-generation",
+                    "runtime": "onnxruntime_onnx", "precisions": ["fp32"], "serve_precision": "fp32"})
