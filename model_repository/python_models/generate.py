@@ -15,7 +15,7 @@ import uuid
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from kiln_generate import ChatTemplate, Engine, SamplingParams, parse_messages
+from kiln_generate import ChatTemplate, Engine, SamplingParams, encode_prompt, parse_messages
 from kiln_runtime import InputError
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
@@ -73,6 +73,7 @@ class TritonPythonModel:
             max_concurrent=int(p["max_concurrent"]),
             max_context=self.max_context,
             tokenizer=self.tokenizer,
+            default_max_tokens=int(p["default_max_tokens"]),
         )
         self.pending = {}  # request id -> (request, sender, stream, chunks)
         self.lock = threading.Lock()
@@ -86,39 +87,46 @@ class TritonPythonModel:
         messages = _scalar(request, "messages")
         text = _scalar(request, "text_input")
         if messages is not None and len(messages):
-            prompt = self.template.render(parse_messages(_text(messages, "messages")))
-        elif text is not None:
+            return encode_prompt(self.tokenizer, messages=parse_messages(_text(messages, "messages")), template=self.template), "messages"
+        if text is not None:
             prompt = _text(text, "text_input")
             if not prompt.strip():
                 raise InputError("text_input is empty; send a prompt, or chat messages in `messages`")
-        else:
-            raise InputError("send `text_input` (a prompt) or `messages` (JSON list of chat messages)")
-        return self.tokenizer.encode(prompt, add_special_tokens=False).ids
+            return encode_prompt(self.tokenizer, prompt=prompt), "text_input"
+        raise InputError("send `text_input` (a prompt) or `messages` (JSON list of chat messages)")
 
     def _params(self, request):
+        """Raw scalars go to the validator as they are: it names the field of a bad value."""
         stop = pb_utils.get_input_tensor_by_name(request, "stop_words")
         stops = [_text(s, "stop_words") for s in stop.as_numpy().reshape(-1)] if stop is not None else []
-        seed = _scalar(request, "random_seed")
-        return SamplingParams(
-            max_tokens=int(_scalar(request, "max_tokens", self.default_max_tokens)),
-            temperature=float(_scalar(request, "temperature", 0.0)),
-            top_p=float(_scalar(request, "top_p", 1.0)),
-            top_k=int(_scalar(request, "top_k", 0)),
-            seed=None if seed is None else int(seed),
-            repetition_penalty=float(_scalar(request, "repetition_penalty", 1.0)),
-            stop=[s for s in stops if s],
-        )
+        given = {
+            "max_tokens": _scalar(request, "max_tokens"),
+            "temperature": _scalar(request, "temperature"),
+            "top_p": _scalar(request, "top_p"),
+            "top_k": _scalar(request, "top_k"),
+            "seed": _scalar(request, "random_seed"),
+            "repetition_penalty": _scalar(request, "repetition_penalty"),
+        }
+        given = {k: v for k, v in given.items() if v is not None}
+        given.setdefault("temperature", 0.0)  # Triton generate clients expect greedy unless asked
+        return SamplingParams(**given, stop=[s for s in stops if s])
 
     def execute(self, requests):
         for request in requests:
             sender = request.get_response_sender()
             try:
-                ids, params = self._prompt_ids(request), self._params(request)
+                (ids, field), params = self._prompt_ids(request), self._params(request)
                 stream = bool(_scalar(request, "stream", False))
                 rid = uuid.uuid4().hex
-                with self.wake:
-                    self.engine.submit(rid, ids, params)
+                with self.lock:
                     self.pending[rid] = (request, sender, stream, [])
+                try:
+                    self.engine.submit(rid, ids, params, prompt_field=field)  # thread-safe; validates
+                except InputError:
+                    with self.lock:
+                        self.pending.pop(rid, None)
+                    raise
+                with self.wake:
                     self.wake.notify()
             except InputError as err:
                 sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(str(err), pb_utils.TritonError.INVALID_ARG)), flags=FINAL)
@@ -129,21 +137,24 @@ class TritonPythonModel:
         while True:
             with self.wake:
                 while self.running and not self.engine.has_work():
-                    self.wake.wait()
+                    self.wake.wait(timeout=1.0)
                 if not self.running:
                     return
-                for rid, (request, *_rest) in list(self.pending.items()):
-                    if request.is_cancelled():
-                        self.engine.cancel(rid)
-                try:
-                    events = self.engine.step()
-                except Exception as err:  # a bug: fail the requests in flight, keep serving
-                    events = []
-                    for rid in list(self.pending):
-                        self.engine.cancel(rid)
-                        _, sender, _, _ = self.pending.pop(rid)
-                        sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(f"generation failed: {type(err).__name__}")), flags=FINAL)
-                    pb_utils.Logger.log_error(f"kiln generate: engine step failed: {err!r}")
+                watched = list(self.pending.items())
+            for rid, (request, *_rest) in watched:
+                if request.is_cancelled() and self.engine.cancel(rid):
+                    pb_utils.Logger.log_info(f"kiln generate: request {rid} cancelled by the client; slot freed")
+            try:
+                events = self.engine.step()  # only this thread steps; submit/cancel may run meanwhile
+            except Exception as err:  # a bug: fail the requests in flight, keep serving
+                pb_utils.Logger.log_error(f"kiln generate: engine step failed: {err!r}")
+                dropped = self.engine.drop_all()
+                with self.lock:
+                    senders = [self.pending.pop(rid)[1] for rid in dropped if rid in self.pending]
+                for sender in senders:
+                    sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError("generation failed; see the server log")), flags=FINAL)
+                continue
+            with self.lock:
                 done = [(ev, self.pending.pop(ev.request_id)) for ev in events if ev.finished and ev.request_id in self.pending]
                 live = [(ev, self.pending[ev.request_id]) for ev in events if not ev.finished and ev.request_id in self.pending]
             for ev, (_, sender, stream, chunks) in live:
