@@ -15,16 +15,19 @@ from rich.console import Console
 from rich.table import Table
 
 from export import variants as V
+from export.lm_pipeline import run_lm_export
 from export.manifest import ExportManifest, Variant, sha256, tool_versions
 from export.onnx_export import export_onnx, io_specs, load_encoder
 from export.parity import ParityError, compare, gate, ort_runner, parity_batches
 from kiln.sources import checkpoint_dir
-from kiln.spec import DeploymentSpec, Precision
+from kiln.spec import DeploymentSpec, Precision, Task
 
 FILES = {Precision.fp32: "model.fp32.onnx", Precision.int8: "model.int8.onnx", Precision.fp16: "model.fp16.onnx"}
 
 
 def run_export(spec: DeploymentSpec, console: Console | None = None, fail_on_gate: bool = True) -> ExportManifest:
+    if spec.task is Task.text_generation:
+        return run_lm_export(spec, console, fail_on_gate)
     console = console or Console(stderr=True)
     out = spec.export_dir
     out.mkdir(parents=True, exist_ok=True)

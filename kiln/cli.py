@@ -117,6 +117,11 @@ def bench(spec: str = SpecArg, workdir: Optional[Path] = WorkdirOpt):
 
     s = _spec(spec, workdir)
     _ensure_export(s)
+    if s.task.value == "text-generation":
+        from kiln.bench_lm import run_lm_bench
+
+        run_lm_bench(s, out)
+        return
     run_bench(s, out)
 
 
@@ -213,14 +218,17 @@ def stale_reasons(s: DeploymentSpec, manifest) -> list[str]:
     from kiln.sources import checkpoint_dir
 
     reasons = []
-    for field, want, got in (
-        ("task", s.task.value, manifest.task),
-        ("max_length", s.max_length, manifest.max_length),
-        ("pooling", s.pooling.value, manifest.pooling),
-        ("normalize", s.normalize, manifest.normalize),
-        ("opset", s.opset, manifest.opset),
-        ("checkpoint", str(checkpoint_dir(s)), manifest.checkpoint),
-    ):
+    if s.task.value == "text-generation":
+        fields = [("task", s.task.value, manifest.task), ("max_context", s.generation.max_context, manifest.max_length)]
+    else:
+        fields = [
+            ("task", s.task.value, manifest.task),
+            ("max_length", s.max_length, manifest.max_length),
+            ("pooling", s.pooling.value, manifest.pooling),
+            ("normalize", s.normalize, manifest.normalize),
+        ]
+    fields += [("opset", s.opset, manifest.opset), ("checkpoint", str(checkpoint_dir(s)), manifest.checkpoint)]
+    for field, want, got in fields:
         if want != got:
             reasons.append(f"{field}: spec {want!r}, export {got!r}")
     missing = {p.value for p in s.precisions} - set(manifest.variants)
@@ -275,6 +283,9 @@ def demo(spec: str = SpecArg, workdir: Optional[Path] = WorkdirOpt):
             client = grpcclient.InferenceServerClient(server.grpc_url)
             meta = client.get_model_metadata(s.name, as_json=True)
             console.print(f"[bold cyan]demo[/] serving {meta['name']}: inputs {[(i['name'], i['datatype'], i['shape']) for i in meta['inputs']]}")
+            if s.task.value == "text-generation":
+                _demo_chat(server, s)
+                return
             if s.task.value != "feature-extraction":
                 _demo_classify(server, s, DEMO_SENTENCES)
                 return
@@ -301,6 +312,36 @@ def demo(spec: str = SpecArg, workdir: Optional[Path] = WorkdirOpt):
         console.print(f"[red]Triton failed to start[/]: {err}")
         raise typer.Exit(1)
     console.print("[bold cyan]demo[/] Triton shut down")
+
+
+DEMO_QUESTION = "What is the capital of France?"
+
+
+def _demo_chat(server, s: DeploymentSpec) -> None:
+    """Stream a chat answer through Triton's generate_stream, token by token."""
+    import json
+    import urllib.request
+
+    body = json.dumps({"messages": json.dumps([{"role": "user", "content": DEMO_QUESTION}]), "max_tokens": 64,
+                       "stream": True}).encode()
+    req = urllib.request.Request(f"http://{server.http_url}/v2/models/{s.name}/generate_stream", body,
+                                 {"Content-Type": "application/json"})
+    out.print(f"[bold]user[/]: {DEMO_QUESTION}\n[bold]assistant[/] (streamed): ", end="")
+    t0, first, last = time.perf_counter(), None, {}
+    with urllib.request.urlopen(req, timeout=600) as r:
+        for raw in r:
+            line = raw.decode().strip()
+            if line.startswith("data:"):
+                last = json.loads(line[5:])
+                first = first or time.perf_counter()
+                out.print(last.get("text_output", ""), end="")
+    total = time.perf_counter() - t0
+    n = int(last.get("completion_tokens", 0))
+    out.print(
+        f"\n[dim]{n} tokens, finish {last.get('finish_reason')!r}; time to first token "
+        f"{((first or t0) - t0) * 1000:.0f} ms; {max(n - 1, 0) / max(total - ((first or t0) - t0), 1e-9):.1f} tokens/s "
+        f"({s.serve_precision.value}, one stream)[/]"
+    )
 
 
 def _demo_classify(server, s: DeploymentSpec, texts: list[str]) -> None:

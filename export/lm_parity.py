@@ -1,0 +1,325 @@
+"""The causal-LM parity gate: the KV-cache graph must reproduce PyTorch, step by step.
+
+fp32, against the PyTorch model (transformers, eager attention):
+- logits max |diff| on a left-padded batch of chat-templated prompts (prefill), then over
+  ``parity_decode_steps`` decode steps that feed PyTorch's argmax token to both and carry
+  the KV cache through the graph's presents; both <= ``max_logits_abs_diff``;
+- greedy decoding of ``parity_new_tokens`` tokens identical to ``model.generate(do_sample=False)``
+  for all ``parity_prompts`` chat prompts (export/data/chat_prompts.txt, English and not),
+  with the same stopping rule (an end-of-sequence id ends a sequence, and is kept);
+- perplexity on export/data/heldout.txt, reported beside PyTorch's.
+
+Quantized variants, against the fp32 graph: perplexity <= ``max_perplexity_ratio`` x fp32's
+(gated) and greedy agreement (reported: 8- and 4-bit weights are expected to change text).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from export.lm_export import DecoderShape
+from export.manifest import ParityReport
+from kiln.spec import DeploymentSpec, Precision
+
+AT_MOST = ("prefill_max_abs_diff", "decode_max_abs_diff", "ppl_ratio")  # other thresholds are minimums
+
+
+# --- data ------------------------------------------------------------------------------
+
+
+def _lines(name: str) -> list[str]:
+    text = resources.files("export").joinpath(f"data/{name}").read_text(encoding="utf-8")
+    return [l for l in text.splitlines() if l.strip() and not l.startswith("#")]
+
+
+def chat_prompts(n: int) -> list[str]:
+    """``n`` user messages from export/data/chat_prompts.txt (cycled, numbered, past its end)."""
+    lines = _lines("chat_prompts.txt")
+    return [lines[i % len(lines)] + ("" if i < len(lines) else f" ({i // len(lines) + 1})") for i in range(n)]
+
+
+def heldout_text() -> str:
+    return "\n\n".join(_lines("heldout.txt"))
+
+
+def encode_chat(tokenizer, message: str) -> list[int]:
+    """A user message as the model sees it: chat template with the assistant prompt opened."""
+    if getattr(tokenizer, "chat_template", None):
+        text = tokenizer.apply_chat_template([{"role": "user", "content": message}], tokenize=False, add_generation_prompt=True)
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+    return tokenizer(message)["input_ids"]
+
+
+def left_pad(seqs: list[list[int]], pad_id: int) -> dict[str, np.ndarray]:
+    """Graph feeds for a prefill of several prompts: left padding, positions counted from each first real token."""
+    width = max(len(s) for s in seqs)
+    ids = np.full((len(seqs), width), pad_id, dtype=np.int64)
+    mask = np.zeros((len(seqs), width), dtype=np.int64)
+    for row, s in enumerate(seqs):
+        ids[row, width - len(s) :] = s
+        mask[row, width - len(s) :] = 1
+    pos = np.maximum(np.cumsum(mask, axis=1) - 1, 0)
+    return {"input_ids": ids, "attention_mask": mask, "position_ids": pos}
+
+
+# --- maths -----------------------------------------------------------------------------
+
+
+def token_nll(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    """Negative log-likelihood of each target under its row of logits ([n, vocab], [n]), in float64."""
+    x = np.asarray(logits, dtype=np.float64)
+    top = x.max(axis=-1, keepdims=True)
+    logz = top[:, 0] + np.log(np.exp(x - top).sum(axis=-1))
+    return logz - x[np.arange(len(targets)), targets]
+
+
+def perplexity(logits: np.ndarray, ids: np.ndarray) -> float:
+    """exp(mean NLL) of ids[1:] given the logits a causal LM produced for ids ([n, vocab], [n])."""
+    return float(np.exp(token_nll(logits[:-1], np.asarray(ids)[1:]).mean()))
+
+
+def windows(ids: list[int], size: int) -> list[list[int]]:
+    """Consecutive non-overlapping windows of at most ``size`` tokens (each scored on its own)."""
+    return [ids[i : i + size] for i in range(0, len(ids), size) if len(ids[i : i + size]) >= 2]
+
+
+def windowed_perplexity(logits_of, ids: list[int], size: int) -> float:
+    """Perplexity over windows; ``logits_of(window) -> [len, vocab]``. Each window's first token is not scored."""
+    total, count = 0.0, 0
+    for w in windows(ids, size):
+        nll = token_nll(logits_of(w)[:-1], np.asarray(w[1:]))
+        total, count = total + float(nll.sum()), count + len(nll)
+    return float(np.exp(total / count))
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    """Tokens two generations share before they first differ (a length difference is a divergence)."""
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def agreement(a: list[int], b: list[int]) -> float:
+    """Fraction of the longer generation that is identical before the first divergence (1.0: identical)."""
+    longest = max(len(a), len(b))
+    return 1.0 if longest == 0 else common_prefix(a, b) / longest
+
+
+# --- running the two sides -------------------------------------------------------------
+
+
+class OrtLM:
+    """The KV-cache graph in ONNX Runtime, with the loop the gate needs (greedy, scoring)."""
+
+    def __init__(self, path: Path, shape: DecoderShape, threads: int = 0):
+        import onnxruntime as ort
+
+        so = ort.SessionOptions()
+        so.log_severity_level = 3
+        if threads:
+            so.intra_op_num_threads = threads
+        self.session = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+        self.shape = shape
+
+    def empty_past(self, batch: int) -> list[np.ndarray]:
+        s = self.shape
+        return [np.zeros((batch, s.num_kv_heads, 0, s.head_dim), np.float32) for _ in s.past_names]
+
+    def step(self, feeds: dict[str, np.ndarray], past: list[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
+        out = self.session.run(None, {**feeds, **dict(zip(self.shape.past_names, past))})
+        return out[0], out[1:]
+
+    def logits(self, ids: list[int]) -> np.ndarray:
+        """One prefill of one sequence: [len, vocab]."""
+        feeds = left_pad([ids], 0)
+        return self.step(feeds, self.empty_past(1))[0][0]
+
+    def greedy(self, prompt: list[int], max_new: int, eos_ids: list[int]) -> list[int]:
+        feeds, past, new = left_pad([prompt], 0), self.empty_past(1), []
+        while len(new) < max_new:
+            logits, past = self.step(feeds, past)
+            token = int(logits[0, -1].argmax())
+            new.append(token)
+            if token in eos_ids:
+                break
+            n = feeds["attention_mask"].shape[1]
+            feeds = {
+                "input_ids": np.array([[token]], np.int64),
+                "attention_mask": np.ones((1, n + 1), np.int64),
+                "position_ids": np.array([[n]], np.int64),
+            }
+        return new
+
+
+def _torch_step(model, feeds: dict[str, np.ndarray], cache):
+    with torch.no_grad():
+        out = model(**{k: torch.from_numpy(v) for k, v in feeds.items()}, past_key_values=cache, use_cache=True)
+    return out.logits.float().numpy(), out.past_key_values
+
+
+def torch_greedy(model, prompt: list[int], max_new: int, eos_ids: list[int], pad_id: int) -> list[int]:
+    """``model.generate(do_sample=False)`` with nothing from the checkpoint's generation defaults
+    (no repetition penalty etc.): plain argmax, stopping at an eos id, which is kept."""
+    from transformers import GenerationConfig
+
+    config = GenerationConfig(
+        do_sample=False, num_beams=1, max_new_tokens=max_new, eos_token_id=eos_ids, pad_token_id=pad_id
+    )
+    saved = model.generation_config
+    model.generation_config = GenerationConfig(eos_token_id=eos_ids, pad_token_id=pad_id)
+    try:
+        ids = torch.tensor([prompt])
+        with torch.no_grad():
+            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=config)
+    finally:
+        model.generation_config = saved
+    return out[0, len(prompt) :].tolist()
+
+
+@dataclass
+class LMReference:
+    """Everything the gate compares against, computed once with PyTorch."""
+
+    prompts: list[list[int]]  # chat-templated token ids
+    max_new: list[int]  # per prompt: parity_new_tokens, clipped to the context
+    eos_ids: list[int]
+    greedy: list[list[int]]  # PyTorch generate: new tokens
+    batch: dict[str, np.ndarray]  # left-padded prefill feeds
+    prefill_logits: np.ndarray  # [b, s, vocab]
+    decode_tokens: list[np.ndarray] = field(default_factory=list)  # [b, 1] per step: PyTorch's argmax
+    decode_logits: list[np.ndarray] = field(default_factory=list)  # [b, vocab] per step
+    heldout: list[int] = field(default_factory=list)
+    window: int = 0
+    ppl: float = float("nan")  # PyTorch's, on the held-out text
+
+
+def build_reference(spec: DeploymentSpec, model, tokenizer, eos_ids: list[int], progress=lambda msg: None) -> LMReference:
+    g = spec.generation
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
+    prompts = [encode_chat(tokenizer, m) for m in chat_prompts(g.parity_prompts)]
+    too_long = [i for i, p in enumerate(prompts) if len(p) >= g.max_context]
+    if too_long:
+        raise ValueError(f"parity prompts {too_long} do not fit max_context {g.max_context}")
+    max_new = [min(g.parity_new_tokens, g.max_context - len(p)) for p in prompts]
+
+    # logits: shortest, a middle and the longest prompt in one left-padded batch, then decode steps
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    rows = sorted({order[0], order[len(order) // 2], order[-1]})
+    batch = left_pad([prompts[i] for i in rows], pad_id)
+    from transformers.cache_utils import DynamicCache
+
+    logits, cache = _torch_step(model, batch, DynamicCache())
+    ref = LMReference(prompts, max_new, eos_ids, [], batch, logits)
+    feeds, last = batch, logits[:, -1]
+    for _ in range(g.parity_decode_steps):
+        tokens = last.argmax(-1)[:, None].astype(np.int64)
+        feeds = {
+            "input_ids": tokens,
+            "attention_mask": np.concatenate([feeds["attention_mask"], np.ones_like(tokens)], axis=1),
+            "position_ids": feeds["position_ids"][:, -1:] + 1,
+        }
+        step_logits, cache = _torch_step(model, feeds, cache)
+        last = step_logits[:, -1]
+        ref.decode_tokens.append(tokens)
+        ref.decode_logits.append(last)
+
+    progress(f"PyTorch greedy decoding: {len(prompts)} prompts x {g.parity_new_tokens} new tokens")
+    ref.greedy = [torch_greedy(model, p, n, eos_ids, pad_id) for p, n in zip(prompts, max_new)]
+
+    ref.heldout = tokenizer(heldout_text())["input_ids"]
+    ref.window = min(g.max_context, len(ref.heldout))
+
+    def torch_logits(ids: list[int]) -> np.ndarray:
+        return _torch_step(model, left_pad([ids], pad_id), None)[0][0]
+
+    ref.ppl = windowed_perplexity(torch_logits, ref.heldout, ref.window)
+    return ref
+
+
+# --- figures and verdicts --------------------------------------------------------------
+
+
+def logits_figures(ref: LMReference, lm: OrtLM) -> dict[str, float]:
+    """Max |diff| of logits on the padded prefill (real tokens only) and over the decode steps."""
+    logits, past = lm.step(ref.batch, lm.empty_past(ref.batch["input_ids"].shape[0]))
+    real = ref.batch["attention_mask"].astype(bool)
+    prefill = float(np.abs(logits - ref.prefill_logits)[real].max())
+    decode, feeds = 0.0, ref.batch
+    for tokens, expected in zip(ref.decode_tokens, ref.decode_logits):
+        feeds = {
+            "input_ids": tokens,
+            "attention_mask": np.concatenate([feeds["attention_mask"], np.ones_like(tokens)], axis=1),
+            "position_ids": feeds["position_ids"][:, -1:] + 1,
+        }
+        logits, past = lm.step(feeds, past)
+        decode = max(decode, float(np.abs(logits[:, -1] - expected).max()))
+    return {"prefill_max_abs_diff": prefill, "decode_max_abs_diff": decode}
+
+
+def greedy_figures(reference: list[list[int]], got: list[list[int]]) -> dict[str, float]:
+    """Identity count, mean agreement and the earliest divergence (-1: none) of greedy generations."""
+    prefixes = [common_prefix(a, b) for a, b in zip(reference, got)]
+    diverged = [p for p, a, b in zip(prefixes, reference, got) if a != b]
+    return {
+        "greedy_identical": float(sum(a == b for a, b in zip(reference, got))),
+        "greedy_prompts": float(len(reference)),
+        "greedy_agreement": float(np.mean([agreement(a, b) for a, b in zip(reference, got)])),
+        "greedy_first_divergence": float(min(diverged)) if diverged else -1.0,
+    }
+
+
+def generate_all(ref: LMReference, lm: OrtLM) -> list[list[int]]:
+    return [lm.greedy(p, n, ref.eos_ids) for p, n in zip(ref.prompts, ref.max_new)]
+
+
+def graph_perplexity(ref: LMReference, lm: OrtLM) -> float:
+    return windowed_perplexity(lm.logits, ref.heldout, ref.window)
+
+
+def fp32_figures(ref: LMReference, lm: OrtLM) -> tuple[dict[str, float], list[list[int]], float]:
+    """(figures, the graph's greedy generations, its perplexity): the latter two are the
+    reference the quantized variants are judged against."""
+    figures = logits_figures(ref, lm)
+    generated = generate_all(ref, lm)
+    figures.update(greedy_figures(ref.greedy, generated))
+    ppl = graph_perplexity(ref, lm)
+    figures.update({"ppl": ppl, "ppl_torch": ref.ppl, "ppl_ratio_vs_torch": ppl / ref.ppl})
+    return figures, generated, ppl
+
+
+def quantized_figures(ref: LMReference, fp32_generated: list[list[int]], fp32_ppl: float, lm: OrtLM) -> dict[str, float]:
+    figures = greedy_figures(fp32_generated, generate_all(ref, lm))
+    ppl = graph_perplexity(ref, lm)
+    figures.update({"ppl": ppl, "ppl_fp32": fp32_ppl, "ppl_ratio": ppl / fp32_ppl})
+    return figures
+
+
+def gate_lm(spec: DeploymentSpec, precision: Precision, figures: dict[str, float], inputs: int) -> ParityReport:
+    g = spec.generation
+    if precision is Precision.fp32:
+        thresholds = {
+            "prefill_max_abs_diff": g.max_logits_abs_diff,
+            "decode_max_abs_diff": g.max_logits_abs_diff,
+            "greedy_identical": float(g.parity_prompts),
+        }
+        reference = "PyTorch fp32 (transformers, eager attention; greedy via model.generate)"
+    else:
+        thresholds = {"ppl_ratio": g.max_perplexity_ratio}
+        reference = "the fp32 graph (perplexity on export/data/heldout.txt, greedy agreement)"
+    failures = []
+    for key, limit in thresholds.items():
+        value = figures[key]
+        at_most = key in AT_MOST
+        if not (value <= limit if at_most else value >= limit) or np.isnan(value):
+            failures.append(f"{key} = {value:.6g}, needs {'<=' if at_most else '>='} {limit:g}")
+    return ParityReport(
+        reference=reference, inputs=inputs, figures=figures, thresholds=thresholds, passed=not failures, failures=failures
+    )

@@ -1,0 +1,146 @@
+"""`kiln export` for text-generation: checkpoint -> KV-cache ONNX -> gated variants -> manifest.
+
+The causal-LM twin of :func:`export.pipeline.run_export` (which dispatches here): fp32 is
+gated against PyTorch (logits, greedy identity), each quantized variant against fp32
+(perplexity ratio; greedy agreement reported). A miss leaves ``parity.passed = false`` in
+the manifest and raises :class:`export.parity.ParityError` after every variant was measured.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from export import lm_export as X
+from export import lm_parity as P
+from export.manifest import ExportManifest, Variant, sha256, tool_versions
+from export.parity import ParityError
+from kiln.spec import DeploymentSpec, Precision
+
+FILES = {Precision.fp32: "model.fp32.onnx", Precision.int8: "model.int8.onnx", Precision.int4: "model.int4.onnx"}
+
+
+def run_lm_export(spec: DeploymentSpec, console: Console | None = None, fail_on_gate: bool = True) -> ExportManifest:
+    console = console or Console(stderr=True)
+    out = spec.export_dir
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+
+    def step(msg: str):
+        console.print(f"[bold cyan]export[/] {msg} [dim]({time.perf_counter() - t0:.0f}s)[/]")
+
+    unsupported = [p.value for p in spec.precisions if p not in FILES]
+    if unsupported:
+        raise ValueError(f"precisions {unsupported}: text-generation exports {[p.value for p in FILES]}")
+
+    step(f"loading the causal LM from {spec.source.kind} source")
+    model, tokenizer, ckpt = X.load_causal_lm(spec)
+    shape = X.DecoderShape.of(model.config)
+    architecture = (model.config.architectures or [type(model).__name__])[0]
+    tok_dir = out / "tokenizer"
+    if tok_dir.exists():
+        shutil.rmtree(tok_dir)
+    tokenizer.save_pretrained(tok_dir)
+    if not (tok_dir / "tokenizer.json").is_file():
+        raise RuntimeError(f"{ckpt}: no fast tokenizer (tokenizer.json) could be produced")
+
+    fp32 = out / FILES[Precision.fp32]
+    step(f"exporting {architecture} ({shape.num_layers} layers) with a KV cache to ONNX (opset {spec.opset}, dynamo exporter)")
+    X.export_lm(model, fp32, spec.opset)
+    inputs, outputs = X.io_specs(shape)
+    decoder = X.decoder_info(model, tokenizer, spec.generation.max_context)
+
+    step("computing PyTorch references (padded prefill, decode steps, perplexity)")
+    ref = P.build_reference(spec, model, tokenizer, decoder["eos_token_ids"], progress=step)
+    n = len(ref.prompts)
+
+    manifest = ExportManifest(
+        name=spec.name,
+        task=spec.task.value,
+        architecture=architecture,
+        checkpoint=str(ckpt),
+        tokenizer_dir="tokenizer",
+        max_length=spec.generation.max_context,
+        hidden_size=int(model.config.hidden_size),
+        pooling="none",
+        normalize=False,
+        opset=spec.opset,
+        inputs=inputs,
+        outputs=outputs,
+        decoder=decoder,
+        tools=tool_versions("torch", "transformers", "onnx", "onnxscript", "onnxruntime", "tokenizers", "gguf"),
+    )
+    del model  # the references hold what the gates need
+
+    fp32_generated: list[list[int]] = []
+    fp32_ppl = float("nan")
+    for precision in [p for p in FILES if p in spec.precisions]:
+        path = out / FILES[precision]
+        if precision is Precision.fp32:
+            notes = "dynamo export, onnxscript-optimized; KV cache as explicit inputs/outputs"
+            step(f"parity gate for fp32 vs PyTorch: logits, {n} greedy generations, perplexity")
+            figures, fp32_generated, fp32_ppl = P.fp32_figures(ref, P.OrtLM(path, shape))
+        else:
+            step(f"building {precision.value} variant")
+            notes = X.quantize_int8(fp32, path) if precision is Precision.int8 else X.quantize_int4(fp32, path)
+            step(f"parity gate for {precision.value} vs fp32: perplexity, {n} greedy generations")
+            figures = P.quantized_figures(ref, fp32_generated, fp32_ppl, P.OrtLM(path, shape))
+        manifest.variants[precision.value] = Variant(
+            precision=precision.value,
+            file=path.name,
+            sha256=sha256(path),
+            bytes=_bytes(path),
+            notes=notes,
+            parity=P.gate_lm(spec, precision, figures, n),
+        )
+        manifest.write(out)
+        if precision is Precision.fp32 and not manifest.variants["fp32"].parity.passed:
+            break  # every other variant derives from fp32 and is judged against it
+    console.print(lm_parity_table(manifest))
+    step(f"done -> {out / 'manifest.json'}")
+    failed = [k for k, v in manifest.variants.items() if not v.usable]
+    if failed and fail_on_gate:
+        raise ParityError(
+            "parity gate failed for "
+            + ", ".join(f"{k} ({'; '.join(manifest.variants[k].parity.failures)})" for k in failed)
+        )
+    return manifest
+
+
+def _bytes(path: Path) -> int:
+    data = path.parent / (path.name + ".data")
+    return path.stat().st_size + (data.stat().st_size if data.exists() else 0)
+
+
+def lm_parity_table(manifest: ExportManifest) -> Table:
+    """fp32 rows compare with PyTorch (ppl x: fp32 ppl / PyTorch ppl); quantized rows with fp32."""
+    table = Table(title=f"parity: {manifest.name} (fp32 vs PyTorch, quantized vs fp32)", caption=_caption(manifest))
+    for col in ("variant", "prefill Δ", "decode Δ", "greedy =", "agree", "diverge@", "ppl", "ppl ×", "MB", "verdict"):
+        table.add_column(col, justify="left" if col in ("variant", "verdict") else "right")
+    for name, v in manifest.variants.items():
+        f = v.parity.figures
+        table.add_row(
+            name,
+            f"{f['prefill_max_abs_diff']:.1e}" if "prefill_max_abs_diff" in f else "-",
+            f"{f['decode_max_abs_diff']:.1e}" if "decode_max_abs_diff" in f else "-",
+            f"{f['greedy_identical']:.0f}/{f['greedy_prompts']:.0f}",
+            f"{f['greedy_agreement']:.3f}",
+            "-" if f["greedy_first_divergence"] < 0 else f"{f['greedy_first_divergence']:.0f}",
+            f"{f['ppl']:.3f}",
+            f"{f.get('ppl_ratio', f.get('ppl_ratio_vs_torch', float('nan'))):.4f}",
+            f"{v.bytes / 1e6:.1f}",
+            "[green]PASS[/]" if v.parity.passed else "[red]FAIL[/]: " + "; ".join(v.parity.failures),
+        )
+    return table
+
+
+def _caption(manifest: ExportManifest) -> str:
+    parts = []
+    for name, v in manifest.variants.items():
+        g = ", ".join(f"{k} {'<=' if k in P.AT_MOST else '>='} {t:g}" for k, t in v.parity.thresholds.items())
+        parts.append(f"{name}: {g}")
+    return "gates: " + " | ".join(parts)
