@@ -1,0 +1,52 @@
+"""The packaged SmolLM2-135M-Instruct (real weights, from the GGUF package) served by the
+real Triton: the answer, streamed == non-streamed, batching invariance over 8 streams."""
+
+import json
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from export.pipeline import run_export
+from kiln.server import TritonServer, free_ports
+from model_repository.writer import write_repository
+from test_generation import post
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture(scope="module")
+def smollm2(tmp_path_factory):
+    from kiln.spec import load_spec
+
+    work = tmp_path_factory.mktemp("smollm2")
+    spec = load_spec("smollm2", workdir=str(work), precisions=["fp32"], serve_precision="fp32")
+    run_export(spec)
+    repo = write_repository(spec)
+    server = TritonServer(repo, free_ports(), workdir=work / "srv")
+    server.start()
+    yield spec, server
+    server.stop()
+
+
+def _chat(question, **kw):
+    return {"messages": json.dumps([{"role": "user", "content": question}]), **kw}
+
+
+def test_smollm2_answers_and_streams_the_same_text(smollm2):
+    spec, server = smollm2
+    _, once = post(server, spec.name, _chat("What is the capital of France?", max_tokens=48))
+    assert "Paris" in once["text_output"], once
+    _, events = post(server, spec.name, _chat("What is the capital of France?", max_tokens=48, stream=True), stream=True)
+    assert "".join(e.get("text_output", "") for e in events) == once["text_output"]
+    assert events[-1]["finish_reason"] == once["finish_reason"] == "stop"
+
+
+def test_smollm2_eight_concurrent_streams_match_each_alone(smollm2):
+    spec, server = smollm2
+    questions = ["What is the capital of France?", "Name three colours.", "Qu'est-ce qu'un chat ?",
+                 "What is 2 + 2?", "Say hello in Spanish.", "What is the largest planet?",
+                 "Give me a synonym for happy.", "用中文说你好。"]
+    alone = [post(server, spec.name, _chat(q, max_tokens=24))[1]["text_output"] for q in questions]
+    with ThreadPoolExecutor(8) as pool:
+        together = list(pool.map(lambda q: post(server, spec.name, _chat(q, max_tokens=24))[1]["text_output"], questions))
+    assert together == alone
