@@ -162,7 +162,7 @@ def run_lm_bench(spec: DeploymentSpec, console: Console | None = None, new_token
 
     console = console or Console()
     manifest = ExportManifest.read(spec.export_dir)
-    rows = [_hf_path(spec, spec.export_dir / manifest.tokenizer_dir, new_tokens, console),
+    rows = [_hf_path(spec, Path(manifest.checkpoint), new_tokens, console),
             _engine_path(spec, manifest, new_tokens, console)]
     write_repository(spec, manifest)
     with TritonServer(spec.repository_dir, free_ports(), workdir=spec.server_dir) as server:
