@@ -18,7 +18,7 @@ from rich.table import Table
 from export import lm_export as X
 from export import lm_parity as P
 from export.manifest import ExportManifest, Variant, sha256, tool_versions
-from export.parity import ParityError
+from export.parity import raise_if_failed
 from kiln.spec import DeploymentSpec, Precision
 
 FILES = {Precision.fp32: "model.fp32.onnx", Precision.int8: "model.int8.onnx", Precision.int4: "model.int4.onnx"}
@@ -102,12 +102,8 @@ def run_lm_export(spec: DeploymentSpec, console: Console | None = None, fail_on_
             break  # every other variant derives from fp32 and is judged against it
     console.print(lm_parity_table(manifest))
     step(f"done -> {out / 'manifest.json'}")
-    failed = [k for k, v in manifest.variants.items() if not v.usable]
-    if failed and fail_on_gate:
-        raise ParityError(
-            "parity gate failed for "
-            + ", ".join(f"{k} ({'; '.join(manifest.variants[k].parity.failures)})" for k in failed)
-        )
+    if fail_on_gate:
+        raise_if_failed(manifest)
     return manifest
 
 

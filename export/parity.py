@@ -113,6 +113,16 @@ def gate(spec: DeploymentSpec, precision: Precision, figures: dict[str, float], 
     )
 
 
+def raise_if_failed(manifest) -> None:
+    """Stop the pipeline when any variant missed its gate (after the manifest recorded why)."""
+    failed = [k for k, v in manifest.variants.items() if not v.usable]
+    if failed:
+        raise ParityError(
+            "parity gate failed for "
+            + ", ".join(f"{k} ({'; '.join(manifest.variants[k].parity.failures)})" for k in failed)
+        )
+
+
 def ort_runner(path: Path, threads: int = 0):
     import onnxruntime as ort
 

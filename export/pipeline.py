@@ -18,7 +18,7 @@ from export import variants as V
 from export.lm_pipeline import run_lm_export
 from export.manifest import ExportManifest, Variant, sha256, tool_versions
 from export.onnx_export import export_onnx, io_specs, load_encoder
-from export.parity import ParityError, compare, gate, ort_runner, parity_batches
+from export.parity import compare, gate, ort_runner, parity_batches, raise_if_failed
 from kiln.sources import checkpoint_dir
 from kiln.spec import DeploymentSpec, Precision, Task
 
@@ -108,12 +108,8 @@ def run_export(spec: DeploymentSpec, console: Console | None = None, fail_on_gat
     manifest.write(out)
     console.print(parity_table(manifest))
     step(f"done in {time.perf_counter() - t0:.1f}s -> {out / 'manifest.json'}")
-    failed = [k for k, v in manifest.variants.items() if not v.usable]
-    if failed and fail_on_gate:
-        raise ParityError(
-            "parity gate failed for "
-            + ", ".join(f"{k} ({'; '.join(manifest.variants[k].parity.failures)})" for k in failed)
-        )
+    if fail_on_gate:
+        raise_if_failed(manifest)
     return manifest
 
 
