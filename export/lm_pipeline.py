@@ -18,7 +18,7 @@ from rich.table import Table
 from export import lm_export as X
 from export import lm_parity as P
 from export.manifest import ExportManifest, Variant, sha256, tool_versions
-from export.parity import raise_if_failed
+from export.parity import gates_caption, raise_if_failed
 from kiln.spec import DeploymentSpec, Precision
 
 FILES = {Precision.fp32: "model.fp32.onnx", Precision.int8: "model.int8.onnx", Precision.int4: "model.int4.onnx"}
@@ -114,7 +114,7 @@ def _bytes(path: Path) -> int:
 
 def lm_parity_table(manifest: ExportManifest) -> Table:
     """fp32 rows compare with PyTorch (ppl x: fp32 ppl / PyTorch ppl); quantized rows with fp32."""
-    table = Table(title=f"parity: {manifest.name} (fp32 vs PyTorch, quantized vs fp32)", caption=_caption(manifest))
+    table = Table(title=f"parity: {manifest.name} (fp32 vs PyTorch, quantized vs fp32)", caption=gates_caption(manifest, P.AT_MOST))
     for col in ("variant", "prefill Δ", "decode Δ", "greedy =", "agree", "diverge@", "ppl", "ppl ×", "MB", "verdict"):
         table.add_column(col, justify="left" if col in ("variant", "verdict") else "right")
     for name, v in manifest.variants.items():
@@ -132,11 +132,3 @@ def lm_parity_table(manifest: ExportManifest) -> Table:
             "[green]PASS[/]" if v.parity.passed else "[red]FAIL[/]: " + "; ".join(v.parity.failures),
         )
     return table
-
-
-def _caption(manifest: ExportManifest) -> str:
-    parts = []
-    for name, v in manifest.variants.items():
-        g = ", ".join(f"{k} {'<=' if k in P.AT_MOST else '>='} {t:g}" for k, t in v.parity.thresholds.items())
-        parts.append(f"{name}: {g}")
-    return "gates: " + " | ".join(parts)

@@ -113,6 +113,15 @@ def gate(spec: DeploymentSpec, precision: Precision, figures: dict[str, float], 
     )
 
 
+def gates_caption(manifest, at_most=("max_abs_diff",)) -> str:
+    """The thresholds each variant was held to, for a parity table's caption."""
+    parts = []
+    for name, v in manifest.variants.items():
+        g = ", ".join(f"{k} {'<=' if k in at_most else '>='} {t:g}" for k, t in v.parity.thresholds.items())
+        parts.append(f"{name}: {g}")
+    return "gates: " + " | ".join(parts)
+
+
 def raise_if_failed(manifest) -> None:
     """Stop the pipeline when any variant missed its gate (after the manifest recorded why)."""
     failed = [k for k, v in manifest.variants.items() if not v.usable]

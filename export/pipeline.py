@@ -18,7 +18,7 @@ from export import variants as V
 from export.lm_pipeline import run_lm_export
 from export.manifest import ExportManifest, Variant, sha256, tool_versions
 from export.onnx_export import export_onnx, io_specs, load_encoder
-from export.parity import compare, gate, ort_runner, parity_batches, raise_if_failed
+from export.parity import compare, gate, gates_caption, ort_runner, parity_batches, raise_if_failed
 from kiln.sources import checkpoint_dir
 from kiln.spec import DeploymentSpec, Precision, Task
 
@@ -149,7 +149,7 @@ def _build_int8(spec: DeploymentSpec, loaded, fp32: Path, path: Path, measure, s
 
 
 def parity_table(manifest: ExportManifest) -> Table:
-    table = Table(title=f"parity vs PyTorch fp32: {manifest.name}", caption=_gates_caption(manifest))
+    table = Table(title=f"parity vs PyTorch fp32: {manifest.name}", caption=gates_caption(manifest))
     for col in ("variant", "inputs", "min cos", "mean cos", "max|diff|", "MB", "verdict"):
         table.add_column(col, justify="left" if col in ("variant", "verdict") else "right")
     for name, v in manifest.variants.items():
@@ -164,11 +164,3 @@ def parity_table(manifest: ExportManifest) -> Table:
             "[green]PASS[/]" if r.passed else "[red]FAIL[/]: " + "; ".join(r.failures),
         )
     return table
-
-
-def _gates_caption(manifest: ExportManifest) -> str:
-    parts = []
-    for name, v in manifest.variants.items():
-        g = ", ".join(f"{k} {'<=' if k == 'max_abs_diff' else '>='} {t:g}" for k, t in v.parity.thresholds.items())
-        parts.append(f"{name}: {g}")
-    return "gates: " + " | ".join(parts)

@@ -98,6 +98,15 @@ def _serve(spec, repo: Path, workdir: Path):
     return server
 
 
+def export_and_serve(spec, workdir: Path):
+    """The whole path for a fixture: export, write the spec's repository, start Triton."""
+    from export.pipeline import run_export
+    from model_repository.writer import write_repository
+
+    run_export(spec)
+    return _serve(spec, write_repository(spec), workdir)
+
+
 @pytest.fixture(scope="session")
 def minilm_int8_server(minilm_export, tmp_path_factory):
     from model_repository.writer import write_repository

@@ -13,10 +13,7 @@ import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 
-from conftest import tiny_spec
-from export.pipeline import run_export
-from kiln.server import TritonServer, free_ports
-from model_repository.writer import write_repository
+from conftest import export_and_serve, tiny_spec
 
 pytestmark = pytest.mark.e2e
 
@@ -40,13 +37,10 @@ def post(server, model, payload, stream=False):
 def tiny_chat(tiny_llama, tmp_path_factory):
     work = tmp_path_factory.mktemp("tinychat")
     spec = tiny_spec(tiny_llama, work, name="tinychat", task="text-generation", precisions=["fp32"],
-                     serve_precision="fp32", max_length=256,
-                     generation={"max_context": 256, "default_max_tokens": 32, "max_concurrent": 4,
+                     serve_precision="fp32", max_length=512,
+                     generation={"max_context": 512, "default_max_tokens": 32, "max_concurrent": 4,
                                  "parity_prompts": 2, "parity_new_tokens": 8, "parity_decode_steps": 4})
-    run_export(spec)
-    repo = write_repository(spec)
-    server = TritonServer(repo, free_ports(), workdir=work / "srv")
-    server.start()
+    server = export_and_serve(spec, work / "srv")
     yield spec, server
     server.stop()
 
@@ -100,7 +94,8 @@ def test_grpc_streaming_and_cancellation_frees_the_slot(tiny_chat):
     got = queue.Queue()
     client = grpcclient.InferenceServerClient(server.grpc_url)
     client.start_stream(callback=lambda result, error: got.put((result, error)))
-    client.async_stream_infer(spec.name, _grpc_inputs("One two three", 200))
+    # long enough that the cancel always lands mid-generation, even on a loaded machine
+    client.async_stream_infer(spec.name, _grpc_inputs("One two three", 480))
     chunks = [got.get(timeout=60) for _ in range(3)]
     assert all(err is None for _, err in chunks)
     assert all(r.as_numpy("text_output") is not None for r, _ in chunks)
@@ -122,7 +117,7 @@ def test_grpc_streaming_and_cancellation_frees_the_slot(tiny_chat):
         ({"messages": json.dumps([{"role": "wizard", "content": "hi"}])}, "wizard"),
         ({"messages": "{not json"}, "messages"),
         ({"text_input": ""}, "text_input"),
-        ({"text_input": "word " * 400}, "context"),
+        ({"text_input": "word " * 800}, "context"),
         ({"text_input": "hi", "max_tokens": 10_000}, "max_tokens"),
         ({"text_input": "hi", "temperature": -1.0}, "temperature"),
         ({"text_input": "hi", "temperature": float("nan")}, "temperature"),

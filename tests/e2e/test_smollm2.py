@@ -6,9 +6,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from export.pipeline import run_export
-from kiln.server import TritonServer, free_ports
-from model_repository.writer import write_repository
+from conftest import export_and_serve
 from test_generation import post
 
 pytestmark = pytest.mark.e2e
@@ -20,10 +18,7 @@ def smollm2(tmp_path_factory):
 
     work = tmp_path_factory.mktemp("smollm2")
     spec = load_spec("smollm2", workdir=str(work), precisions=["fp32"], serve_precision="fp32")
-    run_export(spec)
-    repo = write_repository(spec)
-    server = TritonServer(repo, free_ports(), workdir=work / "srv")
-    server.start()
+    server = export_and_serve(spec, work / "srv")
     yield spec, server
     server.stop()
 
