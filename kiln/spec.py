@@ -131,6 +131,7 @@ class Generation(_Frozen):
     max_context: int = Field(2048, ge=16, le=131072, description="prompt + generated tokens")
     default_max_tokens: int = Field(256, ge=1)
     max_concurrent: int = Field(8, ge=1, le=256, description="sequences sharing one decode step")
+    max_queue: int = Field(64, ge=1, description="requests waiting for a slot beyond max_concurrent; more are rejected at once")
     parity_prompts: int = Field(8, ge=1, description="greedy-identity prompts in the gate")
     parity_new_tokens: int = Field(64, ge=1)
     parity_decode_steps: int = Field(16, ge=1)

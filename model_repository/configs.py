@@ -175,6 +175,8 @@ GENERATION_INPUTS = [
     ("top_k", "int32", [1]),
     ("random_seed", "uint64", [1]),
     ("repetition_penalty", "float32", [1]),
+    ("presence_penalty", "float32", [1]),
+    ("frequency_penalty", "float32", [1]),
     ("stop_words", "bytes", [-1]),
     ("stream", "bool", [1]),
 ]
@@ -210,6 +212,7 @@ def generation_config(spec: DeploymentSpec, man: ExportManifest, model_file: str
         intra_op_threads=spec.instances.intra_op_threads,
         max_concurrent=g.max_concurrent,
         default_max_tokens=g.default_max_tokens,
+        max_queue=g.max_queue,
     )
     return cfg
 

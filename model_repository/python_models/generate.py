@@ -15,7 +15,7 @@ import uuid
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from kiln_generate import ChatTemplate, Engine, SamplingParams, encode_prompt, parse_messages
+from kiln_generate import ChatTemplate, Engine, QueueFull, SamplingParams, encode_prompt, parse_messages
 from kiln_runtime import InputError
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
@@ -74,6 +74,7 @@ class TritonPythonModel:
             max_context=self.max_context,
             tokenizer=self.tokenizer,
             default_max_tokens=int(p["default_max_tokens"]),
+            max_queue=int(p.get("max_queue", 0)) or None,  # 0 / absent (older repositories): unbounded
         )
         self.pending = {}  # request id -> (request, sender, stream, chunks)
         self.lock = threading.Lock()
@@ -106,6 +107,8 @@ class TritonPythonModel:
             "top_k": _scalar(request, "top_k"),
             "seed": _scalar(request, "random_seed"),
             "repetition_penalty": _scalar(request, "repetition_penalty"),
+            "presence_penalty": _scalar(request, "presence_penalty"),
+            "frequency_penalty": _scalar(request, "frequency_penalty"),
         }
         given = {k: v for k, v in given.items() if v is not None}
         given.setdefault("temperature", 0.0)  # Triton generate clients expect greedy unless asked
@@ -122,7 +125,7 @@ class TritonPythonModel:
                     self.pending[rid] = (request, sender, stream, [])
                 try:
                     self.engine.submit(rid, ids, params, prompt_field=field)  # thread-safe; validates
-                except InputError:
+                except (InputError, QueueFull):
                     with self.lock:
                         self.pending.pop(rid, None)
                     raise
@@ -130,6 +133,8 @@ class TritonPythonModel:
                     self.wake.notify()
             except InputError as err:
                 sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(str(err), pb_utils.TritonError.INVALID_ARG)), flags=FINAL)
+            except QueueFull as err:  # busy, not wrong: Triton's queue-full code and phrase, so clients retry
+                sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(str(err), pb_utils.TritonError.UNAVAILABLE)), flags=FINAL)
         return None
 
     # ------------------------------------------------------------------ the engine loop

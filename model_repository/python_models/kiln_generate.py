@@ -65,6 +65,8 @@ class SamplingParams:
     top_k: int = 0  # 0: off
     seed: int | None = None  # None: a fresh random seed
     repetition_penalty: float = 1.0  # 1: off
+    presence_penalty: float = 0.0  # 0: off; subtracted once from every token already generated
+    frequency_penalty: float = 0.0  # 0: off; subtracted per time a token was already generated
     stop: list[str] = field(default_factory=list)
 
     @classmethod
@@ -122,6 +124,12 @@ class SamplingParams:
         penalty = _number(self.repetition_penalty, "repetition_penalty", "a finite number > 0 (1 = off)")
         if penalty <= 0:
             raise InputError(f"repetition_penalty: must be a finite number > 0 (1 = off) (got {penalty})")
+        presence = _number(self.presence_penalty, "presence_penalty", "a finite number in [-2, 2] (0 = off)")
+        if not -2 <= presence <= 2:
+            raise InputError(f"presence_penalty: must be a finite number in [-2, 2] (0 = off) (got {presence})")
+        frequency = _number(self.frequency_penalty, "frequency_penalty", "a finite number in [-2, 2] (0 = off)")
+        if not -2 <= frequency <= 2:
+            raise InputError(f"frequency_penalty: must be a finite number in [-2, 2] (0 = off) (got {frequency})")
         stop = self.stop
         if isinstance(stop, str) or not isinstance(stop, (list, tuple)):
             raise InputError(f"stop: must be a list of strings (got {type(stop).__name__})")
@@ -134,7 +142,7 @@ class SamplingParams:
                 raise InputError(f"stop[{i}]: at most {MAX_STOP_CHARS} characters (got {len(s)})")
         return replace(
             self, max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
-            repetition_penalty=penalty, stop=list(stop),
+            repetition_penalty=penalty, presence_penalty=presence, frequency_penalty=frequency, stop=list(stop),
         )
 
 
@@ -312,8 +320,9 @@ def read_eos_token_ids(folder: str, tokenizer=None) -> list[int]:
 # ----------------------------------------------------------------------------- sampling
 class Sampler:
     """Picks one request's next tokens: repetition penalty (transformers' semantics, over
-    prompt + output), then temperature, top-k, top-p; temperature 0 is argmax (ties: lowest
-    id, as torch.argmax). Its numpy Generator is seeded per request, so a seed reproduces."""
+    prompt + output), then presence / frequency penalties (OpenAI's and vLLM's, over the
+    output only), then temperature, top-k, top-p; temperature 0 is argmax (ties: lowest id,
+    as torch.argmax). Its numpy Generator is seeded per request, so a seed reproduces."""
 
     NUCLEUS_POOL = 256  # top-p looks at this many best tokens first, the whole vocabulary if they fall short
 
@@ -324,23 +333,44 @@ class Sampler:
         self._seen_list = list(dict.fromkeys(int(t) for t in context_ids)) if self._penalize else []
         self._seen_set = set(self._seen_list)
         self._seen_arr: np.ndarray | None = None
+        # generated tokens only (the prompt is the client's text, not the model's repetition)
+        self._count = params.presence_penalty != 0.0 or params.frequency_penalty != 0.0
+        self._counts: dict[int, int] = {}
+        self._count_arrs: tuple[np.ndarray, np.ndarray] | None = None  # (ids, amount to subtract)
 
     def observe(self, token: int) -> None:
+        """Remember a generated token for the penalties."""
         if self._penalize and token not in self._seen_set:
             self._seen_set.add(token)
             self._seen_list.append(token)
             self._seen_arr = None
+        if self._count:
+            self._counts[token] = self._counts.get(token, 0) + 1
+            self._count_arrs = None
 
     def adjusted_logits(self, logits: np.ndarray) -> np.ndarray:
-        """Logits after the repetition penalty (a copy when it applies)."""
-        if not self._penalize or not self._seen_list:
-            return logits
-        if self._seen_arr is None:
-            self._seen_arr = np.asarray(self._seen_list, dtype=np.int64)
-        out = np.array(logits, dtype=np.float32, copy=True)
-        p = np.float32(self.params.repetition_penalty)
-        sel = out[self._seen_arr]
-        out[self._seen_arr] = np.where(sel < 0, sel * p, sel / p)
+        """Logits after the repetition, then the presence / frequency penalties (a copy when
+        any applies)."""
+        out = logits
+        if self._penalize and self._seen_list:
+            if self._seen_arr is None:
+                self._seen_arr = np.asarray(self._seen_list, dtype=np.int64)
+            out = np.array(logits, dtype=np.float32, copy=True)
+            p = np.float32(self.params.repetition_penalty)
+            sel = out[self._seen_arr]
+            out[self._seen_arr] = np.where(sel < 0, sel * p, sel / p)
+        if self._counts:
+            if self._count_arrs is None:
+                n = len(self._counts)
+                ids = np.fromiter(self._counts.keys(), dtype=np.int64, count=n)
+                counts = np.fromiter(self._counts.values(), dtype=np.float32, count=n)
+                # every id here was generated at least once, so the presence term always applies
+                amount = np.float32(self.params.frequency_penalty) * counts + np.float32(self.params.presence_penalty)
+                self._count_arrs = ids, amount
+            if out is logits:
+                out = np.array(logits, dtype=np.float32, copy=True)
+            ids, amount = self._count_arrs
+            out[ids] -= amount
         return out
 
     def distribution(self, logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -381,7 +411,7 @@ class Sampler:
         return ids, probs
 
     def sample(self, logits: np.ndarray) -> int:
-        """Next token for logits [V]; it is remembered for the repetition penalty."""
+        """Next token for logits [V]; it is remembered for the penalties."""
         if self.params.temperature == 0:
             token = int(np.argmax(self.adjusted_logits(logits)))
         else:
@@ -481,6 +511,11 @@ class Event:
     token_ids: list[int] = field(default_factory=list)  # tokens generated in this step
 
 
+class QueueFull(Exception):
+    """More requests wait than the engine's max_queue allows: the server is busy, not the
+    request wrong. The message starts with Triton's own phrase for a full queue."""
+
+
 class _Seq:
     __slots__ = ("rid", "prompt", "prompt_len", "params", "sampler", "detok", "stopper", "kv", "length", "last",
                  "completion", "limit")
@@ -525,15 +560,19 @@ class Engine:
         *,
         default_max_tokens: int = 256,
         kv_dtype=np.float32,
+        max_queue: int | None = None,
     ):
         if max_concurrent < 1:
             raise ValueError(f"max_concurrent must be >= 1 (got {max_concurrent})")
+        if max_queue is not None and max_queue < 1:
+            raise ValueError(f"max_queue must be >= 1 or None (got {max_queue})")
         self.runner = runner
         self.num_layers = num_layers
         self.num_kv_heads = num_kv_heads
         self.head_dim = head_dim
         self.eos_token_ids = frozenset(int(t) for t in eos_token_ids)
         self.max_concurrent = max_concurrent
+        self.max_queue = max_queue  # None: unbounded
         self.max_context = max_context
         self.tokenizer = tokenizer
         self.default_max_tokens = default_max_tokens
@@ -546,6 +585,9 @@ class Engine:
         self._waiting: deque[_Seq] = deque()
         self._cancel: set[str] = set()
         self._known: set[str] = set()  # every id submitted and not yet finished
+        # slots held (running or admitted this step), as of the last admission or finish;
+        # _running itself changes outside the lock
+        self._busy = 0
         # touched only by the stepping thread
         self._running: dict[str, _Seq] = {}
         self._batch: list[_Seq] = []  # members of the last decode call, in row order
@@ -556,12 +598,20 @@ class Engine:
     def submit(self, request_id: str, prompt_ids: Sequence[int], params: SamplingParams,
                prompt_field: str = "prompt") -> None:
         """Queue a request (validated here: InputError names the field). It is admitted at the
-        next step that has a free slot."""
+        next step that has a free slot. QueueFull when max_queue requests already wait beyond
+        the free slots (those waiting for a free slot are about to be admitted, so a burst on
+        an idle engine is not turned away before the next step takes it in)."""
         params = params.validate(len(prompt_ids), self.max_context, self.default_max_tokens, prompt_field)
         seq = _Seq(request_id, [int(t) for t in prompt_ids], params, self.tokenizer, self.max_context)
         with self._cond:
             if request_id in self._known:
                 raise ValueError(f"request id {request_id!r} is already active")
+            waiting = len(self._waiting)
+            if self.max_queue is not None and waiting >= self.max_queue + max(0, self.max_concurrent - self._busy):
+                raise QueueFull(
+                    f"Exceeds maximum queue size: {waiting} requests already wait for one of {self.max_concurrent} "
+                    f"slots (queue limit {self.max_queue}); retry later"
+                )
             self._known.add(request_id)
             self._waiting.append(seq)
             self._cond.notify_all()
@@ -601,6 +651,7 @@ class Engine:
             self._cancel.clear()
             self._known.clear()
             self._running.clear()
+            self._busy = 0
             self._batch, self._batch_past, self._batch_mask = [], [], None
             return ids
 
@@ -624,6 +675,7 @@ class Engine:
             admitted = []
             while self._waiting and len(self._running) + len(admitted) < self.max_concurrent:
                 admitted.append(self._waiting.popleft())
+            self._busy = len(self._running) + len(admitted)
         for seq in admitted:
             self._prefill(seq, events)
         if decoding:
@@ -635,6 +687,7 @@ class Engine:
                 for e in events:
                     if e.finished:
                         self._known.discard(e.request_id)
+                self._busy = len(self._running)
         return events
 
     def _prefill(self, seq: _Seq, events: list[Event]) -> None:

@@ -116,11 +116,27 @@ def test_generation_config_uses_trtllm_names_and_is_decoupled():
     assert cfg.model_transaction_policy.decoupled and cfg.max_batch_size == 0
     names = {i.name: i for i in cfg.input}
     assert {"text_input", "max_tokens", "temperature", "top_p", "top_k", "random_seed", "repetition_penalty",
-            "stop_words", "stream", "messages"} == set(names)
+            "presence_penalty", "frequency_penalty", "stop_words", "stream", "messages"} == set(names)
     assert all(i.optional for i in cfg.input)
     assert names["random_seed"].data_type == mc.TYPE_UINT64 and names["stop_words"].dims == [-1]
+    for name in ("presence_penalty", "frequency_penalty"):
+        assert (names[name].data_type, list(names[name].dims)) == (mc.TYPE_FP32, [1])
+    assert cfg.parameters["max_queue"].string_value == "64"  # the spec's default
     assert [o.name for o in cfg.output] == ["text_output", "finish_reason", "prompt_tokens", "completion_tokens"]
     assert '"num_layers": 2' in cfg.parameters["decoder"].string_value
+
+
+def test_generation_config_carries_the_queue_bound():
+    from kiln.spec import SpecError
+
+    base = {"name": "chat", "source": {"kind": "gguf", "package": "x", "file": "m.gguf"}, "task": "text-generation",
+            "precisions": ["fp32"], "serve_precision": "fp32"}
+    man = _manifest().model_copy(update={"task": "text-generation", "decoder": {"num_layers": 2, "max_context": 256}})
+    spec = parse_spec({**base, "generation": {"max_concurrent": 4, "max_queue": 5}})
+    cfg = C.generation_config(spec, man, "model.onnx")
+    assert (cfg.parameters["max_concurrent"].string_value, cfg.parameters["max_queue"].string_value) == ("4", "5")
+    with pytest.raises(SpecError, match="max_queue"):
+        parse_spec({**base, "generation": {"max_queue": 0}})
 
 
 def test_text_generation_needs_the_python_runtime():

@@ -79,13 +79,13 @@ def lm(tiny_llama):
     torch.set_num_threads(threads)
 
 
-def make_engine(lm, eos=None, max_concurrent=8, max_context=256, runner=None):
+def make_engine(lm, eos=None, max_concurrent=8, max_context=256, runner=None, max_queue=None):
     model, tok = lm
     cfg = model.config
     return kg.Engine(
         runner or TorchRunner(model), cfg.num_hidden_layers, cfg.num_key_value_heads,
         cfg.hidden_size // cfg.num_attention_heads, [cfg.eos_token_id] if eos is None else eos,
-        max_concurrent, max_context, tok,
+        max_concurrent, max_context, tok, max_queue=max_queue,
     )
 
 
@@ -136,6 +136,14 @@ def alone(lm, prompt_ids, params, **kw):
         ({"top_k": 2.5}, 10, "top_k: must be an integer >= 0"),
         ({"repetition_penalty": 0}, 10, "repetition_penalty: must be a finite number > 0"),
         ({"repetition_penalty": float("inf")}, 10, "repetition_penalty: must be a finite number > 0"),
+        ({"presence_penalty": 2.5}, 10, r"presence_penalty: must be a finite number in \[-2, 2\]"),
+        ({"presence_penalty": -3}, 10, r"presence_penalty: must be a finite number in \[-2, 2\]"),
+        ({"presence_penalty": "x"}, 10, r"presence_penalty: must be a finite number in \[-2, 2\]"),
+        ({"presence_penalty": float("nan")}, 10, r"presence_penalty: must be a finite number in \[-2, 2\]"),
+        ({"frequency_penalty": 2.5}, 10, r"frequency_penalty: must be a finite number in \[-2, 2\]"),
+        ({"frequency_penalty": -3}, 10, r"frequency_penalty: must be a finite number in \[-2, 2\]"),
+        ({"frequency_penalty": "x"}, 10, r"frequency_penalty: must be a finite number in \[-2, 2\]"),
+        ({"frequency_penalty": float("nan")}, 10, r"frequency_penalty: must be a finite number in \[-2, 2\]"),
         ({"seed": -1}, 10, "seed: must be an integer in"),
         ({"stop": [""]}, 10, r"stop\[0\]: must be a non-empty string"),
         ({"stop": ["a", 3]}, 10, r"stop\[1\]: must be a non-empty string"),
@@ -155,15 +163,20 @@ def test_sampling_params_defaults_fit_the_context():
     assert kg.SamplingParams().validate(10, 128, default_max_tokens=16).max_tokens == 16
     p = kg.SamplingParams(max_tokens=np.int64(5), temperature=np.float32(0.5), stop=("a",)).validate(10, 128)
     assert (type(p.max_tokens), type(p.temperature), p.stop) == (int, float, ["a"])
+    p = kg.SamplingParams(presence_penalty=np.float32(-2), frequency_penalty=2).validate(10, 128)  # the bounds are in
+    assert (p.presence_penalty, p.frequency_penalty) == (-2.0, 2.0)
+    assert (type(p.presence_penalty), type(p.frequency_penalty)) == (float, float)
     with pytest.raises(InputError, match="messages: 130 tokens"):
         kg.SamplingParams().validate(130, 128, prompt_field="messages")
 
 
 def test_sampling_params_from_dict():
-    p = kg.SamplingParams.from_dict({"max_tokens": 8, "temperature": 0, "stop": "END", "seed": None})
+    p = kg.SamplingParams.from_dict({"max_tokens": 8, "temperature": 0, "stop": "END", "seed": None,
+                                     "frequency_penalty": 0.5, "presence_penalty": None})
     assert (p.max_tokens, p.temperature, p.stop, p.seed) == (8, 0, ["END"], None)
-    with pytest.raises(InputError, match="parameters: unknown 'frequency_penalty', 'n'"):
-        kg.SamplingParams.from_dict({"n": 2, "frequency_penalty": 1.0})
+    assert (p.frequency_penalty, p.presence_penalty) == (0.5, 0.0)
+    with pytest.raises(InputError, match="parameters: unknown 'logit_bias', 'n'"):
+        kg.SamplingParams.from_dict({"n": 2, "logit_bias": {}})
 
 
 @pytest.mark.parametrize(
@@ -439,6 +452,78 @@ def test_greedy_ties_take_the_lowest_id_and_penalty_applies():
     assert s.sample(logits) == 1  # 3 is seen now: 1.5 and 1.5 tie, the lower id wins
 
 
+def test_presence_and_frequency_penalties_count_generated_tokens_only():
+    """OpenAI / vLLM: logits[t] -= frequency * count[t] + presence * (count[t] > 0), count over
+    this request's output; the prompt is never penalised."""
+    logits = np.array([0.0, 5.0, 4.0, 1.0], np.float32)
+
+    def picks(n, context=(), **kw):
+        s = kg.Sampler(kg.SamplingParams(temperature=0, **kw), context_ids=context)
+        return [s.sample(logits) for _ in range(n)]
+
+    assert picks(3) == [1, 1, 1]
+    assert picks(3, frequency_penalty=0.6) == [1, 1, 2]  # 5 - 2 * 0.6 = 3.8 < 4: the runner-up wins
+    assert picks(3, presence_penalty=1.5) == [1, 2, 1]  # 5 - 1.5 = 3.5 once 1 is out, however often
+    assert picks(3, [1, 1, 1, 2], frequency_penalty=0.6) == [1, 1, 2]  # the prompt's 1s cost nothing
+    assert picks(2, [1], presence_penalty=1.5) == [1, 2]
+    # after the repetition penalty (prompt + output), before temperature
+    s = kg.Sampler(kg.SamplingParams(temperature=0, repetition_penalty=2.0, presence_penalty=0.5, frequency_penalty=0.25),
+                   context_ids=[2])
+    for t in (1, 1, 3):
+        s.observe(t)
+    x = np.array([0.0, 3.0, 1.0, -2.0, 0.5], np.float32)
+    np.testing.assert_array_equal(s.adjusted_logits(x), [0.0, 0.5, 0.5, -4.75, 0.5])  # 3/2 - (2*.25 + .5), -2*2 - .75
+    np.testing.assert_array_equal(x, [0.0, 3.0, 1.0, -2.0, 0.5])  # the caller's logits are untouched
+    # sampling draws from the penalised logits too
+    s = kg.Sampler(kg.SamplingParams(temperature=0.5, frequency_penalty=-1.0))  # negative: more repetition
+    s.observe(3)
+    ids, probs = s.distribution(logits)
+    expected = np.exp((logits - [0, 0, 0, -1]) / 0.5)
+    np.testing.assert_allclose(probs, expected / expected.sum(), rtol=1e-6)
+
+
+def test_zero_presence_and_frequency_penalties_change_nothing():
+    rng = np.random.default_rng(3)
+    steps = (rng.normal(size=(20, 50)) * 2).astype(np.float32)
+    for kw in ({"temperature": 0}, {"temperature": 0, "repetition_penalty": 1.3}, {"temperature": 0.8, "seed": 5, "top_p": 0.9}):
+        plain = kg.Sampler(kg.SamplingParams(**kw), context_ids=[1, 2, 3])
+        zero = kg.Sampler(kg.SamplingParams(**kw, presence_penalty=0.0, frequency_penalty=0.0), context_ids=[1, 2, 3])
+        assert [plain.sample(x) for x in steps] == [zero.sample(x) for x in steps]
+        assert not zero._counts  # no bookkeeping
+    s = kg.Sampler(kg.SamplingParams(temperature=0, presence_penalty=0.0, frequency_penalty=0.0))
+    x = steps[0]
+    assert s.adjusted_logits(x) is x  # no copy
+
+
+def test_engine_frequency_penalty_matches_a_plain_loop(lm):
+    """Through the engine (prefill, then batched decode) the penalty counts what this request
+    generated, as a full-recompute loop applying the OpenAI formula does."""
+    import torch
+
+    model, tok = lm
+    prompt = tok.encode(PROMPTS[0]).ids
+    freq, pres = 1.5, 0.5
+    ids, counts = list(prompt), {}
+    for _ in range(20):
+        with torch.no_grad():
+            x = model(torch.tensor([ids])).logits[0, -1].numpy().copy()
+        for t, c in counts.items():
+            x[t] -= np.float32(freq) * np.float32(c) + np.float32(pres)
+        nxt = int(np.argmax(x))
+        counts[nxt] = counts.get(nxt, 0) + 1
+        ids.append(nxt)
+    expected = ids[len(prompt):]
+    free = tokens(alone(lm, prompt, greedy(20), eos=[]))
+    assert expected != free  # the penalty mattered
+    engine = make_engine(lm, eos=[])
+    engine.submit("pen", prompt, greedy(20, frequency_penalty=freq, presence_penalty=pres))
+    engine.submit("other", tok.encode(PROMPTS[1]).ids, greedy(20))  # shares the decode steps, not the counts
+    results = drain(engine)
+    assert tokens(results["pen"]) == expected
+    assert tokens(results["other"]) == tokens(alone(lm, tok.encode(PROMPTS[1]).ids, greedy(20), eos=[]))
+    assert tokens(alone(lm, prompt, greedy(20, presence_penalty=0.0, frequency_penalty=0.0), eos=[])) == free
+
+
 def test_seeded_sampling_reproduces_and_seeds_differ(lm):
     _, tok = lm
     prompt = tok.encode(PROMPTS[3]).ids
@@ -575,6 +660,33 @@ def test_submit_rejects_duplicates_and_bad_params(lm):
     with pytest.raises(InputError, match="prompt: empty"):
         engine.submit("z", [], greedy(3))
     assert engine.num_waiting == 1
+
+
+def test_queue_bound_rejects_at_once_and_frees_up(lm):
+    """max_queue counts requests waiting beyond the free slots: with one slot and a queue of
+    two, three submits fit before any step (one takes the slot at the next step), a fourth is
+    rejected with Triton's queue-full phrase, and a drained engine takes new work again."""
+    _, tok = lm
+    prompt = tok.encode(PROMPTS[0]).ids
+    engine = make_engine(lm, eos=[], max_concurrent=1, max_queue=2)
+    for rid in "abc":
+        engine.submit(rid, prompt, greedy(3))
+    with pytest.raises(kg.QueueFull) as err:
+        engine.submit("d", prompt, greedy(3))
+    assert str(err.value).startswith("Exceeds maximum queue size")
+    assert engine.num_waiting == 3
+    with pytest.raises(InputError, match="top_p"):  # a bad request hears about its field, not the queue
+        engine.submit("e", prompt, kg.SamplingParams(top_p=2))
+    engine.step()  # a holds the slot, b and c wait: still full
+    assert (engine.num_running, engine.num_waiting) == (1, 2)
+    with pytest.raises(kg.QueueFull):
+        engine.submit("d", prompt, greedy(3))
+    results = drain(engine)
+    assert sorted(results) == ["a", "b", "c"] and all(r[-1].finish_reason == "length" for r in results.values())
+    engine.submit("d", prompt, greedy(3))  # the rejected id was never taken
+    assert drain(engine)["d"][-1].completion_tokens == 3
+    with pytest.raises(ValueError, match="max_queue"):
+        make_engine(lm, max_queue=0)
 
 
 def test_driver_thread_streams_events(lm):
