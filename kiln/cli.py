@@ -75,39 +75,162 @@ def repo(spec: str = SpecArg, workdir: Optional[Path] = WorkdirOpt):
     console.print(f"[bold cyan]repo[/] wrote {path} (public model: {s.name!r}, {s.serve_precision.value}, {s.runtime.value})")
 
 
+def _prepare(specs: list[DeploymentSpec]) -> list[Path]:
+    """Each spec's gated export (reused when it matches) and a freshly written repository."""
+    from export.parity import ParityError
+    from model_repository.writer import write_repository
+
+    repos = []
+    for s in specs:
+        try:
+            _ensure_export(s)
+            repos.append(write_repository(s))
+        except ParityError as err:
+            console.print(f"[red]parity gate failed[/] ({s.name}): {err}")
+            raise typer.Exit(1)
+        except (FileNotFoundError, LookupError, ValueError) as err:
+            console.print(f"[red]cannot write the repository[/] ({s.name}): {err}")
+            raise typer.Exit(1)
+    return repos
+
+
+def _check_names(specs: list[DeploymentSpec]) -> None:
+    names = [s.name for s in specs]
+    if len(set(names)) != len(names):
+        console.print(f"[red]two specs serve the same model name[/]: {names}")
+        raise typer.Exit(2)
+
+
+GatewayPortOpt = typer.Option(9000, "--gateway-port", help="port of the OpenAI-compatible gateway")
+KeysFileOpt = typer.Option(None, "--keys-file", help="YAML list of API keys (see README); also env KILN_API_KEYS")
+
+
 @app.command()
 def serve(
-    spec: str = SpecArg,
+    specs: list[str] = typer.Argument(None, help="one or more specs served together (default: minilm)"),
     workdir: Optional[Path] = WorkdirOpt,
     http_port: Optional[int] = typer.Option(None, help="default 8000"),
     grpc_port: Optional[int] = typer.Option(None, help="default 8001"),
     metrics_port: Optional[int] = typer.Option(None, help="default 8002"),
+    gateway_port: int = GatewayPortOpt,
+    gateway_host: str = typer.Option("127.0.0.1", help="address the gateway listens on"),
+    no_gateway: bool = typer.Option(False, "--no-gateway", help="Triton only"),
+    keys_file: Optional[Path] = KeysFileOpt,
+    rpm: Optional[int] = typer.Option(None, help="default requests per minute per key"),
+    tpm: Optional[int] = typer.Option(None, help="default tokens per minute per key"),
 ):
-    """Start Triton on the generated repository and keep it up until Ctrl-C / SIGTERM."""
+    """Start Triton on the specs' repositories and the OpenAI gateway in front; Ctrl-C stops both."""
     from kiln.server import ServerError, TritonServer
 
-    s = _spec(spec, workdir, ports=_ports(http_port, grpc_port, metrics_port))
-    server = TritonServer(s.repository_dir, s.ports, workdir=s.server_dir)
+    loaded = [_spec(x, workdir, ports=_ports(http_port, grpc_port, metrics_port)) for x in (specs or ["minilm"])]
+    _check_names(loaded)
+    repos = _prepare(loaded)
+    first = loaded[0]
+    server_dir = first.server_dir if len(loaded) == 1 else first.workdir / "serve"
+    server = TritonServer(repos, first.ports, workdir=server_dir)
+    gw_server = None
+    if not no_gateway:
+        from kiln.gateway.config import GatewayConfig, GatewayError, Limits
+        from kiln.gateway.runner import uvicorn_server
+
+        try:
+            cfg = GatewayConfig(host=gateway_host, port=gateway_port, triton_grpc=server.grpc_url, repositories=repos,
+                                keys_file=keys_file, limits=Limits(rpm=rpm, tpm=tpm))
+            gw_server = uvicorn_server(cfg)  # fails here, before Triton starts, on a bad key file
+        except (GatewayError, ValueError) as err:
+            console.print(f"[red]gateway config error[/]: {err}")
+            raise typer.Exit(2)
     stop = threading.Event()
+
+    def on_signal(*_):
+        stop.set()
+        if gw_server is not None:
+            gw_server.should_exit = True
+
     for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
+        signal.signal(sig, on_signal)
     try:
-        console.print(f"[bold cyan]serve[/] starting Triton on {s.repository_dir} (log: {server.log_file})")
+        console.print(f"[bold cyan]serve[/] starting Triton on {', '.join(map(str, repos))} (log: {server.log_file})")
         server.start()
     except ServerError as err:
         console.print(f"[red]Triton failed to start[/]: {err}")
         raise typer.Exit(1)
-    console.print(
-        f"[green]ready[/]  HTTP http://{server.http_url}  gRPC {server.grpc_url}  metrics {server.metrics_url}\n"
-        f"       model {s.name!r}: POST http://{server.http_url}/v2/models/{s.name}/infer   (Ctrl-C stops)"
-    )
-    while not stop.is_set() and server.process.poll() is None:
-        stop.wait(0.5)
-    if server.process.poll() is not None and not stop.is_set():
-        console.print(f"[red]Triton exited on its own[/] (code {server.process.returncode}); see {server.log_file}")
-        raise typer.Exit(1)
+    lines = [f"[green]ready[/]  Triton HTTP http://{server.http_url}  gRPC {server.grpc_url}  metrics {server.metrics_url}"]
+    for s in loaded:
+        lines.append(f"       model {s.name!r} ({s.task.value}): POST http://{server.http_url}/v2/models/{s.name}/infer")
+    if gw_server is not None:
+        lines.append(f"       OpenAI API http://{gateway_host}:{gateway_port}/v1  (chat/completions, completions, "
+                     f"embeddings, models; /health /ready /metrics)")
+    console.print("\n".join(lines) + "\n       Ctrl-C stops everything")
+
+    def watch_triton():  # Triton dying on its own takes the gateway down with it
+        while not stop.is_set() and server.process.poll() is None:
+            stop.wait(0.5)
+        if gw_server is not None:
+            gw_server.should_exit = True
+
+    watcher = threading.Thread(target=watch_triton, daemon=True)
+    watcher.start()
+    if gw_server is not None:
+        gw_server.install_signal_handlers = lambda: None  # ours above stop both
+        gw_server.run()
+    else:
+        while not stop.is_set() and server.process.poll() is None:
+            stop.wait(0.5)
+    died = server.process.poll() is not None and not stop.is_set()
+    stop.set()
     code = server.stop()
-    console.print(f"[bold cyan]serve[/] Triton stopped (exit {code})")
+    if died:
+        console.print(f"[red]Triton exited on its own[/] (code {code}); see {server.log_file}")
+        raise typer.Exit(1)
+    console.print(f"[bold cyan]serve[/] {'gateway and ' if gw_server else ''}Triton stopped (exit {code})")
+
+
+@app.command()
+def gateway(
+    repository: list[Path] = typer.Option(None, "--repository", "-r", help="kiln model repository Triton serves (repeat)"),
+    triton: str = typer.Option("127.0.0.1:8001", help="Triton's gRPC host:port"),
+    host: str = typer.Option("127.0.0.1", help="address to listen on"),
+    port: int = typer.Option(9000, help="port to listen on"),
+    keys_file: Optional[Path] = KeysFileOpt,
+    rpm: Optional[int] = typer.Option(None, help="default requests per minute per key"),
+    tpm: Optional[int] = typer.Option(None, help="default tokens per minute per key"),
+    max_body_bytes: Optional[int] = typer.Option(None, help="larger bodies get 413 (default 1 MiB)"),
+    config: Optional[Path] = typer.Option(None, help="YAML file with a `gateway:` mapping"),
+    config_json: Optional[str] = typer.Option(None, hidden=True),
+):
+    """The OpenAI-compatible gateway alone, in front of a running Triton."""
+    from pydantic import ValidationError
+
+    from kiln.gateway.config import GatewayConfig, GatewayError, load_config
+    from kiln.gateway.runner import uvicorn_server
+
+    try:
+        if config_json:
+            cfg = GatewayConfig.model_validate_json(config_json)
+        else:
+            limits = {k: v for k, v in dict(rpm=rpm, tpm=tpm).items() if v is not None}
+            cfg = load_config(config, repositories=[str(r) for r in repository] if repository else None,
+                              triton_grpc=triton, host=host, port=port,
+                              keys_file=str(keys_file) if keys_file else None, max_body_bytes=max_body_bytes,
+                              limits=limits or None)
+        if not cfg.repositories:
+            raise GatewayError("no model repository: pass --repository (a folder written by `kiln repo`)")
+        server = uvicorn_server(cfg)
+    except (GatewayError, ValidationError, OSError) as err:
+        console.print(f"[red]gateway config error[/]: {err}")
+        raise typer.Exit(2)
+    server.run()
+
+
+@app.command()
+def keygen(name: str = typer.Option("user", help="the key's name in the keys file")):
+    """Print a new API key and the keys-file entry that stores only its SHA-256."""
+    from kiln.gateway.auth import digest, new_key
+
+    key = new_key()
+    out.print(f"key (give it to the client, it is not stored): {key}")
+    out.print(f"keys-file entry:\n- name: {name}\n  sha256: {digest(key)}")
 
 
 @app.command()

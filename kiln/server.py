@@ -88,11 +88,15 @@ def error_lines(log_text: str, limit: int = 20) -> list[str]:
 
 @dataclass
 class TritonServer:
-    repository: Path
+    repository: Path | list[Path]  # one kiln repository, or several served together
     ports: Ports = field(default_factory=Ports)
     workdir: Path = Path("build/server")
     extra_args: list[str] = field(default_factory=list)
     process: subprocess.Popen | None = None
+
+    @property
+    def repositories(self) -> list[Path]:
+        return list(self.repository) if isinstance(self.repository, (list, tuple)) else [self.repository]
 
     @property
     def log_file(self) -> Path:
@@ -113,7 +117,7 @@ class TritonServer:
     def command(self) -> list[str]:
         return [
             str(_wheel_root() / "bin" / "tritonserver"),
-            f"--model-repository={self.repository.resolve()}",
+            *(f"--model-repository={r.resolve()}" for r in self.repositories),
             f"--backend-directory={(self.workdir / 'backends').resolve()}",
             f"--cache-directory={(_wheel_root() / 'caches').resolve()}",
             f"--http-port={self.ports.http}",
@@ -130,8 +134,9 @@ class TritonServer:
         ]
 
     def start(self, timeout: float = 180.0) -> "TritonServer":
-        if not (self.repository / "kiln.json").is_file():
-            raise ServerError(f"{self.repository} is not a kiln model repository: run `kiln repo` first")
+        for repo in self.repositories:
+            if not (repo / "kiln.json").is_file():
+                raise ServerError(f"{repo} is not a kiln model repository: run `kiln repo` first")
         self.workdir.mkdir(parents=True, exist_ok=True)
         prepare_backends(self.workdir / "backends")
         log = open(self.log_file, "w")

@@ -92,6 +92,8 @@ def write_repository(spec: DeploymentSpec, manifest: ExportManifest | None = Non
             {
                 "public_model": names.public,
                 "models": [names.tokenizer, names.encoder, names.postprocess, names.public],
+                # the gateway counts tokens with the served tokenizer (usage, limits, too-long 400s)
+                "tokenizer": str((tok_dir / "1" / "tokenizer" / "tokenizer.json").relative_to(repo)),
                 "runtime": spec.runtime.value,
                 "precision": spec.serve_precision.value,
                 "variant_sha256": variant.sha256,

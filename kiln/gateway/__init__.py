@@ -1,0 +1,1 @@
+"""OpenAI-compatible API gateway in front of Triton (chat, completions, embeddings)."""

@@ -1,0 +1,112 @@
+"""The gateway's one typed config, and the models it serves, read from kiln repositories.
+
+Which models exist, their task and limits come from each repository's ``kiln.json``
+(written by ``kiln repo``); nothing about them is typed in twice. Keys come from a file
+(YAML: a list of {name, key | sha256, rpm, tpm}) and/or an environment variable
+(comma-separated keys); only their SHA-256 digests are kept in memory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field
+
+KEYS_ENV = "KILN_API_KEYS"
+
+
+class GatewayError(ValueError):
+    """A config or repository the gateway cannot start with (found at start-up)."""
+
+
+class Limits(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    rpm: int | None = Field(None, ge=1, description="requests per minute per key (None: unlimited)")
+    tpm: int | None = Field(None, ge=1, description="tokens (prompt + completion) per minute per key")
+
+
+class GatewayConfig(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    host: str = "127.0.0.1"
+    port: int = Field(9000, ge=0, le=65535)
+    triton_grpc: str = Field("127.0.0.1:8001", description="host:port of Triton's gRPC endpoint")
+    repositories: list[Path] = Field(default_factory=list, description="kiln model repositories Triton serves")
+    keys_file: Path | None = None
+    keys_env: str = KEYS_ENV
+    limits: Limits = Limits()  # default per-key limits (a key's own entry overrides)
+    max_body_bytes: int = Field(1 << 20, ge=1024, description="larger request bodies get 413")
+    request_timeout_s: float = Field(600.0, gt=0)
+    log_level: str = "info"
+
+
+@dataclass(frozen=True)
+class ServedModel:
+    """A public model as the gateway offers it."""
+
+    name: str
+    task: str  # feature-extraction | text-classification | text-generation
+    created: int
+    max_input_tokens: int  # encoders: max_length; generators: the context (prompt + completion)
+    tokenizer_file: Path | None  # encoders: counted and length-checked here before Triton
+    max_batch_size: int
+    repository: Path
+    dim: int | None = None  # embedding size (encoders)
+
+    @property
+    def kind(self) -> str:
+        return "chat" if self.task == "text-generation" else "embedding" if self.task == "feature-extraction" else "classify"
+
+
+def read_models(repositories: list[Path]) -> dict[str, ServedModel]:
+    models: dict[str, ServedModel] = {}
+    for repo in repositories:
+        meta_file = Path(repo) / "kiln.json"
+        if not meta_file.is_file():
+            raise GatewayError(f"{repo} is not a kiln model repository (no kiln.json): run `kiln repo` first")
+        meta = json.loads(meta_file.read_text())
+        spec = meta["spec"]
+        name, task = meta["public_model"], meta["task"]
+        if name in models:
+            raise GatewayError(f"model {name!r} appears in two repositories: {models[name].repository} and {repo}")
+        tok = meta.get("tokenizer")
+        generation = task == "text-generation"
+        models[name] = ServedModel(
+            name=name,
+            task=task,
+            created=int(meta_file.stat().st_mtime),
+            max_input_tokens=int(spec["generation"]["max_context"] if generation else spec["max_length"]),
+            tokenizer_file=(Path(repo) / tok) if tok and not generation else None,
+            max_batch_size=int(spec["batching"]["max_batch_size"]),
+            repository=Path(repo),
+            dim=_embedding_dim(meta.get("outputs", {})),
+        )
+        if models[name].tokenizer_file is not None and not models[name].tokenizer_file.is_file():
+            raise GatewayError(f"{repo}: tokenizer {tok} is missing; rewrite the repository with `kiln repo`")
+    return models
+
+
+def _embedding_dim(outputs: dict) -> int | None:
+    """kiln.json writes outputs as "TYPE_FP32 [384]"."""
+    import re
+
+    m = re.search(r"\[(\d+)\]", str(outputs.get("embedding", "")))
+    return int(m.group(1)) if m else None
+
+
+def load_config(path: Path | None = None, **overrides) -> GatewayConfig:
+    import yaml
+
+    data = {}
+    if path is not None:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+        data = data.get("gateway", data)
+    data.update({k: v for k, v in overrides.items() if v is not None})
+    return GatewayConfig.model_validate(data)
+
+
+def environ_keys(config: GatewayConfig) -> list[str]:
+    raw = os.environ.get(config.keys_env, "")
+    return [k.strip() for k in raw.split(",") if k.strip()]

@@ -1,0 +1,39 @@
+"""Prometheus metrics of the gateway (its own registry, served at GET /metrics).
+
+Routes are labelled by their template (``/v1/chat/completions``), never the raw path, so
+a scanner cannot blow up the label space; unknown paths share the label ``other``.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+TOKEN_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.5)
+
+
+class Metrics:
+    content_type = CONTENT_TYPE_LATEST
+
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        p = "kiln_gateway_"
+        self.requests = Counter(p + "requests", "HTTP requests answered, by route and status", ["route", "status"], registry=r)
+        self.latency = Histogram(p + "request_duration_seconds", "time to the whole answer, by route", ["route"],
+                                 buckets=LATENCY_BUCKETS, registry=r)
+        self.in_flight = Gauge(p + "requests_in_flight", "requests being answered now", registry=r)
+        self.ttft = Histogram(p + "time_to_first_token_seconds", "request start to the first generated text, by model",
+                              ["model"], buckets=LATENCY_BUCKETS, registry=r)
+        self.itl = Histogram(p + "inter_token_latency_seconds", "time between streamed chunks, by model", ["model"],
+                             buckets=TOKEN_BUCKETS, registry=r)
+        self.tokens = Counter(p + "tokens", "tokens processed, by model and direction (prompt / completion)",
+                              ["model", "direction"], registry=r)
+        self.queue_rejections = Counter(p + "queue_rejections", "requests Triton rejected because its queue was full",
+                                        ["model"], registry=r)
+        self.rate_limited = Counter(p + "rate_limited", "requests refused by a per-key limit", ["limit"], registry=r)
+        self.cancelled = Counter(p + "cancelled_generations", "generations cancelled because the client went away",
+                                 ["model"], registry=r)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
