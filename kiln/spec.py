@@ -155,12 +155,15 @@ class LoadShape(_Frozen):
     and report the highest sustained QPS whose p95 stays under the target."""
 
     kind: Literal["users", "rate", "capacity"] = "users"
-    protocol: Literal["grpc", "http", "stream"] = "grpc"  # stream: generate_stream (token streaming)
+    # stream: Triton's generate_stream (token streaming); openai: through the OpenAI gateway
+    # (chat streaming for text-generation, embeddings for feature-extraction)
+    protocol: Literal["grpc", "http", "stream", "openai"] = "grpc"
     users: int = Field(4, ge=1, le=1000)
     spawn_rate: float = Field(4.0, gt=0)
     rate: float = Field(20.0, gt=0, description="requests/s for kind: rate")
     run_time_s: float = Field(20.0, gt=0, le=3600)
     texts_per_request: int = Field(1, ge=1, le=4096)
+    max_tokens: int = Field(32, ge=1, le=131072, description="completion tokens asked per streamed request")
     max_in_flight: int = Field(256, ge=1, description="open-loop cap on outstanding requests")
     start_rate: float = Field(10.0, gt=0)
     step_factor: float = Field(1.5, gt=1)

@@ -350,7 +350,7 @@ class Gateway:
         return SSEResponse(events(), headers={"cache-control": "no-cache", "x-accel-buffering": "no"})
 
     async def list_models(self, request: Request) -> Response:
-        self.principal(request)
+        self.admit(self.principal(request), 0)  # counts against the key's requests per minute
         data = [P.model_card(m.name, m.created, task=m.task, max_input_tokens=m.max_input_tokens)
                 for m in self.models.values()]
         return JSONResponse({"object": "list", "data": data})
