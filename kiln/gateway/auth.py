@@ -87,10 +87,11 @@ def _read_keys_file(path: Path, defaults: Limits) -> list[tuple[str, Principal]]
         data = yaml.safe_load(path.read_text())
     except (OSError, yaml.YAMLError) as err:
         raise GatewayError(f"cannot read keys file {path}: {err}") from None
-    if isinstance(data, dict):
-        data = data.get("keys", [])
-    if not isinstance(data, list):
-        raise GatewayError(f"{path}: expected a list of keys (or a mapping with `keys:`)")
+    if isinstance(data, dict) and "keys" in data:
+        data = data["keys"]
+    if not isinstance(data, list) or not data:
+        # an empty file must not quietly turn authentication off
+        raise GatewayError(f"{path}: expected a non-empty list of keys (or a mapping with `keys:`)")
     out = []
     for i, item in enumerate(data):
         if isinstance(item, str):
