@@ -275,14 +275,18 @@ def engines(spec: str = SpecArg, workdir: Optional[Path] = WorkdirOpt):
 def loadtest(
     spec: str = SpecArg,
     workdir: Optional[Path] = WorkdirOpt,
-    url: Optional[str] = typer.Option(None, help="host:port of a running Triton (gRPC or HTTP per --protocol); default: start one from the spec"),
+    url: Optional[str] = typer.Option(None, help="host:port of a running Triton (gRPC or HTTP per --protocol) or, "
+                                                 "for --protocol openai, of a running gateway; default: start them from the spec"),
     shape: Optional[str] = typer.Option(None, help="users | rate | capacity (default: the spec's)"),
-    protocol: Optional[str] = typer.Option(None, help="grpc | http | stream"),
+    protocol: Optional[str] = typer.Option(None, help="grpc | http | stream | openai (through the OpenAI gateway: "
+                                                      "chat streams for text-generation, embeddings for feature-extraction)"),
     users: Optional[int] = typer.Option(None, help="concurrent users (shape users)"),
     rate: Optional[float] = typer.Option(None, help="requests/s (shape rate)"),
     run_time: Optional[float] = typer.Option(None, help="seconds of load"),
     slo: Optional[Path] = typer.Option(None, help="YAML with a `loadtest:` mapping (targets, shape) overriding the spec's"),
     out_dir: Optional[Path] = typer.Option(None, help="reports folder (default <workdir>/<name>/loadtest)"),
+    api_key: str = typer.Option("none", envvar="KILN_API_KEY", help="--protocol openai: the gateway key sent "
+                                "(the gateway started here accepts exactly it; \"none\": no keys)"),
 ):
     """Headless Locust load test; exits 1 when an SLO target is missed."""
     from gevent import monkey
@@ -301,27 +305,52 @@ def loadtest(
     overrides = {**overrides, "shape": {**overrides.get("shape", {}), **shape_over}}
     s = _spec(spec, workdir, loadtest=overrides)
 
-    from kiln.server import ServerError, TritonServer, free_ports
-    from loadtest.runner import Endpoint, run_loadtest
+    from kiln.server import ServerError, TritonServer, free_port, free_ports
+    from loadtest.runner import OPENAI_TASKS, Endpoint, run_loadtest
     from model_repository import configs as C
 
+    via_gateway = s.loadtest.shape.protocol == "openai"
+    if via_gateway and s.task.value not in OPENAI_TASKS:
+        console.print(f"[red]--protocol openai[/]: the gateway serves no {s.task.value} models "
+                      f"(only {', '.join(OPENAI_TASKS)}); use grpc or http")
+        raise typer.Exit(2)
     output = C.SCORES if s.task.value == "text-classification" else C.EMBEDDING
-    server = None
+    reports = out_dir or s.loadtest_dir
+    server = gateway = None
     try:
         if url is None:
             from model_repository.writer import write_repository
 
             _ensure_export(s)
-            write_repository(s)
+            repo_dir = write_repository(s)
             server = TritonServer(s.repository_dir, free_ports(), workdir=s.server_dir)
             console.print(f"[bold cyan]load[/] starting Triton for {s.name}")
             server.start()
             url = server.grpc_url if s.loadtest.shape.protocol == "grpc" else server.http_url
-        summary = run_loadtest(s.loadtest.shape, s.loadtest.targets, Endpoint(url, s.name, output), out_dir or s.loadtest_dir, console)
+            if via_gateway:
+                from kiln.gateway.config import GatewayConfig
+                from kiln.gateway.runner import GatewayProcess
+
+                cfg = GatewayConfig(port=free_port(), triton_grpc=server.grpc_url, repositories=[repo_dir])
+                # the gateway started here accepts exactly the key the users send ("none": no keys)
+                gateway = GatewayProcess(cfg, log_file=reports / "gateway.log",
+                                         env={cfg.keys_env: "" if api_key == "none" else api_key})
+                console.print(f"[bold cyan]load[/] starting the OpenAI gateway for {s.name} (log {gateway.log_file})")
+                try:
+                    gateway.start()
+                    gateway.wait_ready()
+                except RuntimeError as err:  # exited, or never answered /health or /ready
+                    console.print(f"[red]the gateway failed to start[/]: {err}")
+                    raise typer.Exit(1)
+                url = f"{cfg.host}:{cfg.port}"
+        ep = Endpoint(url, s.name, output, task=s.task.value, api_key=api_key)
+        summary = run_loadtest(s.loadtest.shape, s.loadtest.targets, ep, reports, console)
     except ServerError as err:
         console.print(f"[red]Triton failed to start[/]: {err}")
         raise typer.Exit(1)
     finally:
+        if gateway is not None:
+            gateway.stop()
         if server is not None:
             server.stop()
     raise typer.Exit(summary["exit_code"])
@@ -381,60 +410,146 @@ def _ensure_export(s: DeploymentSpec) -> None:
 
 
 @app.command()
-def demo(spec: str = SpecArg, workdir: Optional[Path] = WorkdirOpt):
-    """Export, write the repository, start Triton, send real requests, print a similarity matrix."""
-    import numpy as np
-    import tritonclient.grpc as grpcclient
-    import tritonclient.http as httpclient
-
-    from export.parity import ParityError
+def demo(
+    specs: list[str] = typer.Argument(None, help="one or more specs, served together (default: minilm)"),
+    workdir: Optional[Path] = WorkdirOpt,
+    no_gateway: bool = typer.Option(False, "--no-gateway", help="skip the OpenAI gateway part"),
+):
+    """Export, write the repositories, start Triton, send real requests (similarity matrix,
+    streamed chat answer), then the same through the OpenAI-compatible gateway with curl."""
     from kiln.server import ServerError, TritonServer, free_ports
-    from model_repository.writer import write_repository
 
-    s = _spec(spec, workdir)
-    try:
-        _ensure_export(s)
-    except ParityError as err:
-        console.print(f"[red]parity gate failed[/]: {err}")
-        raise typer.Exit(1)
-    write_repository(s)
+    loaded = [_spec(x, workdir) for x in (specs or ["minilm"])]
+    _check_names(loaded)
+    repos = _prepare(loaded)
     ports = free_ports()
-    server = TritonServer(s.repository_dir, ports, workdir=s.server_dir)
-    console.print(f"[bold cyan]demo[/] starting Triton (HTTP {ports.http}, gRPC {ports.grpc})")
+    first = loaded[0]
+    server = TritonServer(repos, ports, workdir=first.server_dir if len(loaded) == 1 else first.workdir / "demo")
+    console.print(f"[bold cyan]demo[/] starting Triton (HTTP {ports.http}, gRPC {ports.grpc}) with "
+                  f"{', '.join(s.name for s in loaded)}")
     try:
         with server:
-            client = grpcclient.InferenceServerClient(server.grpc_url)
-            meta = client.get_model_metadata(s.name, as_json=True)
-            console.print(f"[bold cyan]demo[/] serving {meta['name']}: inputs {[(i['name'], i['datatype'], i['shape']) for i in meta['inputs']]}")
-            if s.task.value == "text-generation":
-                _demo_chat(server, s)
-                return
-            if s.task.value != "feature-extraction":
-                _demo_classify(server, s, DEMO_SENTENCES)
-                return
-            emb, latencies = None, []
-            for _ in range(20):
-                t0 = time.perf_counter()
-                emb = embed_grpc(client, s.name, DEMO_SENTENCES)
-                latencies.append((time.perf_counter() - t0) * 1000)
-            one = []
-            for text in DEMO_SENTENCES * 4:
-                t0 = time.perf_counter()
-                embed_grpc(client, s.name, [text])
-                one.append((time.perf_counter() - t0) * 1000)
-            http = httpclient.InferenceServerClient(server.http_url)
-            via_http = embed_http(http, s.name, DEMO_SENTENCES)
-            agree = float(np.min((via_http * emb).sum(-1)))
-            out.print(similarity_table(DEMO_SENTENCES, emb @ emb.T))
-            out.print(
-                f"embedding dim {emb.shape[1]} ({s.serve_precision.value}, {s.runtime.value}); "
-                f"gRPC batch of {len(DEMO_SENTENCES)}: p50 {np.median(latencies):.1f} ms; "
-                f"single sentence: p50 {np.median(one):.1f} ms; HTTP vs gRPC cosine >= {agree:.6f}"
-            )
+            for s in loaded:
+                _demo_direct(server, s)
+            if not no_gateway:
+                _demo_gateway(server, loaded, repos)
     except ServerError as err:
         console.print(f"[red]Triton failed to start[/]: {err}")
         raise typer.Exit(1)
     console.print("[bold cyan]demo[/] Triton shut down")
+
+
+def _demo_direct(server, s: DeploymentSpec) -> None:
+    """Triton's own protocols: a similarity matrix, labels, or a streamed chat answer."""
+    import numpy as np
+    import tritonclient.grpc as grpcclient
+    import tritonclient.http as httpclient
+
+    client = grpcclient.InferenceServerClient(server.grpc_url)
+    meta = client.get_model_metadata(s.name, as_json=True)
+    console.print(f"[bold cyan]demo[/] serving {meta['name']}: inputs {[(i['name'], i['datatype'], i['shape']) for i in meta['inputs']]}")
+    if s.task.value == "text-generation":
+        _demo_chat(server, s)
+        return
+    if s.task.value != "feature-extraction":
+        _demo_classify(server, s, DEMO_SENTENCES)
+        return
+    emb, latencies = None, []
+    for _ in range(20):
+        t0 = time.perf_counter()
+        emb = embed_grpc(client, s.name, DEMO_SENTENCES)
+        latencies.append((time.perf_counter() - t0) * 1000)
+    one = []
+    for text in DEMO_SENTENCES * 4:
+        t0 = time.perf_counter()
+        embed_grpc(client, s.name, [text])
+        one.append((time.perf_counter() - t0) * 1000)
+    http = httpclient.InferenceServerClient(server.http_url)
+    via_http = embed_http(http, s.name, DEMO_SENTENCES)
+    agree = float(np.min((via_http * emb).sum(-1)))
+    out.print(similarity_table(DEMO_SENTENCES, emb @ emb.T))
+    out.print(
+        f"embedding dim {emb.shape[1]} ({s.serve_precision.value}, {s.runtime.value}); "
+        f"gRPC batch of {len(DEMO_SENTENCES)}: p50 {np.median(latencies):.1f} ms; "
+        f"single sentence: p50 {np.median(one):.1f} ms; HTTP vs gRPC cosine >= {agree:.6f}"
+    )
+
+
+def _curl(url: str, path: str, body: dict, stream: bool = False) -> list[str]:
+    import json
+
+    return ["curl", "-sS", *(["-N"] if stream else []), f"{url}{path}", "-H", "Authorization: Bearer $KILN_API_KEY",
+            "-H", "Content-Type: application/json", "-d", json.dumps(body, ensure_ascii=False)]
+
+
+def _show(cmd: list[str]) -> str:
+    import shlex
+
+    return " ".join(shlex.quote(c) if not c.startswith("Authorization") else f'"{c}"' for c in cmd)
+
+
+def _demo_gateway(server, specs: list[DeploymentSpec], repos: list[Path]) -> None:
+    """The OpenAI-compatible gateway in front of the same Triton, driven with curl."""
+    import json
+    import os
+    import shutil
+    import subprocess
+
+    import numpy as np
+
+    from kiln.gateway.auth import new_key
+    from kiln.gateway.config import GatewayConfig
+    from kiln.gateway.runner import GatewayProcess
+    from kiln.server import free_port
+
+    if shutil.which("curl") is None:
+        console.print("[yellow]demo[/] curl is not installed: skipping the gateway part")
+        return
+    key = new_key()
+    cfg = GatewayConfig(port=free_port(), triton_grpc=server.grpc_url, repositories=repos)
+    log = specs[0].workdir / "demo-gateway.log"
+    console.print(f"[bold cyan]demo[/] starting the OpenAI-compatible gateway on {cfg.host}:{cfg.port} (one API key)")
+    with GatewayProcess(cfg, log_file=log, env={"KILN_API_KEYS": key}) as gw:
+        gw.wait_ready()
+        env = {**os.environ, "KILN_API_KEY": key}
+
+        def run(cmd: list[str]) -> str:
+            out.print(f"[dim]$ {_show(cmd)}[/]")
+            real = [c.replace("$KILN_API_KEY", key) for c in cmd]
+            return subprocess.run(real, capture_output=True, text=True, env=env, timeout=600).stdout
+
+        for s in specs:
+            if s.task.value == "feature-extraction":
+                texts = DEMO_SENTENCES[:2]
+                body = json.loads(run(_curl(gw.url, "/v1/embeddings", {"model": s.name, "input": texts})))
+                vecs = np.array([d["embedding"] for d in body["data"]])
+                head = ", ".join(f"{x:.4f}" for x in vecs[0][:4])
+                out.print(f"  -> {len(vecs)} embeddings of {vecs.shape[1]} floats, first [{head}, ...]; "
+                          f"usage {body['usage']}; cosine(0, 1) = {float(vecs[0] @ vecs[1]):.3f}")
+            elif s.task.value == "text-generation":
+                cmd = _curl(gw.url, "/v1/chat/completions", {
+                    "model": s.name, "messages": [{"role": "user", "content": DEMO_QUESTION}], "max_tokens": 64,
+                    "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}, stream=True)
+                out.print(f"[dim]$ {_show(cmd)}[/]")
+                real = [c.replace("$KILN_API_KEY", key) for c in cmd]
+                t0, first, usage = time.perf_counter(), None, None
+                out.print("[bold]assistant[/] (via the gateway, streamed): ", end="")
+                with subprocess.Popen(real, stdout=subprocess.PIPE, text=True, env=env) as proc:
+                    for line in proc.stdout:
+                        if not line.startswith("data: ") or line.strip() == "data: [DONE]":
+                            continue
+                        chunk = json.loads(line[6:])
+                        usage = chunk.get("usage") or usage
+                        for choice in chunk.get("choices", []):
+                            text = choice["delta"].get("content") or ""
+                            if text:
+                                first = first or time.perf_counter()
+                                out.print(text, end="")
+                out.print(f"\n[dim]usage {usage}; time to first token {((first or t0) - t0) * 1000:.0f} ms "
+                          "(curl start included)[/]")
+        status, ready = gw.get("/ready")
+        out.print(f"[dim]$ curl {gw.url}/ready -> {status} {json.dumps(ready)}[/]")
+    console.print("[bold cyan]demo[/] gateway stopped")
 
 
 DEMO_QUESTION = "What is the capital of France?"

@@ -1,6 +1,7 @@
 """The CLI as a user runs it, Triton's own load errors, and the classification path,
 all against the real Triton server on free ports."""
 
+import json
 import os
 import signal
 import subprocess
@@ -64,12 +65,11 @@ def test_failed_model_load_reports_tritons_own_error(minilm_export, tmp_path):
     assert server.process.poll() is not None
 
 
-def test_kiln_serve_comes_up_and_stops_cleanly_on_sigterm(minilm_export, tmp_path):
+def test_kiln_serve_runs_triton_and_gateway_and_stops_both_on_sigterm(minilm_export, tmp_path):
     spec, manifest = minilm_export
-    write_repository(spec, manifest)  # the spec's own repository_dir, as `kiln repo` writes it
-    http = free_port()
+    http, gateway = free_port(), free_port()
     cmd = [str(KILN), "serve", "minilm", "--workdir", str(spec.workdir), "--http-port", str(http),
-           "--grpc-port", str(free_port()), "--metrics-port", str(free_port())]
+           "--grpc-port", str(free_port()), "--metrics-port", str(free_port()), "--gateway-port", str(gateway)]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env())
     try:
         ready = False
@@ -82,15 +82,27 @@ def test_kiln_serve_comes_up_and_stops_cleanly_on_sigterm(minilm_export, tmp_pat
                 break
             time.sleep(0.2)
         assert ready, proc.stdout.read() if proc.poll() is not None else "not ready"
+        for _ in range(100):  # the gateway comes up right after Triton
+            try:
+                ready = urllib.request.urlopen(f"http://127.0.0.1:{gateway}/ready", timeout=1).status == 200
+                break
+            except OSError:
+                time.sleep(0.2)
+        req = urllib.request.Request(f"http://127.0.0.1:{gateway}/v1/embeddings",
+                                     json.dumps({"model": "minilm", "input": "hello"}).encode(),
+                                     {"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=30) as r:
+            assert len(json.loads(r.read())["data"][0]["embedding"]) == 384
         proc.send_signal(signal.SIGTERM)
         out, _ = proc.communicate(timeout=60)
     finally:
         if proc.poll() is None:
             proc.kill()
     assert proc.returncode == 0, out
-    assert "Triton stopped (exit 0)" in out
-    with pytest.raises(OSError):
-        urllib.request.urlopen(f"http://127.0.0.1:{http}/v2/health/live", timeout=1)
+    assert "gateway and Triton stopped (exit 0)" in out
+    for url in (f"http://127.0.0.1:{http}/v2/health/live", f"http://127.0.0.1:{gateway}/health"):
+        with pytest.raises(OSError):
+            urllib.request.urlopen(url, timeout=1)
 
 
 def test_kiln_demo_prints_similarity_matrix(minilm_export):
@@ -100,4 +112,5 @@ def test_kiln_demo_prints_similarity_matrix(minilm_export):
                        capture_output=True, text=True, env={**_env(), "COLUMNS": "160"}, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "cosine similarity" in r.stdout and "embedding dim 384" in r.stdout
-    assert "Triton shut down" in r.stderr
+    assert "curl -sS" in r.stdout and "-> 2 embeddings of 384 floats" in r.stdout  # through the gateway
+    assert "gateway stopped" in r.stderr and "Triton shut down" in r.stderr
