@@ -339,13 +339,15 @@ def run_bench(
     batches: Sequence[int] = BATCHES,
     concurrency: int = 8,
     warmup: int = 3,
+    gateway: bool = True,
 ) -> BenchResult:
     """Time PyTorch eager, in-process ONNX Runtime and the served ensemble; print, save, return.
 
     sentences: size of the sentence pool (export/data/calibration.txt lines, cycled);
     repeats / seconds: per row, stop after this many timed requests or this long
     (at least MIN_REQUESTS either way); concurrency: clients for the concurrent batch-1
-    served row (0 skips it). With no `server`, the repository is written and a Triton
+    served row (0 skips it); gateway: also time the OpenAI gateway against direct gRPC
+    on the same requests (kiln/bench_gateway.py). With no `server`, the repository is written and a Triton
     is started on free ports, and always stopped.
     """
     from export.variants import calibration_texts
@@ -369,6 +371,7 @@ def run_bench(
         outputs[f"{kind}:{precision}"] = call(request_batches(pool, max(batches), 1)[0])
 
     t0 = time.perf_counter()
+    gateway_result: dict | None = None
     load_before = os.getloadavg()[0]
     step("loading the PyTorch model")
     torch_call = _pytorch_call(spec)
@@ -398,6 +401,11 @@ def run_bench(
             step(f"{served_path}, batch 1, {concurrency} concurrent clients")
             latencies, wall = _concurrent(spec, server.grpc_url, pool, concurrency, repeats, seconds)
             rows.append(make_row(f"{served_path}, {concurrency} clients", SERVED, serve, 1, latencies, wall, concurrency))
+        if gateway and spec.task is Task.feature_extraction:
+            from kiln.bench_gateway import run_gateway_bench
+
+            gateway_result = run_gateway_bench(server, server.repositories, spec.name, console, "embedding", pool,
+                                               spec.root / "bench-gateway.log", rounds=repeats)
     finally:
         if own:
             server.stop()
@@ -423,7 +431,8 @@ def run_bench(
         console.print(f"  target: {t.description}: {figure} [{colour}]{t.verdict}[/]")
     for k, v in checks.items():
         console.print(f"  check: {k.replace('_', ' ')} = {v:.6f}")
-    out = write_results(spec, rows, targets, checks, dict(repeats=repeats, seconds=seconds, sentences=sentences, concurrency=concurrency), load)
+    out = write_results(spec, rows, targets, checks, dict(repeats=repeats, seconds=seconds, sentences=sentences, concurrency=concurrency), load,
+                        gateway_result)
     step(f"done in {time.perf_counter() - t0:.0f}s -> {out}")
     return BenchResult(rows, targets)
 
@@ -460,6 +469,7 @@ def write_results(
     checks: dict[str, float],
     settings: dict,
     load: dict[str, float] | None = None,
+    gateway: dict | None = None,
 ) -> Path:
     spec.root.mkdir(parents=True, exist_ok=True)
     path = spec.root / BENCH_FILE
@@ -473,6 +483,7 @@ def write_results(
         "rows": [asdict(r) for r in rows],
         "targets": {k: {"description": t.description, "value": t.value, "threshold": t.threshold, "passed": t.passed} for k, t in targets.items()},
         "checks": checks,
+        "gateway": gateway,
     }
     path.write_text(json.dumps(doc, indent=2) + "\n")
     return path

@@ -169,12 +169,17 @@ def run_lm_bench(spec: DeploymentSpec, console: Console | None = None, new_token
         _stream(server.http_url, spec.name, "Hi", 4)  # warm-up
         for n in (1, 4, 8):
             rows.append(_served_path(spec, server.http_url, n, new_tokens, console))
+        from kiln.bench_gateway import run_gateway_bench
+
+        gateway = run_gateway_bench(server, server.repositories, spec.name, console, "generation", PROMPTS,
+                                    spec.root / "bench-gateway.log", rounds=100)
     verdicts = targets(rows)
     console.print(lm_table(spec, rows))
     for name, t in verdicts.items():
         console.print(f"  target: {name}: {t['value']:.2f}x {'[green]PASS[/]' if t['passed'] else '[red]MISS[/]'}")
     (spec.root / "bench.json").write_text(json.dumps(
-        {"rows": [asdict(r) for r in rows], "targets": verdicts, "new_tokens": new_tokens, "cores": os.cpu_count()}, indent=2) + "\n")
+        {"rows": [asdict(r) for r in rows], "targets": verdicts, "new_tokens": new_tokens, "cores": os.cpu_count(),
+         "gateway": gateway}, indent=2) + "\n")
     return rows, verdicts
 
 

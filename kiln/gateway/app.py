@@ -25,6 +25,7 @@ from contextlib import asynccontextmanager
 from typing import AsyncIterator, Awaitable, Callable
 
 import anyio
+import orjson
 from fastapi import FastAPI, Request
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -94,7 +95,14 @@ def error_response(err: P.APIError) -> JSONResponse:
     headers = dict(err.headers)
     if err.retry_after is not None and err.status in (429, 503):
         headers["retry-after"] = retry_after_header(err.retry_after)
-    return JSONResponse(err.body(), status_code=err.status, headers=headers)
+    return FastJSON(err.body(), status_code=err.status, headers=headers)
+
+
+class FastJSON(JSONResponse):
+    """orjson: numpy arrays written directly (an embedding is never turned into Python floats)."""
+
+    def render(self, content) -> bytes:
+        return orjson.dumps(content, option=orjson.OPT_SERIALIZE_NUMPY)
 
 
 class SSEResponse(StreamingResponse):
@@ -122,8 +130,8 @@ class SSEResponse(StreamingResponse):
 
 
 def sse(obj: dict | str) -> bytes:
-    data = obj if isinstance(obj, str) else json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
-    return f"data: {data}\n\n".encode("utf-8")
+    data = obj.encode() if isinstance(obj, str) else orjson.dumps(obj)
+    return b"data: " + data + b"\n\n"
 
 
 # ----------------------------------------------------------------------------- the gateway
@@ -207,7 +215,8 @@ class Gateway:
             raise P.APIError(429, str(err), None, "rate_limit_exceeded", retry_after=err.retry_after) from None
 
     def count_tokens(self, m: ServedModel, texts: list[str]) -> list[int]:
-        counts = [len(e.ids) for e in self.counters[m.name].encode_batch(texts)]
+        tok = self.counters[m.name]
+        counts = [len(tok.encode(texts[0]))] if len(texts) == 1 else [len(e) for e in tok.encode_batch(texts)]
         for i, n in enumerate(counts):
             if n > m.max_input_tokens:
                 where = "input" if len(texts) == 1 and not i else f"input[{i}]"
@@ -238,7 +247,7 @@ class Gateway:
             self.limiter.settle(who, used, 0)
             raise
         self.metrics.tokens.labels(m.name, "prompt").inc(used)
-        return JSONResponse(P.embeddings_response(m.name, vectors, req.encoding_format, used))
+        return FastJSON(P.embeddings_response(m.name, vectors, req.encoding_format, used))
 
     async def chat(self, request: Request) -> Response:
         who = self.principal(request)
@@ -303,7 +312,7 @@ class Gateway:
             reason = P.finish_reason(last.finish_reason)
             body = (P.chat_completion(oid, m.name, created, text, reason, use) if chat
                     else P.text_completion(oid, m.name, created, text, reason, use))
-            return JSONResponse(body)
+            return FastJSON(body)
 
         include_usage = req.include_usage()
         metrics = self.metrics
@@ -353,13 +362,13 @@ class Gateway:
         self.admit(self.principal(request), 0)  # counts against the key's requests per minute
         data = [P.model_card(m.name, m.created, task=m.task, max_input_tokens=m.max_input_tokens)
                 for m in self.models.values()]
-        return JSONResponse({"object": "list", "data": data})
+        return FastJSON({"object": "list", "data": data})
 
     async def ready(self, request: Request) -> Response:
         server, states = await self.backend.ready(list(self.models))
         ok = server and all(states.values())
         body = {"status": "ready" if ok else "not ready", "triton": server, "models": states}
-        return JSONResponse(body, status_code=200 if ok else 503)
+        return FastJSON(body, status_code=200 if ok else 503)
 
 
 async def until_disconnect(request: Request, work: Awaitable):
@@ -436,7 +445,7 @@ def build_app(config: GatewayConfig, backend: TritonBackend | None = None) -> Fa
 
     @app.get("/health")
     async def health() -> Response:
-        return JSONResponse({"status": "ok"})
+        return FastJSON({"status": "ok"})
 
     @app.get("/metrics")
     async def metrics() -> Response:

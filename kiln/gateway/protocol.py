@@ -283,12 +283,13 @@ class EmbeddingRequest(_Request):
         return texts
 
 
-def encode_embedding(vector: np.ndarray, fmt: str) -> list[float] | str:
-    """OpenAI's two encodings: a JSON list of floats, or base64 of little-endian float32."""
+def encode_embedding(vector: np.ndarray, fmt: str) -> np.ndarray | str:
+    """OpenAI's two encodings: a JSON list of floats (the float32 array itself; the app's
+    JSON encoder writes it as a list), or base64 of little-endian float32."""
     v = np.asarray(vector, dtype="<f4")
     if fmt == "base64":
         return base64.b64encode(v.tobytes()).decode("ascii")
-    return v.tolist()
+    return v
 
 
 # ----------------------------------------------------------------------------- responses

@@ -106,3 +106,28 @@ def test_results_land_in_bench_json_under_the_spec_root(tmp_path):
     assert len(doc["rows"]) == len(ROWS)
     assert doc["targets"]["served_vs_inprocess"]["passed"] is True
     assert doc["rows"][-1]["concurrency"] == 8
+
+
+def test_gateway_overhead_rows_subtract_the_direct_grpc_median():
+    from kiln.bench_gateway import MAX_ADDED_P50_MS, overhead_rows, target_row
+
+    lat = {"Triton gRPC (direct)": [0.010, 0.011, 0.012], "gateway, HTTP keep-alive (float)": [0.0115, 0.0125, 0.0135],
+           "gateway, openai client (base64)": [0.020, 0.021, 0.022]}
+    rows = overhead_rows(lat, "Triton gRPC (direct)", 1)
+    added = {r.path: r.added_p50_ms for r in rows}
+    assert added["Triton gRPC (direct)"] is None
+    assert abs(added["gateway, HTTP keep-alive (float)"] - 1.5) < 1e-9 and abs(added["gateway, openai client (base64)"] - 10) < 1e-9
+    assert target_row(rows) == (added["gateway, HTTP keep-alive (float)"], True)
+    slow = overhead_rows({**lat, "gateway, HTTP keep-alive (float)": [0.0135, 0.0145]}, "Triton gRPC (direct)", 1)
+    value, passed = target_row(slow)
+    assert value > MAX_ADDED_P50_MS and passed is False
+    assert target_row(rows, batch=32) == (None, None)  # not measured is not a pass
+
+
+def test_interleaved_times_every_path_each_round():
+    from kiln.bench_gateway import interleaved
+
+    seen = []
+    out = interleaved({"a": lambda i: seen.append(("a", i)), "b": lambda i: seen.append(("b", i))}, rounds=3, warmup=1)
+    assert [len(v) for v in out.values()] == [3, 3]
+    assert seen[2:] == [("a", 0), ("b", 0), ("a", 1), ("b", 1), ("a", 2), ("b", 2)]

@@ -97,7 +97,7 @@ def test_embedding_inputs():
 def test_base64_embedding_is_little_endian_float32():
     v = np.array([0.5, -1.25, 3.0], dtype=np.float32)
     decoded = np.frombuffer(base64.b64decode(P.encode_embedding(v, "base64")), dtype="<f4")
-    assert decoded.tolist() == [0.5, -1.25, 3.0] and P.encode_embedding(v, "float") == [0.5, -1.25, 3.0]
+    assert decoded.tolist() == [0.5, -1.25, 3.0] and P.encode_embedding(v, "float").tolist() == [0.5, -1.25, 3.0]
 
 
 def test_stream_chunks_carry_usage_field_only_when_asked():
