@@ -29,8 +29,10 @@ export: $(STAMP)
 repo: $(STAMP)
 	$(KILN) repo $(SPEC)
 
+# Triton (8000 HTTP, 8001 gRPC, 8002 metrics) + the OpenAI-compatible gateway (9000); Ctrl-C stops both
+SERVE_SPECS ?= minilm smollm2
 serve: $(STAMP)
-	$(KILN) serve $(SPEC)
+	$(KILN) serve $(SERVE_SPECS)
 
 bench: $(STAMP)
 	$(KILN) bench $(SPEC)
