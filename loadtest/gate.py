@@ -6,21 +6,36 @@ from dataclasses import asdict, dataclass, field
 
 from kiln.spec import Targets
 
-REJECTION_MARKERS = ("Rejected(", "maximum queue size")
+REJECTION_MARKERS = ("Rejected(", "maximum queue size")  # Locust keeps repr(exception)
+
+
+@dataclass
+class StreamFigures:
+    """What a streamed answer's reader feels beyond time to first token."""
+
+    inter_token_p50_ms: float | None
+    inter_token_p95_ms: float | None
+    tokens_per_s_p50: float | None  # decode rate of one stream, median over streams
+    tokens_per_s_mean: float | None
+    output_tokens_per_s: float  # completion tokens of all successful streams / run time
+    request_p50_ms: float | None  # whole stream, first byte sent to last token
+    request_p95_ms: float | None
 
 
 @dataclass
 class Measured:
     requests: int
     failures: int  # all failed requests, rejections included
-    rejections: int  # answered "queue full" by Triton: load shed, not broken
+    rejections: int  # shed under load (Triton's queue full; the gateway's 429s): not broken
     duration_s: float
-    p50_ms: float | None
+    p50_ms: float | None  # of `latency_of`: the whole request, or the first token for streams
     p90_ms: float | None
     p95_ms: float | None
     p99_ms: float | None
     offered_rps: float | None = None  # open loop: the rate the client tried to send
     errors: dict[str, int] = field(default_factory=dict)  # message -> occurrences
+    latency_of: str = "latency"  # "latency" (whole request) or "TTFT" (streams: time to first token)
+    stream: StreamFigures | None = None
 
     @property
     def qps(self) -> float:
@@ -47,7 +62,9 @@ class Check:
 
 def evaluate(targets: Targets, m: Measured) -> list[Check]:
     """One check per target that is set. A run with no successful request fails every
-    latency target too: nothing was measured, so nothing was met."""
+    latency target too: nothing was measured, so nothing was met. For streams the latency
+    targets are judged on the time to first token (what a reader waits for; the whole
+    stream's length is the answer's length), and requests are whole streams."""
     checks: list[Check] = []
     ok = m.requests - m.failures
     for name, limit, value in (
@@ -58,11 +75,12 @@ def evaluate(targets: Targets, m: Measured) -> list[Check]:
         if limit is None:
             continue
         if ok == 0 or value is None:
-            checks.append(Check(f"{name} latency", f"<= {limit:g} ms", "no successful request", False, "nothing measured"))
+            checks.append(Check(f"{name} {m.latency_of}", f"<= {limit:g} ms", "no successful request", False,
+                                "nothing measured"))
             continue
         passed = value <= limit
         checks.append(Check(
-            f"{name} latency", f"<= {limit:g} ms", f"{value:.1f} ms", passed,
+            f"{name} {m.latency_of}", f"<= {limit:g} ms", f"{value:.1f} ms", passed,
             "" if passed else f"{value - limit:.1f} ms over ({value / limit:.2f}x the ceiling)",
         ))
     if targets.min_qps is not None:

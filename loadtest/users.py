@@ -5,12 +5,14 @@ model, a URL and a load shape (Locust instantiates user classes itself)."""
 from __future__ import annotations
 
 import time
+from typing import Callable
 
 import gevent
 import gevent.pool
 from locust import User, constant, task
+from locust.runners import STATE_CLEANUP, STATE_STOPPED, STATE_STOPPING
 
-from loadtest.clients import ClientSaturated, TritonGrpcClient, TritonHttpClient, TritonStreamClient
+from loadtest.clients import ClientSaturated, OpenAIClient, TritonGrpcClient, TritonHttpClient, TritonStreamClient
 from loadtest.payloads import Payloads
 
 
@@ -52,19 +54,20 @@ class EmbedUser(TritonUser):
         self.client.infer_texts(self.payloads.sample(self.texts_per_request))
 
 
-class OpenLoopEmbedUser(TritonUser):
-    """Open loop: one user sends at a constant rate whatever the server's latency, each
-    request in its own greenlet, so a slow server shows up as latency, not as a slower
-    client (coordinated omission)."""
+_STOPPING = (STATE_CLEANUP, STATE_STOPPING, STATE_STOPPED)
 
-    abstract = True
+
+class OpenLoop:
+    """Mixin for open-loop users: one user sends at a constant rate whatever the server's
+    latency, each request in its own greenlet, so a slow server shows up as latency, not
+    as a slower client (coordinated omission)."""
+
     fixed_count = 1
     rate = 20.0
     max_in_flight = 256
     offered = 0  # requests the schedule called for (sent or not), per configured class
 
-    @task
-    def drive(self):
+    def schedule(self, send: Callable[[], object]) -> None:
         pool = gevent.pool.Pool(self.max_in_flight)
         interval, next_at = 1.0 / self.rate, time.perf_counter()
         fire = self.environment.events.request.fire
@@ -73,15 +76,27 @@ class OpenLoopEmbedUser(TritonUser):
                 delay = next_at - time.perf_counter()
                 if delay > 0:
                     gevent.sleep(delay)
+                # a stopping user finishes its task: without this check the schedule would
+                # send on until Locust's stop_timeout kills it
+                if self.environment.runner.state in _STOPPING:
+                    break
                 type(self).offered += 1
                 if pool.full():
                     fire(request_type=self.protocol, name=self.model, response_time=0, response_length=0,
                          exception=ClientSaturated(f"{self.max_in_flight} requests outstanding"), context={})
                 else:
-                    pool.spawn(self.client.infer_texts, self.payloads.sample(self.texts_per_request))
+                    pool.spawn(send)
                 next_at += interval
         finally:
             pool.join(timeout=10)  # let in-flight requests finish and be counted
+
+
+class OpenLoopEmbedUser(OpenLoop, TritonUser):
+    abstract = True
+
+    @task
+    def drive(self):
+        self.schedule(lambda: self.client.infer_texts(self.payloads.sample(self.texts_per_request)))
 
 
 class StreamUser(TritonUser):
@@ -93,8 +108,72 @@ class StreamUser(TritonUser):
 
     @task
     def generate(self):
-        self.client.generate(self.payloads.sample(1)[0], max_tokens=self.max_tokens)
+        self.client.generate(self.payloads.sample(1)[0], max_tokens=self.max_tokens, stream=True)
 
 
-def configure(base: type[TritonUser], **attrs) -> type[TritonUser]:
+class OpenLoopStreamUser(OpenLoop, TritonUser):
+    abstract = True
+    protocol = "stream"
+    max_tokens = 32
+
+    @task
+    def drive(self):
+        self.schedule(lambda: self.client.generate(self.payloads.sample(1)[0], max_tokens=self.max_tokens, stream=True))
+
+
+class OpenAIUser(User):
+    """Abstract: builds the OpenAI client against the gateway at `host` (host:port) on start."""
+
+    abstract = True
+    wait_time = constant(0)
+    protocol = "openai"
+    model = ""
+    api_key = "none"  # a gateway without keys accepts anything
+    texts_per_request = 1
+    max_tokens = 32
+
+    def __init__(self, environment):
+        super().__init__(environment)
+        self.client = OpenAIClient(environment.events.request.fire, self.host, self.model, self.api_key)
+        self.payloads = Payloads(seed=id(self) & 0xFFFF)
+
+    def on_stop(self):
+        self.client.close()
+
+
+class OpenAIChatUser(OpenAIUser):
+    """Streamed chat answers: TTFT, inter-token, tokens/s."""
+
+    abstract = True
+
+    @task
+    def chat(self):
+        self.client.chat(self.payloads.sample(1)[0], self.max_tokens)
+
+
+class OpenAIEmbedUser(OpenAIUser):
+    abstract = True
+
+    @task
+    def embed(self):
+        self.client.embed(self.payloads.sample(self.texts_per_request))
+
+
+class OpenLoopOpenAIChatUser(OpenLoop, OpenAIUser):
+    abstract = True
+
+    @task
+    def drive(self):
+        self.schedule(lambda: self.client.chat(self.payloads.sample(1)[0], self.max_tokens))
+
+
+class OpenLoopOpenAIEmbedUser(OpenLoop, OpenAIUser):
+    abstract = True
+
+    @task
+    def drive(self):
+        self.schedule(lambda: self.client.embed(self.payloads.sample(self.texts_per_request)))
+
+
+def configure(base: type[User], **attrs) -> type[User]:
     return type(base.__name__.replace("User", "") + "Scenario", (base,), {"abstract": False, **attrs})

@@ -67,3 +67,29 @@ def test_capacity_is_highest_sustained_rate():
     assert gate.capacity([gate.CapacityStep(10, _m(), False)]) is None
     s = gate.summary(Targets(), _m(), gate.evaluate(Targets(), _m()), {"kind": "capacity"}, steps)
     assert s["capacity_qps"] == 15 and s["verdict"] == "PASS" and len(s["steps"]) == 3
+
+
+def test_streams_are_gated_on_time_to_first_token_and_say_so():
+    m = _m(p50=40, p95=90, p99=150)
+    m.latency_of = "TTFT"
+    checks = gate.evaluate(Targets(p95_ms=80), m)
+    assert [c.name for c in checks] == ["p50 TTFT", "p95 TTFT", "p99 TTFT", "throughput", "error ratio"]
+    assert [c.name for c in checks if not c.passed] == ["p95 TTFT"] and "10.0 ms over" in checks[1].detail
+
+
+def test_stream_figures_reach_the_summary():
+    m = _m()
+    m.latency_of = "TTFT"
+    m.stream = gate.StreamFigures(inter_token_p50_ms=2.0, inter_token_p95_ms=9.0, tokens_per_s_p50=400.0,
+                                  tokens_per_s_mean=420.5, output_tokens_per_s=1234.0, request_p50_ms=80.0,
+                                  request_p95_ms=200.0)
+    s = gate.summary(Targets(), m, gate.evaluate(Targets(), m), {"kind": "users", "protocol": "openai"})
+    assert s["measured"]["latency_of"] == "TTFT"
+    assert s["measured"]["stream"]["tokens_per_s_p50"] == 400.0 and s["measured"]["stream"]["output_tokens_per_s"] == 1234.0
+    assert gate.summary(Targets(), _m(), [], {})["measured"]["stream"] is None
+
+
+def test_gateway_rejections_count_by_their_exception_type():
+    errors = {"""m: Rejected("queue_full (HTTP 429): Model 'm' is at capacity")""": 4,
+              "m: RateLimitError(\"Error code: 429 - {'code': 'insufficient_quota'}\")": 1}
+    assert gate.count_rejections(errors) == 4
