@@ -126,6 +126,21 @@ def parse_chunk(result) -> Chunk:
     )
 
 
+async def _drain(call, timeout: float = 5.0) -> None:
+    """Let a finished stream end on its own (our side already half-closed): cancelling it
+    after the final response leaves Triton holding the model's stream state, and at
+    shutdown it then waits for a "live" model until it is killed."""
+    import asyncio
+
+    try:
+        await asyncio.wait_for(call.__anext__(), timeout)
+    except StopAsyncIteration:
+        return
+    except Exception:
+        pass
+    call.cancel()
+
+
 class TritonBackend:
     def __init__(self, url: str, timeout_s: float = 600.0):
         self.url, self.timeout_s = url, timeout_s
@@ -197,7 +212,9 @@ class TritonBackend:
                 if error is not None:
                     raise map_error(error, model)
                 chunk = parse_chunk(result)
-                finished = chunk.final
+                if chunk.final:
+                    finished = True
+                    await _drain(call)  # before handing it on: a consumer may never close us
                 yield chunk
                 if finished:
                     break
@@ -206,10 +223,8 @@ class TritonBackend:
         except grpc.RpcError as err:
             raise map_error(rpc_exception(err), model) from err
         finally:
-            # after the final response this just ends the stream; before it (the client went
-            # away, an error) Triton sees the gRPC cancellation and stops the request
-            call.cancel()
-            if not finished:
+            if not finished:  # the client went away, or an error: Triton sees the cancellation and stops
+                call.cancel()
                 log.info("generation %s on %s: closed before its end; Triton request cancelled", request_id, model)
         if not finished:
             log.error("generation %s on %s: the stream ended without a final response", request_id, model)
