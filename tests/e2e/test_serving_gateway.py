@@ -235,20 +235,26 @@ def test_token_limit_is_429_too(stack):
 
 
 def test_triton_queue_full_is_429_and_the_rest_are_answered(stack):
-    """tinychat runs 2 sequences with 1 waiting: a burst of 8 long generations overflows it."""
+    """tinychat runs 2 sequences with 1 waiting: a burst of 12 long generations, released at
+    once, overflows it (each runs ~480 steps, so none is done before the burst is in)."""
+    import threading
+
     c = client(stack)
+    burst = 12
+    start = threading.Barrier(burst)
 
     def one(i):
+        start.wait()
         try:
-            c.completions.create(model="tinychat", prompt=f"One two {i}", max_tokens=120, temperature=0)
+            c.completions.create(model="tinychat", prompt=f"One two {i}", max_tokens=480, temperature=0)
             return 200, None
         except openai.RateLimitError as err:
             return 429, err
         except openai.APIStatusError as err:
             return err.status_code, err
 
-    with ThreadPoolExecutor(8) as pool:
-        results = list(pool.map(one, range(8)))
+    with ThreadPoolExecutor(burst) as pool:
+        results = list(pool.map(one, range(burst)))
     codes = [s for s, _ in results]
     assert set(codes) <= {200, 429}, codes
     assert codes.count(429) >= 1 and codes.count(200) >= 2, codes
