@@ -102,6 +102,8 @@ def _check_names(specs: list[DeploymentSpec]) -> None:
 
 
 GatewayPortOpt = typer.Option(9000, "--gateway-port", help="port of the OpenAI-compatible gateway")
+RpmOpt = typer.Option(None, help="default requests per minute per key")
+TpmOpt = typer.Option(None, help="default tokens per minute per key")
 KeysFileOpt = typer.Option(None, "--keys-file", help="YAML list of API keys (see README); also env KILN_API_KEYS")
 
 
@@ -116,8 +118,8 @@ def serve(
     gateway_host: str = typer.Option("127.0.0.1", help="address the gateway listens on"),
     no_gateway: bool = typer.Option(False, "--no-gateway", help="Triton only"),
     keys_file: Optional[Path] = KeysFileOpt,
-    rpm: Optional[int] = typer.Option(None, help="default requests per minute per key"),
-    tpm: Optional[int] = typer.Option(None, help="default tokens per minute per key"),
+    rpm: Optional[int] = RpmOpt,
+    tpm: Optional[int] = TpmOpt,
 ):
     """Start Triton on the specs' repositories and the OpenAI gateway in front; Ctrl-C stops both."""
     from kiln.server import ServerError, TritonServer
@@ -193,8 +195,8 @@ def gateway(
     host: str = typer.Option("127.0.0.1", help="address to listen on"),
     port: int = typer.Option(9000, help="port to listen on"),
     keys_file: Optional[Path] = KeysFileOpt,
-    rpm: Optional[int] = typer.Option(None, help="default requests per minute per key"),
-    tpm: Optional[int] = typer.Option(None, help="default tokens per minute per key"),
+    rpm: Optional[int] = RpmOpt,
+    tpm: Optional[int] = TpmOpt,
     max_body_bytes: Optional[int] = typer.Option(None, help="larger bodies get 413 (default 1 MiB)"),
     config: Optional[Path] = typer.Option(None, help="YAML file with a `gateway:` mapping"),
     config_json: Optional[str] = typer.Option(None, hidden=True),

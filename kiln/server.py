@@ -86,6 +86,19 @@ def error_lines(log_text: str, limit: int = 20) -> list[str]:
     return [l for l in lines if not any(h in l for h in harmless)][-limit:]
 
 
+def stop_process(p: subprocess.Popen | None, timeout: float) -> int | None:
+    """SIGTERM a child started in its own session; SIGKILL its group if it outlives timeout."""
+    if p is None or p.poll() is not None:
+        return p.returncode if p else None
+    p.send_signal(signal.SIGTERM)
+    try:
+        p.wait(timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(p.pid, signal.SIGKILL)
+        p.wait()
+    return p.returncode
+
+
 @dataclass
 class TritonServer:
     repository: Path | list[Path]  # one kiln repository, or several served together
@@ -176,16 +189,7 @@ class TritonServer:
         return head + f" (log: {self.log_file})\n" + "\n".join("  " + l for l in lines)
 
     def stop(self, timeout: float = 30.0) -> int | None:
-        p = self.process
-        if p is None or p.poll() is not None:
-            return p.returncode if p else None
-        p.send_signal(signal.SIGTERM)  # Triton drains in-flight requests, unloads models
-        try:
-            p.wait(timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(p.pid, signal.SIGKILL)
-            p.wait()
-        return p.returncode
+        return stop_process(self.process, timeout)  # Triton drains in-flight requests, unloads models
 
     def __enter__(self) -> "TritonServer":
         return self.start() if self.process is None else self

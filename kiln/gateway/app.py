@@ -16,7 +16,6 @@ size, key, JSON, fields, model, limits, then Triton.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import re
 import time

@@ -58,7 +58,7 @@ class Chunk:
 
 def map_error(err: Exception, model: str) -> APIError:
     """Sort a Triton/gRPC failure by who must act."""
-    msg = str(getattr(err, "message", lambda: None)() or err) if isinstance(err, InferenceServerException) else str(err)
+    msg = (err.message() if isinstance(err, InferenceServerException) else None) or str(err)
     status = str(err.status()) if isinstance(err, InferenceServerException) and err.status() else ""
     if QUEUE_FULL in msg:
         return APIError(429, f"Model {model!r} is at capacity (its queue is full); retry shortly.",

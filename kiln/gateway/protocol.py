@@ -44,6 +44,18 @@ def bad_request(message: str, param: str | None = None, code: str | None = "inva
     return APIError(400, message, param, code)
 
 
+def _refuse(message: str, allowed=(None, False, 0, "", [], {})):
+    """A validator for a field this server cannot honour: any value but ``allowed`` is a 400
+    (OpenAI defines it, so it is never silently ignored)."""
+
+    def check(cls, v):
+        if v not in allowed:
+            raise ValueError(message)
+        return v
+
+    return classmethod(check)
+
+
 class _Request(BaseModel):
     # OpenAI rejects unknown arguments; so do we (a typo must not silently change nothing)
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
@@ -114,19 +126,9 @@ class _Sampling(_Request):
             raise ValueError("only n=1 is supported (one choice per request); send several requests for more")
         return v
 
-    @field_validator("logit_bias")
-    @classmethod
-    def _no_bias(cls, v):
-        if v:
-            raise ValueError("logit_bias is not supported by this server; leave it out")
-        return v
-
-    @field_validator("logprobs")
-    @classmethod
-    def _no_logprobs(cls, v):
-        if v:
-            raise ValueError("logprobs are not supported by this server; leave it out or send false")
-        return v
+    _no_bias = field_validator("logit_bias")(_refuse("logit_bias is not supported by this server; leave it out"))
+    _no_logprobs = field_validator("logprobs")(
+        _refuse("logprobs are not supported by this server; leave it out or send false"))
 
     @field_validator("stop")
     @classmethod
@@ -174,25 +176,16 @@ class ChatCompletionRequest(_Sampling):
             raise ValueError("only response_format {\"type\": \"text\"} is supported (no JSON mode / schemas)")
         return v
 
-    @field_validator("tools")
-    @classmethod
-    def _no_tools(cls, v):
-        if v:
-            raise ValueError("tools / function calling are not supported by this server; leave it out")
-        return v
+    _no_tools = field_validator("tools")(
+        _refuse("tools / function calling are not supported by this server; leave it out"))
+    _no_top_logprobs = field_validator("top_logprobs")(
+        _refuse("top_logprobs is not supported by this server; leave it out"))
 
     @field_validator("tool_choice")
     @classmethod
     def _no_tool_choice(cls, v):
         if v not in (None, "none"):
             raise ValueError("tool_choice is not supported (no tools); leave it out")
-        return v
-
-    @field_validator("top_logprobs")
-    @classmethod
-    def _no_top_logprobs(cls, v):
-        if v:
-            raise ValueError("top_logprobs is not supported by this server; leave it out")
         return v
 
     def completion_budget(self) -> int | None:
@@ -231,25 +224,14 @@ class CompletionRequest(_Sampling):
             raise ValueError("prompt is empty; send some text")
         return v
 
-    @field_validator("echo")
-    @classmethod
-    def _no_echo(cls, v):
-        if v:
-            raise ValueError("echo is not supported by this server; leave it out")
-        return v
+    _no_echo = field_validator("echo")(_refuse("echo is not supported by this server; leave it out"))
+    _no_suffix = field_validator("suffix")(_refuse("suffix (insertion) is not supported by this server; leave it out"))
 
     @field_validator("best_of")
     @classmethod
     def _no_best_of(cls, v):
         if v not in (None, 1):
             raise ValueError("only best_of=1 is supported")
-        return v
-
-    @field_validator("suffix")
-    @classmethod
-    def _no_suffix(cls, v):
-        if v:
-            raise ValueError("suffix (insertion) is not supported by this server; leave it out")
         return v
 
     def triton_inputs(self) -> dict[str, Any]:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -87,16 +86,9 @@ class GatewayProcess:
         raise RuntimeError(f"the gateway's /ready did not turn 200 within {timeout:.0f}s: {status} {body}")
 
     def stop(self, timeout: float = 15.0) -> int | None:
-        p = self.process
-        if p is None or p.poll() is not None:
-            return p.returncode if p else None
-        p.send_signal(signal.SIGTERM)
-        try:
-            p.wait(timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(p.pid, signal.SIGKILL)
-            p.wait()
-        return p.returncode
+        from kiln.server import stop_process
+
+        return stop_process(self.process, timeout)
 
     def __enter__(self) -> "GatewayProcess":
         return self.start() if self.process is None else self
