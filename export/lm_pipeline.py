@@ -2,8 +2,12 @@
 
 The causal-LM twin of :func:`export.pipeline.run_export` (which dispatches here): fp32 is
 gated against PyTorch (logits, greedy identity), each quantized variant against fp32
-(perplexity ratio; greedy agreement reported). A miss leaves ``parity.passed = false`` in
-the manifest and raises :class:`export.parity.ParityError` after every variant was measured.
+(perplexity ratio; greedy agreement reported); an int8 graph whose kernels would saturate on
+some CPUs fails too (export/portability.py). Each passing variant is then checked for batch
+invariance and timed (one-stream decode tokens/s) for ``serve_precision: auto``
+(export/selection.py). A miss leaves ``parity.passed = false`` in the manifest; only the
+served variant's miss (``strict``: any) raises :class:`export.parity.ParityError`, after every
+variant was measured.
 """
 
 from __future__ import annotations
@@ -17,14 +21,16 @@ from rich.table import Table
 
 from export import lm_export as X
 from export import lm_parity as P
-from export.manifest import ExportManifest, Variant, sha256, tool_versions
-from export.parity import gates_caption, raise_if_failed
-from kiln.spec import DeploymentSpec, Precision
+from export import selection as S
+from export.manifest import EXPORT_FORMAT, ExportManifest, Variant, sha256, tool_versions
+from export.parity import add_portability, gates_caption, raise_gate_failures
+from kiln.spec import AUTO, DeploymentSpec, Precision
 
 FILES = {Precision.fp32: "model.fp32.onnx", Precision.int8: "model.int8.onnx", Precision.int4: "model.int4.onnx"}
 
 
-def run_lm_export(spec: DeploymentSpec, console: Console | None = None, fail_on_gate: bool = True) -> ExportManifest:
+def run_lm_export(spec: DeploymentSpec, console: Console | None = None, fail_on_gate: bool = True,
+                  strict: bool = False) -> ExportManifest:
     console = console or Console(stderr=True)
     out = spec.export_dir
     out.mkdir(parents=True, exist_ok=True)
@@ -59,6 +65,7 @@ def run_lm_export(spec: DeploymentSpec, console: Console | None = None, fail_on_
     n = len(ref.prompts)
 
     manifest = ExportManifest(
+        export_format=EXPORT_FORMAT,
         name=spec.name,
         task=spec.task.value,
         architecture=architecture,
@@ -89,21 +96,34 @@ def run_lm_export(spec: DeploymentSpec, console: Console | None = None, fail_on_
             notes = X.quantize_int8(fp32, path) if precision is Precision.int8 else X.quantize_int4(fp32, path)
             step(f"parity gate for {precision.value} vs fp32: perplexity, {n} greedy generations")
             figures = P.quantized_figures(ref, fp32_generated, fp32_ppl, P.OrtLM(path, shape))
+        report = P.gate_lm(spec, precision, figures, n)
+        if precision is not Precision.fp32:
+            add_portability(report, path)
         manifest.variants[precision.value] = Variant(
             precision=precision.value,
             file=path.name,
             sha256=sha256(path),
             bytes=_bytes(path),
             notes=notes,
-            parity=P.gate_lm(spec, precision, figures, n),
+            parity=report,
         )
+        if report.passed:
+            step(f"{precision.value}: batch invariance ({min(4, n)} prompts alone vs co-batched) and {S.LM_METRIC}")
+            lm = P.OrtLM(path, shape, threads=spec.instances.intra_op_threads)
+            S.record(manifest, precision.value, S.lm_invariance(lm, ref.prompts[:4], 24, 0),
+                     {S.LM_METRIC: S.lm_speed(lm, ref.prompts[0])})
         manifest.write(out)
         if precision is Precision.fp32 and not manifest.variants["fp32"].parity.passed:
             break  # every other variant derives from fp32 and is judged against it
+    if spec.serve_precision == AUTO:
+        manifest.selection = S.select(spec, manifest)
+        manifest.write(out)
     console.print(lm_parity_table(manifest))
+    for line in S.selection_lines(manifest):
+        console.print(line)
     step(f"done -> {out / 'manifest.json'}")
     if fail_on_gate:
-        raise_if_failed(manifest)
+        raise_gate_failures(spec, manifest, strict)
     return manifest
 
 
@@ -115,7 +135,8 @@ def _bytes(path: Path) -> int:
 def lm_parity_table(manifest: ExportManifest) -> Table:
     """fp32 rows compare with PyTorch (ppl x: fp32 ppl / PyTorch ppl); quantized rows with fp32."""
     table = Table(title=f"parity: {manifest.name} (fp32 vs PyTorch, quantized vs fp32)", caption=gates_caption(manifest, P.AT_MOST))
-    for col in ("variant", "prefill Δ", "decode Δ", "greedy =", "agree", "diverge@", "ppl", "ppl ×", "MB", "verdict"):
+    for col in ("variant", "prefill Δ", "decode Δ", "greedy =", "agree", "diverge@", "ppl", "ppl ×", "MB",
+                "batch-inv.", "tok/s", "verdict"):
         table.add_column(col, justify="left" if col in ("variant", "verdict") else "right")
     for name, v in manifest.variants.items():
         f = v.parity.figures
@@ -129,6 +150,14 @@ def lm_parity_table(manifest: ExportManifest) -> Table:
             f"{f['ppl']:.3f}",
             f"{f.get('ppl_ratio', f.get('ppl_ratio_vs_torch', float('nan'))):.4f}",
             f"{v.bytes / 1e6:.1f}",
+            _invariance_cell(v),
+            f"{v.speed[S.LM_METRIC]:.1f}" if S.LM_METRIC in v.speed else "-",
             "[green]PASS[/]" if v.parity.passed else "[red]FAIL[/]: " + "; ".join(v.parity.failures),
         )
     return table
+
+
+def _invariance_cell(v) -> str:
+    if v.batch_invariance is None:
+        return "-"
+    return "yes" if v.batch_invariance.get("invariant") else "[yellow]no[/]"

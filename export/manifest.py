@@ -15,6 +15,9 @@ from pathlib import Path
 from pydantic import BaseModel, Field
 
 MANIFEST_NAME = "manifest.json"
+# bumped when a variant's format changes, so an older export is rebuilt rather than reused
+# (2: U8U8 int8, portability + batch-invariance checks, speed for serve_precision auto, grid-aware int4)
+EXPORT_FORMAT = 2
 
 
 class TensorSpec(BaseModel):
@@ -32,6 +35,28 @@ class ParityReport(BaseModel):
     failures: list[str] = Field(default_factory=list)
 
 
+class Selection(BaseModel):
+    """What ``serve_precision: auto`` picked at export, and why (also shown in the repository card)."""
+
+    precision: str  # the variant served
+    metric: str  # e.g. "one-stream decode tokens/s"
+    values: dict[str, float]  # every eligible variant's measured metric (median of repeats)
+    eligible: list[str]  # passed the parity gate and the batch-invariance check
+    excluded: dict[str, str] = Field(default_factory=dict)  # variant -> why it could not be picked
+    machine: dict = Field(default_factory=dict)  # CPU model and flags the pick was measured on
+
+    @property
+    def runners_up(self) -> list[str]:
+        return sorted((p for p in self.values if p != self.precision), key=lambda p: -self.values[p])
+
+    def reason(self) -> str:
+        ups = ", ".join(f"{p} {self.values[p]:.1f}" for p in self.runners_up) or "none"
+        out = f"{self.precision}: fastest by {self.metric} ({self.values[self.precision]:.1f}; runners-up: {ups})"
+        if self.excluded:
+            out += "; not eligible: " + "; ".join(f"{p} ({why})" for p, why in self.excluded.items())
+        return out
+
+
 class Variant(BaseModel):
     precision: str
     file: str  # relative to the manifest's folder
@@ -40,6 +65,11 @@ class Variant(BaseModel):
     notes: str = ""
     fused_ops: dict[str, int] = Field(default_factory=dict)
     parity: ParityReport | None = None
+    # batch invariance: the same input alone and co-batched gives identical outputs
+    # (greedy tokens equal; embeddings max |diff| <= 1e-6); None: not checked
+    batch_invariance: dict[str, float | bool | str] | None = None
+    # measured speed at export on this machine (metric name -> value), for serve_precision: auto
+    speed: dict[str, float] = Field(default_factory=dict)
 
     @property
     def usable(self) -> bool:
@@ -47,6 +77,7 @@ class Variant(BaseModel):
 
 
 class ExportManifest(BaseModel):
+    export_format: int = 1  # absent in exports older than the field
     name: str
     task: str
     architecture: str
@@ -64,6 +95,7 @@ class ExportManifest(BaseModel):
     # causal LMs only: num_layers, num_kv_heads, head_dim, vocab_size, eos_token_ids,
     # bos_token_id, max_context, has_chat_template (what the generation engine needs)
     decoder: dict | None = None
+    selection: Selection | None = None  # serve_precision: auto, as decided at export
     tools: dict[str, str] = Field(default_factory=dict)
     created: str = Field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
 
@@ -78,6 +110,19 @@ class ExportManifest(BaseModel):
         if not path.is_file():
             raise FileNotFoundError(f"{path} not found: run `kiln export` first")
         return cls.model_validate_json(path.read_text())
+
+    def served_precision(self, serve_precision) -> str:
+        """The precision a spec's ``serve_precision`` means for this export ("auto": the recorded pick)."""
+        value = getattr(serve_precision, "value", serve_precision)
+        if value != "auto":
+            return value
+        if self.selection is None:
+            raise LookupError("serve_precision is auto but this export recorded no pick: re-run `kiln export`")
+        return self.selection.precision
+
+    def served_variant(self, serve_precision) -> Variant:
+        """The variant to serve for a spec's ``serve_precision``; refuses one that failed its gate."""
+        return self.usable_variant(self.served_precision(serve_precision))
 
     def usable_variant(self, precision: str) -> Variant:
         v = self.variants.get(precision)

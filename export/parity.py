@@ -113,7 +113,7 @@ def gate(spec: DeploymentSpec, precision: Precision, figures: dict[str, float], 
     )
 
 
-def gates_caption(manifest, at_most=("max_abs_diff",)) -> str:
+def gates_caption(manifest, at_most=("max_abs_diff", "saturating_int8_matmuls")) -> str:
     """The thresholds each variant was held to, for a parity table's caption."""
     parts = []
     for name, v in manifest.variants.items():
@@ -122,14 +122,29 @@ def gates_caption(manifest, at_most=("max_abs_diff",)) -> str:
     return "gates: " + " | ".join(parts)
 
 
-def raise_if_failed(manifest) -> None:
-    """Stop the pipeline when any variant missed its gate (after the manifest recorded why)."""
-    failed = [k for k, v in manifest.variants.items() if not v.usable]
+def raise_gate_failures(spec: DeploymentSpec, manifest, strict: bool = False) -> None:
+    """Stop the pipeline when the served variant missed its gate (``strict``: any variant),
+    after the manifest recorded why. Other misses stay in the table and manifest: the
+    repository writer refuses those variants."""
+    from export.selection import gate_failures
+
+    failed = gate_failures(spec, manifest, strict)
     if failed:
-        raise ParityError(
-            "parity gate failed for "
-            + ", ".join(f"{k} ({'; '.join(manifest.variants[k].parity.failures)})" for k in failed)
-        )
+        raise ParityError("parity gate failed for " + ", ".join(failed))
+
+
+def add_portability(report: ParityReport, path: Path) -> ParityReport:
+    """Fail a quantized variant whose integer kernels would saturate on some x86 CPUs (the
+    verdict comes from the weights, so it is the same on every machine that checks it)."""
+    from export.portability import integer_matmuls, portability_problems
+
+    problems = portability_problems(path)
+    report.figures["saturating_int8_matmuls"] = float(sum(m.saturates for m in integer_matmuls(path)))
+    report.thresholds["saturating_int8_matmuls"] = 0.0
+    if problems:
+        report.failures.extend(problems)
+        report.passed = False
+    return report
 
 
 def ort_runner(path: Path, threads: int = 0):

@@ -11,23 +11,30 @@ import shutil
 import time
 from pathlib import Path
 
+import numpy as np
+
 from rich.console import Console
 from rich.table import Table
 
 from export import variants as V
 from export.lm_pipeline import run_lm_export
-from export.manifest import ExportManifest, Variant, sha256, tool_versions
+from export.manifest import EXPORT_FORMAT, ExportManifest, Variant, sha256, tool_versions
 from export.onnx_export import export_onnx, io_specs, load_encoder
-from export.parity import compare, gate, gates_caption, ort_runner, parity_batches, raise_if_failed
+from export import selection as S
+from export.parity import add_portability, compare, gate, gates_caption, ort_runner, parity_batches, raise_gate_failures
 from kiln.sources import checkpoint_dir
-from kiln.spec import DeploymentSpec, Precision, Task
+from kiln.spec import AUTO, DeploymentSpec, Precision, Runtime, Task
+from model_repository.python_models.kiln_runtime import pool
 
 FILES = {Precision.fp32: "model.fp32.onnx", Precision.int8: "model.int8.onnx", Precision.fp16: "model.fp16.onnx"}
 
 
-def run_export(spec: DeploymentSpec, console: Console | None = None, fail_on_gate: bool = True) -> ExportManifest:
+def run_export(spec: DeploymentSpec, console: Console | None = None, fail_on_gate: bool = True,
+               strict: bool = False) -> ExportManifest:
+    """``fail_on_gate``: raise ParityError when the served variant missed its gate (``strict``:
+    any variant); other misses are recorded and reported, and never served."""
     if spec.task is Task.text_generation:
-        return run_lm_export(spec, console, fail_on_gate)
+        return run_lm_export(spec, console, fail_on_gate, strict)
     console = console or Console(stderr=True)
     out = spec.export_dir
     out.mkdir(parents=True, exist_ok=True)
@@ -56,6 +63,7 @@ def run_export(spec: DeploymentSpec, console: Console | None = None, fail_on_gat
     n_inputs = sum(b.reference.shape[0] for b in batches)
 
     manifest = ExportManifest(
+        export_format=EXPORT_FORMAT,
         name=spec.name,
         task=spec.task.value,
         architecture=loaded.architecture,
@@ -89,6 +97,8 @@ def run_export(spec: DeploymentSpec, console: Console | None = None, fail_on_gat
             report = measure(precision, path)
         elif precision is Precision.int8:
             notes, report = _build_int8(spec, loaded, fp32, path, lambda p: measure(Precision.int8, p), step)
+            if spec.runtime is not Runtime.tensorrt_plan:  # CPU kernels: must not depend on the instruction set
+                add_portability(report, path)
         else:
             notes = V.convert_fp16(fp32, path)
             report = measure(precision, path)
@@ -101,16 +111,44 @@ def run_export(spec: DeploymentSpec, console: Console | None = None, fail_on_gat
             fused_ops=fused,
             parity=report,
         )
+        if report.passed and precision is not Precision.fp16:  # fp16 is a GPU variant: not timed on CPU
+            step(f"{precision.value}: batch invariance (alone vs co-batched) and {S.ENCODER_METRIC}")
+            _invariance_and_speed(spec, loaded, manifest, precision.value, path)
         manifest.write(out)
         if precision is Precision.fp32 and not report.passed:
             break  # every other variant derives from fp32: nothing to build on
     raw.unlink(missing_ok=True)
+    if spec.serve_precision == AUTO:
+        manifest.selection = S.select(spec, manifest)
     manifest.write(out)
     console.print(parity_table(manifest))
+    for line in S.selection_lines(manifest):
+        console.print(line)
     step(f"done in {time.perf_counter() - t0:.1f}s -> {out / 'manifest.json'}")
     if fail_on_gate:
-        raise_if_failed(manifest)
+        raise_gate_failures(spec, manifest, strict)
     return manifest
+
+
+def _invariance_and_speed(spec: DeploymentSpec, loaded, manifest: ExportManifest, name: str, path: Path) -> None:
+    """What ``serve_precision: auto`` needs of a passing variant, measured on this machine."""
+    from export.variants import calibration_texts
+
+    run = ort_runner(path, spec.instances.intra_op_threads)
+
+    def encode(texts: list[str]) -> dict:
+        enc = loaded.tokenizer(texts, padding=True, truncation=True, max_length=spec.max_length, return_tensors="np")
+        return {n: enc[n].astype(np.int64) for n in loaded.input_names}
+
+    def post(out: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        if spec.task is Task.text_classification:
+            return out
+        return pool(out, mask, spec.pooling.value, spec.normalize)
+
+    texts = calibration_texts()
+    mixed = [texts[0], texts[1][:12], texts[2] * 3, "ok", texts[3], texts[4][:30], texts[5], texts[6] * 2]
+    S.record(manifest, name, S.encoder_invariance(run, encode, mixed, post),
+             {S.ENCODER_METRIC: S.encoder_speed(run, encode(texts[:8]))})
 
 
 def _build_int8(spec: DeploymentSpec, loaded, fp32: Path, path: Path, measure, step, max_fallback: int = 2):
@@ -150,7 +188,7 @@ def _build_int8(spec: DeploymentSpec, loaded, fp32: Path, path: Path, measure, s
 
 def parity_table(manifest: ExportManifest) -> Table:
     table = Table(title=f"parity vs PyTorch fp32: {manifest.name}", caption=gates_caption(manifest))
-    for col in ("variant", "inputs", "min cos", "mean cos", "max|diff|", "MB", "verdict"):
+    for col in ("variant", "inputs", "min cos", "mean cos", "max|diff|", "MB", "batch-inv.", "sent/s b8", "verdict"):
         table.add_column(col, justify="left" if col in ("variant", "verdict") else "right")
     for name, v in manifest.variants.items():
         r, f = v.parity, v.parity.figures
@@ -161,6 +199,8 @@ def parity_table(manifest: ExportManifest) -> Table:
             f"{f['mean_cosine']:.6f}",
             f"{f['max_abs_diff']:.1e}",
             f"{v.bytes / 1e6:.1f}",
+            "-" if v.batch_invariance is None else ("yes" if v.batch_invariance.get("invariant") else "[yellow]no[/]"),
+            f"{v.speed[S.ENCODER_METRIC]:.0f}" if S.ENCODER_METRIC in v.speed else "-",
             "[green]PASS[/]" if r.passed else "[red]FAIL[/]: " + "; ".join(r.failures),
         )
     return table

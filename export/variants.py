@@ -62,12 +62,17 @@ def int8_node_groups(src: Path, hidden: int, intermediate: int, layers: int) -> 
 
 
 def quantize_int8_dynamic(src: Path, dst: Path, keep_fp32: list[str] | None = None) -> str:
+    """uint8 weights (U8U8): int8 weights with uint8 activations (U8S8) saturate int16 in
+    onnxruntime's AVX2 kernels, so their results would depend on the CPU (export/portability.py)."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     quantize_dynamic(
-        str(src), str(dst), weight_type=QuantType.QInt8, per_channel=True, nodes_to_exclude=list(keep_fp32 or [])
+        str(src), str(dst), weight_type=QuantType.QUInt8, per_channel=True, nodes_to_exclude=list(keep_fp32 or [])
     )
-    return f"dynamic: per-channel int8 weights, activations quantized at run time; {len(keep_fp32 or [])} MatMuls kept fp32"
+    return (
+        "dynamic U8U8: per-channel uint8 weights, activations quantized at run time (no int16 saturation on any "
+        f"x86 CPU); {len(keep_fp32 or [])} MatMuls kept fp32"
+    )
 
 
 def calibration_texts() -> list[str]:

@@ -355,6 +355,7 @@ def run_bench(
 
     console = console or Console(stderr=True)
     manifest = ExportManifest.read(spec.export_dir)
+    spec = spec.with_precision(manifest.served_precision(spec.serve_precision))
     serve = spec.serve_precision.value
     pool = sentence_pool(calibration_texts(), sentences)
     threads = spec.instances.intra_op_threads or 0

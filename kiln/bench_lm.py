@@ -162,6 +162,7 @@ def run_lm_bench(spec: DeploymentSpec, console: Console | None = None, new_token
 
     console = console or Console()
     manifest = ExportManifest.read(spec.export_dir)
+    spec = spec.with_precision(manifest.served_precision(spec.serve_precision))
     rows = [_hf_path(spec, Path(manifest.checkpoint), new_tokens, console),
             _engine_path(spec, manifest, new_tokens, console)]
     write_repository(spec, manifest)

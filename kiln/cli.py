@@ -13,6 +13,7 @@ SPEC is a YAML file or a packaged spec name (default: minilm). Exit codes: 0 ok,
 
 from __future__ import annotations
 
+import json
 import signal
 import sys
 import threading
@@ -48,14 +49,21 @@ def _ports(http: Optional[int], grpc: Optional[int], metrics: Optional[int]) -> 
 
 
 @app.command()
-def export(spec: str = SpecArg, workdir: Optional[Path] = WorkdirOpt):
-    """Export the checkpoint to ONNX, build precision variants, gate each on PyTorch parity."""
+def export(
+    spec: str = SpecArg,
+    workdir: Optional[Path] = WorkdirOpt,
+    strict: bool = typer.Option(False, "--strict", help="exit 1 when any variant misses its gate, not only the served one"),
+):
+    """Export the checkpoint to ONNX, build precision variants, gate each on PyTorch parity.
+
+    Exit 1 when the served variant (serve_precision; auto: no variant eligible) missed its
+    gate; other variants that miss are marked failed in the table and manifest and never served."""
     from export.parity import ParityError
     from export.pipeline import run_export
 
     s = _spec(spec, workdir)
     try:
-        run_export(s, console)
+        run_export(s, console, strict=strict)
     except ParityError as err:
         console.print(f"[red]parity gate failed[/]: {err}")
         raise typer.Exit(1)
@@ -72,26 +80,35 @@ def repo(spec: str = SpecArg, workdir: Optional[Path] = WorkdirOpt):
     except (FileNotFoundError, LookupError, ValueError) as err:
         console.print(f"[red]cannot write the repository[/]: {err}")
         raise typer.Exit(1)
-    console.print(f"[bold cyan]repo[/] wrote {path} (public model: {s.name!r}, {s.serve_precision.value}, {s.runtime.value})")
+    card = json.loads((path / "kiln.json").read_text())
+    console.print(f"[bold cyan]repo[/] wrote {path} (public model: {s.name!r}, {card['precision']}, {s.runtime.value})")
+    if card.get("selection"):
+        console.print(f"[bold cyan]repo[/] serve_precision auto -> {card['selection']['reason']}")
 
 
-def _prepare(specs: list[DeploymentSpec]) -> list[Path]:
-    """Each spec's gated export (reused when it matches) and a freshly written repository."""
+def _prepare(specs: list[DeploymentSpec]) -> tuple[list[Path], list[DeploymentSpec]]:
+    """Each spec's gated export (reused when it matches), a freshly written repository, and
+    the spec with serve_precision resolved ("auto" -> what the export picked)."""
+    from export.manifest import ExportManifest
     from export.parity import ParityError
     from model_repository.writer import write_repository
 
-    repos = []
+    repos, resolved = [], []
     for s in specs:
         try:
             _ensure_export(s)
             repos.append(write_repository(s))
+            manifest = ExportManifest.read(s.export_dir)
+            resolved.append(s.with_precision(manifest.served_precision(s.serve_precision)))
+            if manifest.selection and s.serve_precision == "auto":
+                console.print(f"[bold cyan]serve[/] {s.name}: serve_precision auto -> {manifest.selection.reason()}")
         except ParityError as err:
             console.print(f"[red]parity gate failed[/] ({s.name}): {err}")
             raise typer.Exit(1)
         except (FileNotFoundError, LookupError, ValueError) as err:
             console.print(f"[red]cannot write the repository[/] ({s.name}): {err}")
             raise typer.Exit(1)
-    return repos
+    return repos, resolved
 
 
 def _check_names(specs: list[DeploymentSpec]) -> None:
@@ -126,7 +143,7 @@ def serve(
 
     loaded = [_spec(x, workdir, ports=_ports(http_port, grpc_port, metrics_port)) for x in (specs or ["minilm"])]
     _check_names(loaded)
-    repos = _prepare(loaded)
+    repos, loaded = _prepare(loaded)
     first = loaded[0]
     server_dir = first.server_dir if len(loaded) == 1 else first.workdir / "serve"
     server = TritonServer(repos, first.ports, workdir=server_dir)
@@ -371,7 +388,11 @@ def stale_reasons(s: DeploymentSpec, manifest) -> list[str]:
     """Why an existing export no longer matches the spec (empty: reusable)."""
     from kiln.sources import checkpoint_dir
 
+    from export.manifest import EXPORT_FORMAT
+
     reasons = []
+    if manifest.export_format != EXPORT_FORMAT:
+        reasons.append(f"export format {manifest.export_format}, this kiln writes {EXPORT_FORMAT}")
     if s.task.value == "text-generation":
         fields = [("task", s.task.value, manifest.task), ("max_context", s.generation.max_context, manifest.max_length)]
     else:
@@ -400,7 +421,7 @@ def _ensure_export(s: DeploymentSpec) -> None:
 
     try:
         manifest = ExportManifest.read(s.export_dir)
-        manifest.usable_variant(s.serve_precision.value)
+        manifest.served_variant(s.serve_precision)
         stale = stale_reasons(s, manifest)
     except (FileNotFoundError, LookupError):
         stale = ["no usable export"]
@@ -423,7 +444,7 @@ def demo(
 
     loaded = [_spec(x, workdir) for x in (specs or ["minilm"])]
     _check_names(loaded)
-    repos = _prepare(loaded)
+    repos, loaded = _prepare(loaded)
     ports = free_ports()
     first = loaded[0]
     server = TritonServer(repos, ports, workdir=first.server_dir if len(loaded) == 1 else first.workdir / "demo")

@@ -44,6 +44,9 @@ class Precision(str, Enum):
     int4 = "int4"  # causal LMs: 4-bit block-quantized weights (MatMulNBits)
 
 
+AUTO = "auto"  # serve_precision: the fastest variant that passed its gate and the batch-invariance check
+
+
 class Runtime(str, Enum):
     """Where the encoder runs inside Triton.
 
@@ -190,7 +193,13 @@ class DeploymentSpec(_Frozen):
     )
     max_length: int = Field(256, ge=8, le=8192)
     precisions: list[Precision] = Field(default_factory=lambda: [Precision.fp32, Precision.int8])
-    serve_precision: Precision = Precision.int8
+    # a precision, or "auto": among the variants that passed their gate and the
+    # batch-invariance check on the machine that built them, the fastest by one named
+    # metric (see export/selection.py); the pick is recorded in the manifest
+    serve_precision: Precision | Literal["auto"] = AUTO
+    # encoders: "ensemble" (tokenizer -> encoder -> postprocess models) or "fused" (one
+    # python model does all three: less IPC per request, same outputs)
+    serving: Literal["ensemble", "fused"] = "ensemble"
     int8_mode: Literal["dynamic", "static"] = "dynamic"
     generation: Generation = Generation()
     runtime: Runtime = Runtime.python_ort
@@ -208,7 +217,7 @@ class DeploymentSpec(_Frozen):
             raise ValueError(f"name {self.name!r}: use lowercase letters, digits, '_', '-', '.'")
         if Precision.fp32 not in self.precisions:
             raise ValueError("precisions must include fp32: every other variant derives from it")
-        if self.serve_precision not in self.precisions:
+        if self.serve_precision != AUTO and self.serve_precision not in self.precisions:
             raise ValueError(
                 f"serve_precision {self.serve_precision.value!r} is not among precisions "
                 f"{[p.value for p in self.precisions]}"
@@ -224,6 +233,10 @@ class DeploymentSpec(_Frozen):
             if self.int8_mode != "static":
                 raise ValueError("runtime tensorrt_plan with int8 needs int8_mode: static (QDQ)")
         return self
+
+    def with_precision(self, precision: str) -> "DeploymentSpec":
+        """This spec serving one fixed precision (how "auto" reads once an export has picked)."""
+        return self.model_copy(update={"serve_precision": Precision(precision)})
 
     # --- derived locations: the one place paths are decided ---
     @property

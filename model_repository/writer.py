@@ -47,6 +47,14 @@ def _write_model(repo: Path, cfg, model_py: str | None = None) -> Path:
     return folder
 
 
+def _selection_card(manifest: ExportManifest) -> dict | None:
+    """serve_precision: auto: the pick, its metric, the runners-up and why (None: a fixed precision)."""
+    sel = manifest.selection
+    if sel is None:
+        return None
+    return {**sel.model_dump(), "runners_up": sel.runners_up, "reason": sel.reason()}
+
+
 GENERATE_MODULE = "kiln_generate.py"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja", "generation_config.json")
 
@@ -58,9 +66,10 @@ def write_repository(spec: DeploymentSpec, manifest: ExportManifest | None = Non
         return _write_generation_repository(spec, manifest, repo)
     names = C.Names(spec.name)
 
-    variant = manifest.usable_variant(spec.serve_precision.value)  # refuses a variant that failed its gate
+    precision = manifest.served_precision(spec.serve_precision)  # "auto": what the export picked
+    variant = manifest.usable_variant(precision)  # refuses a variant that failed its gate
     if spec.runtime is Runtime.tensorrt_plan:
-        engine = spec.export_dir / f"model.{spec.serve_precision.value}.plan"
+        engine = spec.export_dir / f"model.{precision}.plan"
         if not engine.is_file():
             raise FileNotFoundError(
                 f"{engine} not found: TensorRT engines are built on a GPU machine with `kiln engines` "
@@ -95,9 +104,11 @@ def write_repository(spec: DeploymentSpec, manifest: ExportManifest | None = Non
                 # the gateway counts tokens with the served tokenizer (usage, limits, too-long 400s)
                 "tokenizer": str((tok_dir / "1" / "tokenizer" / "tokenizer.json").relative_to(repo)),
                 "runtime": spec.runtime.value,
-                "precision": spec.serve_precision.value,
+                "precision": precision,
+                "selection": _selection_card(manifest),
                 "variant_sha256": variant.sha256,
                 "parity": variant.parity.model_dump(),
+                "batch_invariance": variant.batch_invariance,
                 "task": manifest.task,
                 "inputs": {C.TEXT: "BYTES [batch, 1] UTF-8 text"},
                 "outputs": {o.name: f"{C.mc.DataType.Name(o.data_type)} {list(o.dims)}" for o in ens.output},
@@ -113,7 +124,8 @@ def write_repository(spec: DeploymentSpec, manifest: ExportManifest | None = Non
 def _write_generation_repository(spec: DeploymentSpec, manifest: ExportManifest, repo: Path) -> Path:
     """<repo>/<name>/: the decoupled generation model (public), self-contained: graph,
     tokenizer files with the chat template, model.py, kiln_runtime.py, kiln_generate.py."""
-    variant = manifest.usable_variant(spec.serve_precision.value)
+    precision = manifest.served_precision(spec.serve_precision)
+    variant = manifest.usable_variant(precision)
     if not manifest.decoder:
         raise ValueError("the manifest has no decoder section: re-export with a text-generation spec")
     cfg = C.generation_config(spec, manifest, "model.onnx")
@@ -136,9 +148,11 @@ def _write_generation_repository(spec: DeploymentSpec, manifest: ExportManifest,
                 "public_model": spec.name,
                 "models": [spec.name],
                 "runtime": spec.runtime.value,
-                "precision": spec.serve_precision.value,
+                "precision": precision,
+                "selection": _selection_card(manifest),
                 "variant_sha256": variant.sha256,
                 "parity": variant.parity.model_dump(),
+                "batch_invariance": variant.batch_invariance,
                 "task": manifest.task,
                 "inputs": {i.name: f"{C.mc.DataType.Name(i.data_type)} {list(i.dims)}" for i in cfg.input},
                 "outputs": {o.name: f"{C.mc.DataType.Name(o.data_type)} {list(o.dims)}" for o in cfg.output},

@@ -98,7 +98,8 @@ def test_int8_variant_is_gated_and_reports_figures(tiny_bert, tmp_path):
     except ParityError:
         manifest = ExportManifest.read(spec.export_dir)
     v = manifest.variants["int8"]
-    assert set(v.parity.thresholds) == {"mean_cosine", "min_cosine"}
+    assert set(v.parity.thresholds) == {"mean_cosine", "min_cosine", "saturating_int8_matmuls"}
+    assert v.parity.figures["saturating_int8_matmuls"] == 0  # U8U8: the same numbers on every x86 CPU
     assert 0 < v.parity.figures["mean_cosine"] <= 1.0
     assert v.bytes < manifest.variants["fp32"].bytes
     assert "MatMuls kept fp32" in v.notes
@@ -110,3 +111,42 @@ def test_classifier_exports_logits_with_labels(tiny_classifier, tmp_path):
     assert manifest.labels == ["negative", "neutral", "positive"]
     assert manifest.outputs[0].name == "logits" and manifest.outputs[0].shape == ["batch", 3]
     assert manifest.variants["fp32"].parity.figures["label_agreement"] == 1.0
+
+
+def test_an_unserved_variant_that_misses_its_gate_is_reported_not_fatal(tiny_bert, tmp_path):
+    """int8 held to an impossible gate: the export still succeeds when fp32 is served, the
+    miss is in the manifest, the writer refuses int8; --strict and serving int8 both fail."""
+    impossible = {"int8_mean_cosine": 1.0, "int8_min_cosine": 1.0}
+    spec = tiny_spec(tiny_bert, tmp_path / "a", precisions=["fp32", "int8"], serve_precision="fp32", parity=impossible)
+    manifest = run_export(spec)
+    assert manifest.variants["fp32"].usable and not manifest.variants["int8"].usable
+    assert any("mean_cosine" in f for f in manifest.variants["int8"].parity.failures)
+    write_repository(spec, manifest)  # fp32: fine
+    with pytest.raises(LookupError, match="failed its parity gate"):
+        write_repository(spec.with_precision("int8"), manifest)
+    with pytest.raises(ParityError, match="int8"):
+        run_export(spec, strict=True)
+    served_int8 = tiny_spec(tiny_bert, tmp_path / "b", precisions=["fp32", "int8"], serve_precision="int8", parity=impossible)
+    with pytest.raises(ParityError, match="int8, the served variant"):
+        run_export(served_int8)
+
+
+def test_auto_serves_the_fastest_variant_that_passed_and_is_batch_invariant(tiny_bert, tmp_path):
+    spec = tiny_spec(tiny_bert, tmp_path, precisions=["fp32", "int8", "fp16"], serve_precision="auto")
+    manifest = run_export(spec)
+    sel = manifest.selection
+    assert sel is not None and sel.metric == "batch-8 sentences/s"
+    assert sel.precision in sel.eligible and sel.values[sel.precision] == max(sel.values.values())
+    for name in sel.eligible:  # what was eligible passed both checks, with figures recorded
+        v = manifest.variants[name]
+        assert v.usable and v.batch_invariance["invariant"] and v.speed["batch-8 sentences/s"] > 0
+    # dynamic int8 quantizes activations with one scale per batch: co-batched inputs change it
+    int8 = manifest.variants["int8"]
+    if int8.usable:
+        assert int8.batch_invariance["invariant"] is False and "int8" in sel.excluded
+    assert "fp16" in sel.excluded  # a GPU variant, not timed on CPU
+    assert sel.machine["cores"] >= 1 and "flags" in sel.machine
+    repo = write_repository(spec, manifest)
+    card = json.loads((repo / "kiln.json").read_text())
+    assert card["precision"] == sel.precision
+    assert card["selection"]["metric"] == sel.metric and card["selection"]["reason"].startswith(sel.precision)

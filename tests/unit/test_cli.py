@@ -1,6 +1,6 @@
 """kiln.cli helpers that need no server."""
 
-from export.manifest import ExportManifest, TensorSpec, Variant
+from export.manifest import EXPORT_FORMAT, ExportManifest, TensorSpec, Variant
 from kiln.cli import stale_reasons
 from kiln.sources import checkpoint_dir
 from kiln.spec import load_spec
@@ -8,7 +8,7 @@ from kiln.spec import load_spec
 
 def _manifest(spec, **kw):
     base = dict(
-        name=spec.name, task=spec.task.value, architecture="BertModel", checkpoint=str(checkpoint_dir(spec)),
+        export_format=EXPORT_FORMAT, name=spec.name, task=spec.task.value, architecture="BertModel", checkpoint=str(checkpoint_dir(spec)),
         tokenizer_dir="tokenizer", max_length=spec.max_length, hidden_size=384, pooling=spec.pooling.value,
         normalize=spec.normalize, opset=spec.opset,
         inputs=[TensorSpec(name="input_ids", dtype="int64", shape=["batch", "sequence"])],
@@ -30,3 +30,9 @@ def test_changed_spec_makes_the_export_stale():
     assert any(r.startswith("max_length: spec 256, export 128") for r in reasons)
     assert any(r.startswith("pooling") for r in reasons)
     assert any("not built" in r for r in reasons)
+
+
+def test_an_export_in_an_older_format_is_rebuilt_not_reused():
+    spec = load_spec("minilm")
+    reasons = stale_reasons(spec, _manifest(spec, export_format=1))
+    assert reasons == [f"export format 1, this kiln writes {EXPORT_FORMAT}"]

