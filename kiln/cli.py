@@ -96,7 +96,7 @@ def _prepare(specs: list[DeploymentSpec]) -> tuple[list[Path], list[DeploymentSp
     repos, resolved = [], []
     for s in specs:
         try:
-            _ensure_export(s)
+            ensure_export(s)
             repos.append(write_repository(s))
             manifest = ExportManifest.read(s.export_dir)
             resolved.append(s.with_precision(manifest.served_precision(s.serve_precision)))
@@ -258,7 +258,7 @@ def bench(spec: str = SpecArg, workdir: Optional[Path] = WorkdirOpt):
     from kiln.bench import run_bench
 
     s = _spec(spec, workdir)
-    _ensure_export(s)
+    ensure_export(s)
     if s.task.value == "text-generation":
         from kiln.bench_lm import run_lm_bench
 
@@ -340,7 +340,7 @@ def loadtest(
         if url is None:
             from model_repository.writer import write_repository
 
-            _ensure_export(s)
+            ensure_export(s)
             repo_dir = write_repository(s)
             server = TritonServer(s.repository_dir, free_ports(), workdir=s.server_dir)
             console.print(f"[bold cyan]load[/] starting Triton for {s.name}")
@@ -414,11 +414,13 @@ def stale_reasons(s: DeploymentSpec, manifest) -> list[str]:
     return reasons
 
 
-def _ensure_export(s: DeploymentSpec) -> None:
-    """Reuse an export that matches the spec and passed its gate; otherwise export."""
+def ensure_export(s: DeploymentSpec, out: Console | None = None):
+    """The spec's export: reused when it matches the spec and its served variant passed its
+    gate (what `make demo` leaves is reused by `make test`); otherwise exported anew."""
     from export.manifest import ExportManifest
     from export.pipeline import run_export
 
+    out = out or console
     try:
         manifest = ExportManifest.read(s.export_dir)
         manifest.served_variant(s.serve_precision)
@@ -426,10 +428,10 @@ def _ensure_export(s: DeploymentSpec) -> None:
     except (FileNotFoundError, LookupError):
         stale = ["no usable export"]
     if stale:
-        console.print(f"[bold cyan]export[/] exporting ({'; '.join(stale)})")
-        run_export(s, console)
-    else:
-        console.print(f"[bold cyan]export[/] reusing {s.export_dir / 'manifest.json'} (matches the spec)")
+        out.print(f"[bold cyan]export[/] exporting ({'; '.join(stale)})")
+        return run_export(s, out)
+    out.print(f"[bold cyan]export[/] reusing {s.export_dir / 'manifest.json'} (matches the spec)")
+    return manifest
 
 
 @app.command()

@@ -80,14 +80,24 @@ def tiny_spec(checkpoint: Path, workdir: Path, **kw):
     return parse_spec(data)
 
 
-@pytest.fixture(scope="session")
-def minilm_export(tmp_path_factory):
-    """The packaged MiniLM exported once per session (fp32, int8, fp16): (spec, manifest)."""
-    from export.pipeline import run_export
+def packaged_export(name: str):
+    """A packaged spec's export in the repository's build/ folder, where `make demo` leaves it:
+    reused when it matches the spec (the same rule as `kiln demo`), exported there otherwise,
+    so CI exports each packaged model once. (spec, manifest)."""
+    from rich.console import Console
+
+    from kiln.cli import ensure_export
     from kiln.spec import load_spec
 
-    spec = load_spec("minilm", workdir=str(tmp_path_factory.mktemp("minilm")))
-    return spec, run_export(spec)
+    workdir = os.path.relpath(REPO / "build")  # as the Makefile names it: the same checkpoint path
+    spec = load_spec(name, workdir=workdir)
+    return spec, ensure_export(spec, Console(stderr=True))
+
+
+@pytest.fixture(scope="session")
+def minilm_export():
+    """The packaged MiniLM (fp32, int8, fp16; serve_precision auto): (spec, manifest)."""
+    return packaged_export("minilm")
 
 
 def _serve(spec, repo: Path, workdir: Path):
@@ -112,6 +122,7 @@ def minilm_int8_server(minilm_export, tmp_path_factory):
     from model_repository.writer import write_repository
 
     spec, manifest = minilm_export
+    spec = spec.with_precision("int8")
     repo = write_repository(spec, manifest, spec.root / "repo-int8")
     server = _serve(spec, repo, tmp_path_factory.mktemp("srv-int8"))
     yield spec, server

@@ -1,12 +1,14 @@
 """The packaged SmolLM2-135M-Instruct (real weights, from the GGUF package) served by the
-real Triton: the answer, streamed == non-streamed, batching invariance over 8 streams."""
+real Triton in the variant its spec serves (serve_precision auto: the fastest that passed its
+gate and the batch-invariance check on this machine): the answer, streamed == non-streamed,
+batching invariance over 8 streams. The export is the one `make demo` left in build/."""
 
 import json
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from conftest import export_and_serve
+from conftest import _serve, packaged_export
 from test_generation import post
 
 pytestmark = pytest.mark.e2e
@@ -14,11 +16,11 @@ pytestmark = pytest.mark.e2e
 
 @pytest.fixture(scope="module")
 def smollm2(tmp_path_factory):
-    from kiln.spec import load_spec
+    from model_repository.writer import write_repository
 
+    spec, manifest = packaged_export("smollm2")
     work = tmp_path_factory.mktemp("smollm2")
-    spec = load_spec("smollm2", workdir=str(work), precisions=["fp32"], serve_precision="fp32")
-    server = export_and_serve(spec, work / "srv")
+    server = _serve(spec, write_repository(spec, manifest, work / "repo"), work / "srv")
     yield spec, server
     server.stop()
 

@@ -53,7 +53,8 @@ def test_int8_reports_perplexity_and_agreement_against_fp32(exported):
     assert f["ppl_fp32"] == pytest.approx(manifest.variants["fp32"].parity.figures["ppl"])
     assert f["ppl_ratio"] == pytest.approx(f["ppl"] / f["ppl_fp32"])
     assert 0.0 <= f["greedy_agreement"] <= 1.0 and f["greedy_prompts"] == 8
-    assert int8.parity.thresholds == {"ppl_ratio": 1.10} and int8.parity.passed
+    assert int8.parity.thresholds == {"ppl_ratio": 1.10, "saturating_int8_matmuls": 0.0} and int8.parity.passed
+    assert int8.parity.figures["saturating_int8_matmuls"] == 0  # U8U8: no int16 saturation on any x86 CPU
     assert int8.bytes < manifest.variants["fp32"].bytes
     assert "2 FFN down-projections kept fp32" in int8.notes  # one per layer: their inputs carry outliers
     graph = onnx.load(str(spec.export_dir / int8.file)).graph
@@ -64,7 +65,7 @@ def test_int8_reports_perplexity_and_agreement_against_fp32(exported):
 def test_int4_packs_weights_in_4_bit_blocks_and_is_gated_on_perplexity(exported):
     spec, manifest = exported
     int4 = manifest.variants["int4"]
-    assert int4.parity.thresholds == {"ppl_ratio": 1.10} and "ppl_ratio" in int4.parity.figures
+    assert int4.parity.thresholds == {"ppl_ratio": 1.10, "saturating_int8_matmuls": 0.0} and "ppl_ratio" in int4.parity.figures
     nodes = [n for n in onnx.load(str(spec.export_dir / int4.file)).graph.node if n.op_type == "MatMulNBits"]
     assert len(nodes) == 2 * 7  # q, k, v, o, gate, up, down per layer; the tied lm_head stays fp32
     assert {a.i for n in nodes for a in n.attribute if a.name == "bits"} == {4}
@@ -199,3 +200,14 @@ def test_other_decoder_families_export_with_parity(family, tiny_llama, tmp_path)
     figures, _, _ = P.fp32_figures(ref, P.OrtLM(path, X.DecoderShape.of(model.config)))
     report = P.gate_lm(spec, Precision.fp32, figures, len(ref.prompts))
     assert report.passed, report.failures
+
+
+def test_every_passing_variant_records_batch_invariance_and_decode_speed(exported):
+    """What serve_precision auto reads: measured at export on this machine, per variant."""
+    _, manifest = exported
+    assert manifest.variants["fp32"].batch_invariance["invariant"] is True  # fp32: alone == co-batched
+    for name, v in manifest.variants.items():
+        if v.usable:
+            assert v.batch_invariance["prompts"] == 4 and v.batch_invariance["steps"] == 24, name
+            assert v.speed["one-stream decode tokens/s"] > 0, name
+    assert manifest.selection is None  # a fixed serve_precision: nothing picked
