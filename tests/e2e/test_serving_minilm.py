@@ -162,3 +162,29 @@ def test_metrics_endpoint_counts_inferences(minilm_int8_server):
     embed(server, spec.name, ["count me"])
     text = urllib.request.urlopen(server.metrics_url, timeout=5).read().decode()
     assert f'nv_inference_request_success{{model="{spec.name}"' in text
+
+
+# ----------------------------------------------------------------------------- batch invariance
+@pytest.fixture(scope="module")
+def minilm_default_server(minilm_export, tmp_path_factory):
+    """The packaged spec as shipped: serve_precision auto, resolved by the export."""
+    from conftest import _serve
+    from model_repository.writer import write_repository
+
+    spec, manifest = minilm_export
+    server = _serve(spec, write_repository(spec, manifest, spec.root / "repo-default"), tmp_path_factory.mktemp("srv-def"))
+    yield spec, manifest, server
+    server.stop()
+
+
+def test_the_served_default_gives_each_text_the_same_embedding_alone_or_co_batched(minilm_default_server):
+    """Requests that Triton batches together must not change each other's output."""
+    spec, manifest, server = minilm_default_server
+    served = manifest.served_variant(spec.serve_precision)
+    assert served.batch_invariance["invariant"] is True  # what auto requires of its pick
+    alone = np.concatenate([embed(server, spec.name, [t]) for t in SENTENCES])
+    with ThreadPoolExecutor(8) as pool:  # concurrent single-text requests: the dynamic batcher merges them
+        concurrent = np.concatenate(list(pool.map(lambda t: embed(server, spec.name, [t]), SENTENCES)))
+    one_request = embed(server, spec.name, SENTENCES)
+    assert np.abs(concurrent - alone).max() <= 1e-6
+    assert np.abs(one_request - alone).max() <= 1e-6
