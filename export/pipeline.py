@@ -162,7 +162,8 @@ def _build_int8(spec: DeploymentSpec, loaded, fp32: Path, path: Path, measure, s
 
     def build(keep: list[str]) -> str:
         if spec.int8_mode == "static":
-            return V.quantize_int8_static(fp32, path, loaded.tokenizer, loaded.input_names, spec.max_length, keep)
+            return V.quantize_int8_static(fp32, path, loaded.tokenizer, loaded.input_names, spec.max_length, keep,
+                                          for_tensorrt=spec.runtime is Runtime.tensorrt_plan)
         return V.quantize_int8_dynamic(fp32, path, keep)
 
     keep, kept_layers = list(down), []

@@ -81,8 +81,13 @@ def calibration_texts() -> list[str]:
 
 
 def quantize_int8_static(
-    src: Path, dst: Path, tokenizer, input_names: list[str], max_length: int, keep_fp32: list[str] | None = None
+    src: Path, dst: Path, tokenizer, input_names: list[str], max_length: int, keep_fp32: list[str] | None = None,
+    for_tensorrt: bool = False,
 ) -> str:
+    """Static QDQ int8, calibrated: fixed activation scales, so a text's output does not depend
+    on what it is batched with. For ONNX Runtime on CPU, uint8 activations and weights (U8U8:
+    no int16 saturation on any x86 CPU, see export/portability.py); for TensorRT, the symmetric
+    int8 (S8S8) it requires."""
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 
     texts = calibration_texts()
@@ -103,16 +108,17 @@ def quantize_int8_static(
         str(dst),
         Reader(),
         quant_format=QuantFormat.QDQ,
-        activation_type=QuantType.QInt8,
-        weight_type=QuantType.QInt8,
+        activation_type=QuantType.QInt8 if for_tensorrt else QuantType.QUInt8,
+        weight_type=QuantType.QInt8 if for_tensorrt else QuantType.QUInt8,
         per_channel=True,
         op_types_to_quantize=["MatMul", "Gemm"],
         nodes_to_exclude=list(keep_fp32 or []),
-        extra_options={"ActivationSymmetric": True, "WeightSymmetric": True},
+        extra_options={"ActivationSymmetric": for_tensorrt, "WeightSymmetric": for_tensorrt},
     )
+    form = "symmetric int8 (S8S8, for TensorRT)" if for_tensorrt else "uint8 activations and weights (U8U8)"
     return (
-        f"static QDQ: symmetric int8, per-channel weights, calibrated on {len(texts)} texts; "
-        f"{len(keep_fp32 or [])} MatMuls kept fp32"
+        f"static QDQ: {form}, per-channel weights, activation scales calibrated on {len(texts)} texts "
+        f"(batch-invariant); {len(keep_fp32 or [])} MatMuls kept fp32"
     )
 
 
