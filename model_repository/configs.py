@@ -9,12 +9,14 @@ exists on both sides with the same type) is checked before anything is served.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
 from export.manifest import ExportManifest, TensorSpec
 from kiln.spec import DeploymentSpec, Runtime, Task
+from model_repository.python_models.kiln_runtime import TOKENIZER_FIELDS  # what a tokenizer can produce
 
 DTYPES = {
     "int64": mc.TYPE_INT64,
@@ -55,6 +57,8 @@ TEXT = "text"
 EMBEDDING = "embedding"
 LABEL = "label"
 SCORES = "scores"
+# where a tokenizer model (or the fused model) keeps its tokenizer, inside its version folder
+TOKENIZER_FILE = "tokenizer/tokenizer.json"
 
 
 def _dims(shape: list[int | str]) -> list[int]:
@@ -107,7 +111,7 @@ def tokenizer_config(spec: DeploymentSpec, man: ExportManifest, names: Names) ->
     )
     _set_params(
         cfg,
-        tokenizer_file="tokenizer/tokenizer.json",
+        tokenizer_file=TOKENIZER_FILE,
         max_length=spec.max_length,
         output_names=",".join(t.name for t in man.inputs),
     )
@@ -139,6 +143,19 @@ def encoder_config(spec: DeploymentSpec, man: ExportManifest, names: Names, mode
     return cfg
 
 
+def _head_outputs(spec: DeploymentSpec, man: ExportManifest) -> list[mc.ModelOutput]:
+    """The public outputs: embedding, or label + scores (postprocess and fused models alike)."""
+    if spec.task is Task.text_classification:
+        return [_tensor(mc.ModelOutput, LABEL, "bytes", [1]), _tensor(mc.ModelOutput, SCORES, "float32", [len(man.labels or [])])]
+    return [_tensor(mc.ModelOutput, EMBEDDING, "float32", [man.hidden_size])]
+
+
+def _head_params(spec: DeploymentSpec, man: ExportManifest) -> dict[str, Any]:
+    if spec.task is Task.text_classification:
+        return {"task": spec.task.value, "labels": "\n".join(man.labels or [])}
+    return {"task": spec.task.value, "pooling": man.pooling, "normalize": int(man.normalize)}
+
+
 def postprocess_config(spec: DeploymentSpec, man: ExportManifest, names: Names) -> mc.ModelConfig:
     encoder_out = man.outputs[0]
     cfg = mc.ModelConfig(
@@ -150,17 +167,46 @@ def postprocess_config(spec: DeploymentSpec, man: ExportManifest, names: Names) 
     )
     if spec.task is Task.text_classification:
         cfg.input.append(_io(mc.ModelInput, encoder_out))
-        cfg.output.extend(
-            [
-                _tensor(mc.ModelOutput, LABEL, "bytes", [1]),
-                _tensor(mc.ModelOutput, SCORES, "float32", [len(man.labels or [])]),
-            ]
-        )
-        _set_params(cfg, task=spec.task.value, labels="\n".join(man.labels or []))
     else:
         cfg.input.extend([_io(mc.ModelInput, encoder_out, ragged=True), _tensor(mc.ModelInput, "attention_mask", "int64", [-1], ragged=True)])
-        cfg.output.append(_tensor(mc.ModelOutput, EMBEDDING, "float32", [man.hidden_size]))
-        _set_params(cfg, task=spec.task.value, pooling=man.pooling, normalize=int(man.normalize))
+    cfg.output.extend(_head_outputs(spec, man))
+    _set_params(cfg, **_head_params(spec, man))
+    return cfg
+
+
+def fused_config(spec: DeploymentSpec, man: ExportManifest, names: Names, model_file: str) -> mc.ModelConfig:
+    """serving: fused: ONE python model under the public name does tokenizer, ONNX Runtime
+    and pooling / softmax; same public tensors as the ensemble, one IPC hop per request.
+    It batches like the encoder (the spec's delay and preferred sizes); requests' texts are
+    padded together into one ONNX Runtime run inside model.py."""
+    if spec.runtime is not Runtime.python_ort:
+        raise ConfigError(
+            f"serving: fused runs ONNX Runtime inside a python model, so it needs runtime: python-ort "
+            f"(got {spec.runtime.value}); use serving: ensemble with that runtime"
+        )
+    bad = [t.name for t in man.inputs if t.name not in TOKENIZER_FIELDS]
+    if bad:
+        raise ConfigError(f"encoder inputs {bad} cannot be produced by the tokenizer (it gives {list(TOKENIZER_FIELDS)})")
+    cfg = mc.ModelConfig(
+        name=names.public,
+        backend="python",
+        max_batch_size=spec.batching.max_batch_size,
+        input=[_tensor(mc.ModelInput, TEXT, "bytes", [1])],
+        output=_head_outputs(spec, man),
+        instance_group=[_instance_group(spec.instances.encoder, spec.instances.kind)],
+        dynamic_batching=_dynamic_batching(spec),
+    )
+    _set_params(
+        cfg,
+        tokenizer_file=TOKENIZER_FILE,
+        max_length=spec.max_length,
+        onnx_file=model_file,
+        input_names=",".join(t.name for t in man.inputs),
+        hidden_output=man.outputs[0].name,
+        intra_op_threads=spec.instances.intra_op_threads,
+        allow_spinning=int(spec.instances.allow_spinning),
+        **_head_params(spec, man),
+    )
     return cfg
 
 

@@ -1,9 +1,13 @@
 """`kiln repo`: spec + export manifest -> a Triton model repository.
 
+serving: ensemble (encoders' default)
     <repo>/<name>/               ensemble: the public model (text -> embedding | label, scores)
     <repo>/<name>_tokenizer/     python backend, Hugging Face `tokenizers`
     <repo>/<name>_encoder/       python-ort (ONNX Runtime in a python model) | onnxruntime_onnx | tensorrt_plan
     <repo>/<name>_postprocess/   python backend, pooling / softmax
+serving: fused (python-ort only)
+    <repo>/<name>/               one python model: tokenizer + ONNX Runtime + pooling / softmax,
+                                 same public tensors as the ensemble
     <repo>/kiln.json             what was written, from which variant (sha256), by which spec
 
 The repository is self-contained (python models carry their own kiln_runtime.py), so
@@ -68,6 +72,19 @@ def write_repository(spec: DeploymentSpec, manifest: ExportManifest | None = Non
 
     precision = manifest.served_precision(spec.serve_precision)  # "auto": what the export picked
     variant = manifest.usable_variant(precision)  # refuses a variant that failed its gate
+    model_file = ENGINE_FILES["tensorrt_plan" if spec.runtime is Runtime.tensorrt_plan else "onnxruntime_onnx"]
+    # configs first: a spec they cannot serve (fused on a container runtime) fails before anything else
+    if spec.serving == "fused":
+        public = C.fused_config(spec, manifest, names, model_file)  # python-ort only
+        members = [public]
+    else:
+        tok = C.tokenizer_config(spec, manifest, names)
+        enc = C.encoder_config(spec, manifest, names, model_file)
+        post = C.postprocess_config(spec, manifest, names)
+        public = C.ensemble_config(spec, names, [tok, enc, post])
+        C.validate_ensemble(public, {m.name: m for m in (tok, enc, post)})
+        members = [tok, enc, post, public]
+
     if spec.runtime is Runtime.tensorrt_plan:
         engine = spec.export_dir / f"model.{precision}.plan"
         if not engine.is_file():
@@ -75,34 +92,34 @@ def write_repository(spec: DeploymentSpec, manifest: ExportManifest | None = Non
                 f"{engine} not found: TensorRT engines are built on a GPU machine with `kiln engines` "
                 "(TensorRT cannot be installed on CPU-only machines)"
             )
-        source, model_file = engine, ENGINE_FILES["tensorrt_plan"]
+        source = engine
     else:
         source = spec.export_dir / variant.file
-        model_file = ENGINE_FILES["onnxruntime_onnx"]
-
-    tok = C.tokenizer_config(spec, manifest, names)
-    enc = C.encoder_config(spec, manifest, names, model_file)
-    post = C.postprocess_config(spec, manifest, names)
-    ens = C.ensemble_config(spec, names, [tok, enc, post])
-    C.validate_ensemble(ens, {m.name: m for m in (tok, enc, post)})
 
     if repo.exists():
         shutil.rmtree(repo)
     repo.mkdir(parents=True)
-    tok_dir = _write_model(repo, tok, "tokenizer.py")
+    # tok_dir: the model folder that carries the tokenizer files (the gateway reads them too)
+    if spec.serving == "fused":
+        # one folder: config, model.py + kiln_runtime.py, the tokenizer files and the graph
+        tok_dir = _write_model(repo, public, "encoder_fused.py")
+        _place(source, tok_dir / "1" / model_file)
+    else:
+        tok_dir = _write_model(repo, tok, "tokenizer.py")
+        enc_dir = _write_model(repo, enc, "encoder_ort.py" if spec.runtime is Runtime.python_ort else None)
+        _place(source, enc_dir / "1" / model_file)
+        _write_model(repo, post, "postprocess.py")
+        _write_model(repo, public)
     shutil.copytree(spec.export_dir / manifest.tokenizer_dir, tok_dir / "1" / "tokenizer")
-    enc_dir = _write_model(repo, enc, "encoder_ort.py" if spec.runtime is Runtime.python_ort else None)
-    _place(source, enc_dir / "1" / model_file)
-    _write_model(repo, post, "postprocess.py")
-    _write_model(repo, ens)
 
     (repo / "kiln.json").write_text(
         json.dumps(
             {
                 "public_model": names.public,
-                "models": [names.tokenizer, names.encoder, names.postprocess, names.public],
+                "serving": spec.serving,
+                "models": [m.name for m in members],
                 # the gateway counts tokens with the served tokenizer (usage, limits, too-long 400s)
-                "tokenizer": str((tok_dir / "1" / "tokenizer" / "tokenizer.json").relative_to(repo)),
+                "tokenizer": str((tok_dir / "1" / C.TOKENIZER_FILE).relative_to(repo)),
                 "runtime": spec.runtime.value,
                 "precision": precision,
                 "selection": _selection_card(manifest),
@@ -111,7 +128,7 @@ def write_repository(spec: DeploymentSpec, manifest: ExportManifest | None = Non
                 "batch_invariance": variant.batch_invariance,
                 "task": manifest.task,
                 "inputs": {C.TEXT: "BYTES [batch, 1] UTF-8 text"},
-                "outputs": {o.name: f"{C.mc.DataType.Name(o.data_type)} {list(o.dims)}" for o in ens.output},
+                "outputs": {o.name: f"{C.mc.DataType.Name(o.data_type)} {list(o.dims)}" for o in public.output},
                 "spec": json.loads(spec.model_dump_json()),
             },
             indent=2,

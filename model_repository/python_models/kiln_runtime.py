@@ -1,4 +1,5 @@
-"""Plain functions the python-backend models call: tokenize, pad, pool, normalise, classify.
+"""Plain functions the python-backend models call: tokenize, pad, pool, normalise, classify,
+and the fused encoder (all three in one model: ``serving: fused``).
 
 This file is copied verbatim next to each generated ``model.py``, so it imports nothing
 from kiln: only numpy (and ``tokenizers`` / ``onnxruntime`` where a function needs them).
@@ -8,7 +9,7 @@ Every function here is unit-tested without a server; the ``model.py`` files stay
 from __future__ import annotations
 
 import json
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
@@ -66,18 +67,22 @@ def tokenize(tok, texts: Sequence[str], input_names: Iterable[str]) -> dict[str,
     """Batch-encode texts into the int64 tensors the encoder's ONNX graph takes."""
     if len(texts) == 0:
         raise InputError("text: the batch is empty; send at least one string")
-    encs = tok.encode_batch(list(texts))
-    fields = {
-        "input_ids": [e.ids for e in encs],
-        "attention_mask": [e.attention_mask for e in encs],
-        "token_type_ids": [e.type_ids for e in encs],
-    }
-    out = {}
-    for name in input_names:
-        if name not in fields:
-            raise ValueError(f"encoder input {name!r} cannot be produced by the tokenizer")
-        out[name] = np.asarray(fields[name], dtype=np.int64)
-    return out
+    names = list(input_names)
+    check_tokenizer_inputs(names)
+    # the _fast variant skips character offsets, which nothing here reads (same ids and masks)
+    encs = getattr(tok, "encode_batch_fast", tok.encode_batch)(list(texts))
+    fields = {"input_ids": lambda e: e.ids, "attention_mask": lambda e: e.attention_mask, "token_type_ids": lambda e: e.type_ids}
+    return {name: np.asarray([fields[name](e) for e in encs], dtype=np.int64) for name in names}
+
+
+TOKENIZER_FIELDS = ("input_ids", "attention_mask", "token_type_ids")
+
+
+def check_tokenizer_inputs(input_names: Iterable[str]) -> None:
+    """Fail at start-up when the graph wants an input the tokenizer cannot produce."""
+    bad = [n for n in input_names if n not in TOKENIZER_FIELDS]
+    if bad:
+        raise ValueError(f"encoder inputs {bad} cannot be produced by the tokenizer (it gives {list(TOKENIZER_FIELDS)})")
 
 
 # ----------------------------------------------------------------------------- batching
@@ -110,13 +115,13 @@ def split_rows(batch: np.ndarray, shapes: Sequence[tuple[int, ...]]) -> list[np.
 def mean_pool(hidden: np.ndarray, mask: np.ndarray) -> np.ndarray:
     """Mean over non-padding positions; hidden [b, s, h], mask [b, s] -> [b, h] (float32)."""
     m = mask[..., None].astype(np.float32)
-    summed = (hidden.astype(np.float32) * m).sum(axis=1)
+    summed = (hidden.astype(np.float32, copy=False) * m).sum(axis=1)
     counts = np.clip(m.sum(axis=1), 1e-9, None)
     return (summed / counts).astype(np.float32)
 
 
 def cls_pool(hidden: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
-    return np.ascontiguousarray(hidden[:, 0].astype(np.float32))
+    return np.ascontiguousarray(hidden[:, 0], dtype=np.float32)
 
 
 def l2_normalize(x: np.ndarray, eps: float = 1e-12) -> np.ndarray:
@@ -148,3 +153,113 @@ def classify(logits: np.ndarray, labels: Sequence[str]) -> tuple[np.ndarray, np.
     scores = softmax(logits)
     names = np.array([labels[i].encode() for i in scores.argmax(axis=-1)], dtype=object)
     return names, scores
+
+
+# ----------------------------------------------------------------------------- ONNX Runtime
+def session_options(intra_op_threads: int = 0, allow_spinning: bool = True):
+    """ONNX Runtime options for a CPU encoder serving small batches.
+
+    Sequential execution: an encoder is one chain of layers, and ORT_PARALLEL only adds
+    inter-op scheduling (MiniLM int8, one sentence, 2 threads: ~2.3x slower). intra_op_threads
+    0: ONNX Runtime decides. allow_spinning: pool threads busy-wait for work (the spec's
+    instances field); on a 2-core machine shared with Triton and clients, off was faster for
+    single sentences and 8 concurrent clients alike.
+    """
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.inter_op_num_threads = 1
+    if intra_op_threads:
+        so.intra_op_num_threads = intra_op_threads
+    so.add_session_config_entry("session.intra_op.allow_spinning", "1" if allow_spinning else "0")
+    return so
+
+
+def open_session(path: str, intra_op_threads: int = 0, allow_spinning: bool = True, gpu_device: int | None = None):
+    import onnxruntime as ort
+
+    providers: list = ["CPUExecutionProvider"]
+    if gpu_device is not None:
+        providers.insert(0, ("CUDAExecutionProvider", {"device_id": gpu_device}))
+    return ort.InferenceSession(path, session_options(intra_op_threads, allow_spinning), providers=providers)
+
+
+# ----------------------------------------------------------------------------- fused encoder
+Head = Callable[[np.ndarray, np.ndarray], dict[str, np.ndarray]]
+
+
+def embedding_head(pooling: str, normalize: bool) -> Head:
+    """hidden [b, s, h] + mask [b, s] -> {"embedding": [b, h]} (what the postprocess model answers)."""
+    if pooling not in ("mean", "cls"):
+        raise ValueError(f"unknown pooling {pooling!r} (allowed: mean, cls)")
+    return lambda hidden, mask: {"embedding": pool(hidden, mask, pooling, normalize)}
+
+
+def classification_head(labels: Sequence[str]) -> Head:
+    """logits [b, n] -> {"label": [b, 1] bytes, "scores": [b, n] softmax}."""
+    labels = list(labels)
+
+    def head(logits: np.ndarray, mask: np.ndarray) -> dict[str, np.ndarray]:
+        names, scores = classify(logits, labels)
+        return {"label": names.reshape(-1, 1), "scores": scores}
+
+    return head
+
+
+def make_head(task: str, pooling: str | None = None, normalize: bool = False, labels: Sequence[str] | None = None) -> Head:
+    if task == "text-classification":
+        if not labels:
+            raise ValueError("text-classification needs labels")
+        return classification_head(labels)
+    return embedding_head(pooling or "mean", normalize)
+
+
+def head_outputs(task: str) -> tuple[str, ...]:
+    """Output tensor names a head answers, in the order the configs declare them."""
+    return ("label", "scores") if task == "text-classification" else ("embedding",)
+
+
+class FusedEncoder:
+    """Tokenize -> ONNX Runtime -> pool | classify for the requests of one Triton batch.
+
+    Every request's texts are tokenized in one batch encode, padded to the longest text
+    of the whole batch, run in ONE session call, and the head's rows are cut back per
+    request. A request with bad input (non-UTF-8, no text) gets its own InputError; the
+    others in the batch are answered. ``session`` is anything with ONNX Runtime's
+    ``run(output_names, feeds)``.
+    """
+
+    def __init__(self, tok, session, input_names: Sequence[str], hidden_output: str, head: Head, field: str = "text"):
+        check_tokenizer_inputs(input_names)
+        self.tok, self.session, self.head, self.field = tok, session, head, field
+        self.input_names = list(input_names)
+        self.hidden_output = hidden_output
+        # pooling needs the mask even if the graph does not take it
+        self._tokenized = self.input_names + ([] if "attention_mask" in self.input_names else ["attention_mask"])
+
+    def __call__(self, raws: Sequence[np.ndarray | None]) -> list[dict[str, np.ndarray] | InputError]:
+        results: list = [None] * len(raws)
+        texts: list[str] = []
+        spans: list[tuple[int, int, int]] = []  # (request, first row, end row)
+        for i, raw in enumerate(raws):
+            try:
+                if raw is None:
+                    raise InputError(f"input {self.field!r} is missing")
+                got = decode_texts(raw, self.field)
+                if not got:
+                    raise InputError(f"{self.field}: the batch is empty; send at least one string")
+            except InputError as err:
+                results[i] = err
+                continue
+            spans.append((i, len(texts), len(texts) + len(got)))
+            texts.extend(got)
+        if not texts:
+            return results
+        tokens = tokenize(self.tok, texts, self._tokenized)
+        (hidden,) = self.session.run([self.hidden_output], {n: tokens[n] for n in self.input_names})
+        out = self.head(hidden, tokens["attention_mask"])
+        for i, start, end in spans:
+            results[i] = out if len(spans) == 1 else {k: v[start:end] for k, v in out.items()}
+        return results

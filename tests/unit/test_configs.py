@@ -145,3 +145,94 @@ def test_text_generation_needs_the_python_runtime():
     with pytest.raises(SpecError, match="python-ort"):
         parse_spec({"name": "chat", "source": {"kind": "gguf", "file": "m.gguf"}, "task": "text-generation",
                     "runtime": "onnxruntime_onnx", "precisions": ["fp32"], "serve_precision": "fp32"})
+
+
+# ----------------------------------------------------------------------------- serving: fused
+def test_fused_config_is_the_public_model_with_the_ensembles_tensors():
+    for task, labels in (("feature-extraction", None), ("text-classification", ["neg", "pos"])):
+        spec = _spec(task=task, serving="fused", instances={"encoder": 2, "intra_op_threads": 2, "allow_spinning": False},
+                     batching={"max_batch_size": 32, "preferred_batch_sizes": [8], "max_queue_delay_us": 700, "max_queue_size": 9})
+        man = _manifest(task, labels)
+        fused = C.fused_config(spec, man, C.Names("enc"), "model.onnx")
+        assert C.parse_pbtxt(C.to_pbtxt(fused)) == fused
+        _, steps, ens = _all(spec, man)
+        assert fused.name == ens.name == "enc" and fused.backend == "python" and not fused.platform
+        assert list(fused.input) == list(ens.input) and list(fused.output) == list(ens.output)  # clients see no difference
+        assert fused.max_batch_size == 32
+        assert fused.dynamic_batching == steps[1].dynamic_batching  # batches like the encoder did
+        assert fused.instance_group == steps[1].instance_group
+        p = {k: v.string_value for k, v in fused.parameters.items()}
+        assert p["tokenizer_file"] == C.TOKENIZER_FILE and p["onnx_file"] == "model.onnx"
+        assert p["input_names"] == "input_ids,attention_mask,token_type_ids" and p["hidden_output"] == man.outputs[0].name
+        assert (p["intra_op_threads"], p["allow_spinning"], p["task"]) == ("2", "0", task)
+        if labels:
+            assert p["labels"] == "neg\npos"
+        else:
+            assert (p["pooling"], p["normalize"]) == ("mean", "1")
+
+
+def test_fused_needs_python_ort_and_tokenizer_inputs():
+    spec = _spec(serving="fused", runtime="onnxruntime_onnx")
+    with pytest.raises(C.ConfigError, match="needs runtime: python-ort"):
+        C.fused_config(spec, _manifest(), C.Names("enc"), "model.onnx")
+    man = _manifest()
+    man = man.model_copy(update={"inputs": man.inputs + [TensorSpec(name="pixel_values", dtype="float32", shape=["batch", 3])]})
+    with pytest.raises(C.ConfigError, match=r"\['pixel_values'\] cannot be produced"):
+        C.fused_config(_spec(serving="fused"), man, C.Names("enc"), "model.onnx")
+
+
+def _written(tmp_path, serving, **kw):
+    import json
+
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from export.manifest import ParityReport, Variant, sha256
+    from kiln.gateway.config import read_models
+    from model_repository.writer import write_repository
+
+    spec = parse_spec({"name": "enc", "source": {"kind": "folder", "path": str(tmp_path)}, "precisions": ["fp32"],
+                       "serve_precision": "fp32", "serving": serving, "workdir": str(tmp_path / "build"), **kw})
+    export = spec.export_dir
+    (export / "tokenizer").mkdir(parents=True)
+    (export / "tokenizer" / "tokenizer.json").write_text("{}\n")
+    graph = helper.make_graph(
+        [helper.make_node("Gather", ["emb", "input_ids"], ["last_hidden_state"])], "g",
+        [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "sequence"])],
+        [helper.make_tensor_value_info("last_hidden_state", TensorProto.FLOAT, ["batch", "sequence", 384])],
+        [numpy_helper.from_array(np.zeros((4, 384), np.float32), "emb")],
+    )
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=10), export / "model.fp32.onnx")
+    man = _manifest().model_copy(update={"inputs": _manifest().inputs[:2], "variants": {"fp32": Variant(
+        precision="fp32", file="model.fp32.onnx", sha256=sha256(export / "model.fp32.onnx"), bytes=1,
+        parity=ParityReport(reference="test", inputs=32, figures={}, thresholds={}, passed=True))}})
+    repo = write_repository(spec, man)
+    return repo, json.loads((repo / "kiln.json").read_text()), read_models([repo])["enc"]
+
+
+def test_fused_repository_is_one_model_carrying_graph_code_and_the_gateways_tokenizer(tmp_path):
+    repo, card, served = _written(tmp_path, "fused")
+    assert sorted(p.name for p in repo.iterdir()) == ["enc", "kiln.json"]
+    files = {p.relative_to(repo / "enc").as_posix() for p in (repo / "enc").rglob("*") if p.is_file()}
+    assert files == {"config.pbtxt", "1/model.py", "1/kiln_runtime.py", "1/model.onnx", "1/tokenizer/tokenizer.json"}
+    assert "FusedEncoder" in (repo / "enc" / "1" / "model.py").read_text()
+    cfg = C.parse_pbtxt((repo / "enc" / "config.pbtxt").read_text())
+    assert cfg.backend == "python" and cfg.parameters["input_names"].string_value == "input_ids,attention_mask"
+    assert card["serving"] == "fused" and card["models"] == ["enc"] and card["public_model"] == "enc"
+    assert card["tokenizer"] == "enc/1/tokenizer/tokenizer.json"
+    assert served.tokenizer_file == repo / "enc/1/tokenizer/tokenizer.json" and served.dim == 384  # what the gateway reads
+
+
+def test_ensemble_repository_card_is_unchanged_by_the_serving_field(tmp_path):
+    repo, card, served = _written(tmp_path, "ensemble")
+    assert card["serving"] == "ensemble" and card["models"] == ["enc_tokenizer", "enc_encoder", "enc_postprocess", "enc"]
+    assert card["tokenizer"] == "enc_tokenizer/1/tokenizer/tokenizer.json" and served.tokenizer_file.is_file()
+    assert C.parse_pbtxt((repo / "enc" / "config.pbtxt").read_text()).platform == "ensemble"
+
+
+def test_fused_on_a_container_runtime_is_refused_before_anything_is_written(tmp_path):
+    for runtime in ("onnxruntime_onnx", "tensorrt_plan"):  # tensorrt: refused before looking for engines
+        with pytest.raises(C.ConfigError, match="needs runtime: python-ort"):
+            _written(tmp_path / runtime, "fused", runtime=runtime, instances={"kind": "gpu"})
+        assert not (tmp_path / runtime / "build" / "enc" / "model_repository").exists()
