@@ -259,6 +259,7 @@ def generation_config(spec: DeploymentSpec, man: ExportManifest, model_file: str
         max_concurrent=g.max_concurrent,
         default_max_tokens=g.default_max_tokens,
         max_queue=g.max_queue,
+        prefill_chunk=g.prefill_chunk,
     )
     return cfg
 

@@ -15,7 +15,9 @@ import uuid
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from kiln_generate import ChatTemplate, Engine, QueueFull, SamplingParams, encode_prompt, parse_messages
+from kiln_generate import (
+    DEFAULT_PREFILL_CHUNK, ChatTemplate, Engine, QueueFull, SamplingParams, encode_prompt, parse_messages, session_runner,
+)
 from kiln_runtime import InputError
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
@@ -54,18 +56,16 @@ class TritonPythonModel:
         if int(p.get("intra_op_threads", "0")):
             so.intra_op_num_threads = int(p["intra_op_threads"])
         session = ort.InferenceSession(os.path.join(here, p["onnx_file"]), so, providers=["CPUExecutionProvider"])
-        out_names = [o.name for o in session.get_outputs()]
-
-        def runner(feeds):
-            return dict(zip(out_names, session.run(out_names, feeds)))
-
+        # prompt tokens per step for a long prompt, so it does not stall running streams;
+        # 0: off (a prompt is prefilled in one call); absent (older repositories): the default
+        prefill_chunk = int(p.get("prefill_chunk", DEFAULT_PREFILL_CHUNK)) or None
         tok_dir = os.path.join(here, "tokenizer")
         self.tokenizer = Tokenizer.from_file(os.path.join(tok_dir, "tokenizer.json"))
         self.template = ChatTemplate.from_dir(tok_dir)
         self.max_context = int(decoder["max_context"])
         self.default_max_tokens = int(p["default_max_tokens"])
         self.engine = Engine(
-            runner,
+            session_runner(session),
             num_layers=decoder["num_layers"],
             num_kv_heads=decoder["num_kv_heads"],
             head_dim=decoder["head_dim"],
@@ -75,6 +75,7 @@ class TritonPythonModel:
             tokenizer=self.tokenizer,
             default_max_tokens=int(p["default_max_tokens"]),
             max_queue=int(p.get("max_queue", 0)) or None,  # 0 / absent (older repositories): unbounded
+            prefill_chunk=prefill_chunk,
         )
         self.pending = {}  # request id -> (request, sender, stream, chunks)
         self.lock = threading.Lock()

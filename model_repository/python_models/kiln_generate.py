@@ -23,6 +23,7 @@ import os
 import threading
 from collections import deque
 from dataclasses import dataclass, field, replace
+from time import perf_counter as _now
 from typing import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
@@ -499,8 +500,9 @@ class StopMatcher:
 # ----------------------------------------------------------------------------- engine
 @dataclass
 class Event:
-    """What one request got from one engine step. Every active request gets one event per
-    step it took part in (text may be ""); the last one has finished=True."""
+    """What one request got from one engine step. A request gets one event per step that gave
+    it a token (text may be ""; none while a long prompt is still being prefilled in chunks);
+    the last one has finished=True."""
 
     request_id: str
     text: str
@@ -516,20 +518,42 @@ class QueueFull(Exception):
     request wrong. The message starts with Triton's own phrase for a full queue."""
 
 
+def session_runner(session) -> Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]:
+    """The engine's runner over an ONNX Runtime InferenceSession: every output by name, as
+    ``session.run`` returns them (fresh arrays over ORT's own buffers: nothing is copied)."""
+    names = [o.name for o in session.get_outputs()]
+    run = session.run
+
+    def runner(feeds):
+        return dict(zip(names, run(names, feeds)))
+
+    return runner
+
+
+DEFAULT_PREFILL_CHUNK = 16  # prompt tokens per step while others decode (the served default; see Engine)
+
+# where a step's time goes (Engine.profile); "other" is the rest of step(): locks,
+# cancellation, admission, event lists
+PROFILE_PHASES = ("run_prefill", "run_decode", "kv", "sample", "detok", "other")
+_PROFILE_COUNTS = ("steps", "tokens", "prefill_calls", "prefill_tokens", "decode_calls", "decode_rows", "rebuilds",
+                   "compactions")
+
+
 class _Seq:
     __slots__ = ("rid", "prompt", "prompt_len", "params", "sampler", "detok", "stopper", "kv", "length", "last",
                  "completion", "limit")
 
     def __init__(self, rid, prompt_ids, params, tokenizer, max_context):
         self.rid = rid
-        self.prompt = prompt_ids  # until prefill
+        self.prompt = prompt_ids  # until prefilled
         self.prompt_len = len(prompt_ids)
         self.params = params
         self.sampler = Sampler(params, prompt_ids)
         # a few prompt tokens give the detokenizer the context a leading space depends on
         self.detok = IncrementalDetokenizer(tokenizer, prompt_ids[-6:])
         self.stopper = StopMatcher(params.stop)
-        self.kv: list[np.ndarray] | None = None  # own cache after prefill, until it joins the batch
+        # own cache while prefilling and after prefill, until it joins the batch
+        self.kv: list[np.ndarray] | None = None
         self.length = 0  # tokens in the KV cache
         self.last = -1  # token to feed next
         self.completion = 0
@@ -540,11 +564,22 @@ class Engine:
     """Continuous batching over a decoder with an explicit KV cache.
 
     Each ``step``: cancelled requests leave; waiting requests are admitted (FIFO, up to
-    max_concurrent) and prefilled one by one, each producing its first token; then every
-    sequence that already had a token decodes one more in a single batched call. Sequences of
-    different lengths share that call through left padding (attention_mask 0, per-row
-    position_ids); when the batch keeps its members the presents feed the next step as they
-    are, and only a join or a leave rebuilds the padded batch from each sequence's exact cache.
+    max_concurrent) and prefilled, each producing its first token; then every sequence that
+    already had a token decodes one more in a single batched call. Sequences of different
+    lengths share that call through left padding (attention_mask 0, per-row position_ids).
+    While the batch keeps its members the presents feed the next step as they are; a join
+    rebuilds the padded batch from each sequence's exact cache, a leave moves the last rows
+    into the freed ones (rebuilding only when that would leave much common padding).
+
+    ``prefill_chunk`` (None: off) bounds the stall a long prompt puts on running streams:
+    while others decode, a prompt longer than that many tokens is prefilled over several
+    steps, one chunk of it per step next to the decode call (its partial cache carried
+    between chunks), so every running stream still gets a token each step. Shorter prompts
+    are prefilled whole in the step that admits them, without waiting behind a long one.
+    With nobody decoding, a prompt (or what is left of one) is prefilled in one call.
+
+    ``profile()`` reports where step time went since ``reset_profile()`` (always on: a few
+    perf_counter calls per step and per token).
     """
 
     def __init__(
@@ -561,11 +596,15 @@ class Engine:
         default_max_tokens: int = 256,
         kv_dtype=np.float32,
         max_queue: int | None = None,
+        prefill_chunk: int | None = None,
     ):
         if max_concurrent < 1:
             raise ValueError(f"max_concurrent must be >= 1 (got {max_concurrent})")
         if max_queue is not None and max_queue < 1:
             raise ValueError(f"max_queue must be >= 1 or None (got {max_queue})")
+        integral = isinstance(prefill_chunk, numbers.Integral) and not isinstance(prefill_chunk, bool)
+        if prefill_chunk is not None and not (integral and prefill_chunk >= 1):
+            raise ValueError(f"prefill_chunk must be an integer >= 1 or None (got {prefill_chunk!r})")
         self.runner = runner
         self.num_layers = num_layers
         self.num_kv_heads = num_kv_heads
@@ -577,22 +616,26 @@ class Engine:
         self.tokenizer = tokenizer
         self.default_max_tokens = default_max_tokens
         self.kv_dtype = np.dtype(kv_dtype)
+        self.prefill_chunk = None if prefill_chunk is None else int(prefill_chunk)
         self.past_names = [f"past_key_values.{i}.{kv}" for i in range(num_layers) for kv in ("key", "value")]
         self.present_names = [f"present.{i}.{kv}" for i in range(num_layers) for kv in ("key", "value")]
-        self._empty_past = np.zeros((1, num_kv_heads, 0, head_dim), self.kv_dtype)
+        self._empty_past = [np.zeros((1, num_kv_heads, 0, head_dim), self.kv_dtype)] * len(self.past_names)
 
         self._cond = threading.Condition()
         self._waiting: deque[_Seq] = deque()
         self._cancel: set[str] = set()
         self._known: set[str] = set()  # every id submitted and not yet finished
-        # slots held (running or admitted this step), as of the last admission or finish;
-        # _running itself changes outside the lock
+        # slots held (running, prefilling or admitted this step), as of the last admission
+        # or finish; _running and _prefilling themselves change outside the lock
         self._busy = 0
         # touched only by the stepping thread
         self._running: dict[str, _Seq] = {}
+        self._prefilling: deque[_Seq] = deque()  # long prompts part-way through a chunked prefill
         self._batch: list[_Seq] = []  # members of the last decode call, in row order
         self._batch_past: list[np.ndarray] = []
         self._batch_mask: np.ndarray | None = None
+        self._regroup = False  # someone joined or left _running since the batch was arranged
+        self.reset_profile()
 
     # --- called from request threads
     def submit(self, request_id: str, prompt_ids: Sequence[int], params: SamplingParams,
@@ -628,16 +671,22 @@ class Engine:
 
     def has_work(self) -> bool:
         with self._cond:
-            return bool(self._waiting or self._running or self._cancel)
+            return bool(self._waiting or self._running or self._prefilling or self._cancel)
 
     def wait_for_work(self, timeout: float | None = None) -> bool:
         """Block until there is something to step (for the driver thread); False on timeout."""
         with self._cond:
-            return bool(self._cond.wait_for(lambda: self._waiting or self._running or self._cancel, timeout))
+            return bool(self._cond.wait_for(
+                lambda: self._waiting or self._running or self._prefilling or self._cancel, timeout))
 
     @property
     def num_running(self) -> int:
         return len(self._running)
+
+    @property
+    def num_prefilling(self) -> int:
+        """Long prompts part-way through a chunked prefill (they hold a slot)."""
+        return len(self._prefilling)
 
     @property
     def num_waiting(self) -> int:
@@ -651,33 +700,75 @@ class Engine:
             self._cancel.clear()
             self._known.clear()
             self._running.clear()
+            self._prefilling.clear()
+            self._regroup = True
             self._busy = 0
             self._batch, self._batch_past, self._batch_mask = [], [], None
             return ids
 
+    # --- profile
+    def reset_profile(self) -> None:
+        """Start the profile afresh (from the stepping thread, or while it is idle)."""
+        self._prof = dict.fromkeys(PROFILE_PHASES[:-1], 0.0)
+        self._prof_n = dict.fromkeys(_PROFILE_COUNTS, 0)
+        self._prof_step = 0.0
+        self._prof_step_max = 0.0
+
+    def profile(self) -> dict:
+        """Where the steps since reset_profile() spent their time:
+
+        steps, step_s (time inside step()), step_ms / step_max_ms (mean and longest step),
+        phases_s (totals), phases_ms (means per step), phases_pct (shares of step_s) for each
+        of PROFILE_PHASES, and counts (tokens, prefill_calls, prefill_tokens, decode_calls,
+        decode_rows, rebuilds, compactions). run_prefill / run_decode: the runner itself;
+        kv: feeds, presents, the padded batch (rebuild, compaction, mask); sample: the
+        samplers; detok: detokenizing, stop strings, the event; other: the rest of step()."""
+        steps, total = self._prof_n["steps"], self._prof_step
+        phases = dict(self._prof)
+        phases["other"] = max(0.0, total - sum(phases.values()))
+        per = 1000.0 / steps if steps else 0.0
+        return {
+            "steps": steps,
+            "step_s": total,
+            "step_ms": total * per,
+            "step_max_ms": self._prof_step_max * 1000.0,
+            "phases_s": phases,
+            "phases_ms": {k: v * per for k, v in phases.items()},
+            "phases_pct": {k: (100.0 * v / total if total else 0.0) for k, v in phases.items()},
+            "counts": {k: v for k, v in self._prof_n.items() if k != "steps"},
+        }
+
     # --- the stepping thread
     def step(self) -> list[Event]:
+        start = _now()
         events: list[Event] = []
         with self._cond:
             for rid in self._cancel:
                 seq = self._running.pop(rid, None)
-                if seq is None:
-                    for s in self._waiting:
-                        if s.rid == rid:
-                            seq = s
-                            self._waiting.remove(s)
-                            break
                 if seq is not None:
+                    self._regroup = True
+                else:
+                    seq = _take(self._prefilling, rid) or _take(self._waiting, rid)
+                if seq is not None:
+                    seq.kv = None
                     self._known.discard(rid)
                     events.append(Event(rid, "", True, "cancelled", seq.prompt_len, seq.completion))
             self._cancel.clear()
             decoding = list(self._running.values())
             admitted = []
-            while self._waiting and len(self._running) + len(admitted) < self.max_concurrent:
+            while self._waiting and len(self._running) + len(self._prefilling) + len(admitted) < self.max_concurrent:
                 admitted.append(self._waiting.popleft())
-            self._busy = len(self._running) + len(admitted)
+            self._busy = len(self._running) + len(self._prefilling) + len(admitted)
+        # chunks only while others decode: with nobody to stall they would only add calls
+        chunk = self.prefill_chunk if decoding else None
         for seq in admitted:
-            self._prefill(seq, events)
+            if chunk is None or seq.prompt_len <= chunk:
+                self._prefill(seq, seq.prompt_len, events)
+            else:
+                self._prefilling.append(seq)
+        if self._prefilling:  # one chunk per step (or the rest), first come first served
+            if self._prefill(self._prefilling[0], chunk or self.max_context, events):
+                self._prefilling.popleft()
         if decoding:
             self._decode(decoding, events)
         elif self._batch:  # nobody left decoding: let go of the last batch's caches
@@ -687,45 +778,124 @@ class Engine:
                 for e in events:
                     if e.finished:
                         self._known.discard(e.request_id)
-                self._busy = len(self._running)
+                self._busy = len(self._running) + len(self._prefilling)
+        took = _now() - start
+        self._prof_step += took
+        if took > self._prof_step_max:
+            self._prof_step_max = took
+        self._prof_n["steps"] += 1
         return events
 
-    def _prefill(self, seq: _Seq, events: list[Event]) -> None:
-        n = len(seq.prompt)
-        feeds = {
-            "input_ids": np.asarray([seq.prompt], dtype=np.int64),
-            "attention_mask": np.ones((1, n), dtype=np.int64),
-            "position_ids": np.arange(n, dtype=np.int64)[None],
-        }
-        for name in self.past_names:
-            feeds[name] = self._empty_past
+    def _prefill(self, seq: _Seq, n: int, events: list[Event]) -> bool:
+        """Run the next n prompt tokens of seq (all that are left, at most); at the end of the
+        prompt, sample its first token. True when its prompt is done."""
+        t0 = _now()
+        done = seq.length
+        n = min(n, seq.prompt_len - done)
+        feeds = dict(zip(self.past_names, self._empty_past if seq.kv is None else seq.kv))
+        feeds["input_ids"] = np.asarray([seq.prompt[done : done + n]], dtype=np.int64)
+        feeds["attention_mask"] = np.ones((1, done + n), dtype=np.int64)
+        feeds["position_ids"] = np.arange(done, done + n, dtype=np.int64)[None]
+        t1 = _now()
         out = self.runner(feeds)
-        seq.prompt = None  # only the cache needs it from now on
+        t2 = _now()
         seq.kv = [out[name] for name in self.present_names]
-        seq.length = n
-        if self._advance(seq, seq.sampler.sample(out["logits"][0, -1]), events):
+        seq.length = done + n
+        prof, counts = self._prof, self._prof_n
+        prof["run_prefill"] += t2 - t1
+        counts["prefill_calls"] += 1
+        counts["prefill_tokens"] += n
+        if seq.length < seq.prompt_len:
+            prof["kv"] += t1 - t0 + _now() - t2
+            return False
+        seq.prompt = None  # only the cache needs it from now on
+        t3 = _now()
+        token = seq.sampler.sample(out["logits"][0, -1])
+        t4 = _now()
+        ended = self._advance(seq, token, events)
+        prof["kv"] += t1 - t0 + t3 - t2
+        prof["sample"] += t4 - t3
+        prof["detok"] += _now() - t4
+        if ended:
             seq.kv = None
         else:
             self._running[seq.rid] = seq
+            self._regroup = True
+        return True
 
     def _decode(self, seqs: list[_Seq], events: list[Event]) -> None:
-        if seqs != self._batch:
-            self._rebuild(seqs)
-        lengths = np.fromiter((s.length for s in seqs), dtype=np.int64, count=len(seqs))
-        feeds = {
-            "input_ids": np.fromiter((s.last for s in seqs), dtype=np.int64, count=len(seqs))[:, None],
-            "attention_mask": self._batch_mask,
-            "position_ids": lengths[:, None],
-        }
-        feeds.update(zip(self.past_names, self._batch_past))
+        t0 = _now()
+        self._arrange(seqs)
+        seqs = self._batch  # row order
+        rows = len(seqs)
+        feeds = dict(zip(self.past_names, self._batch_past))
+        feeds["input_ids"] = np.fromiter((s.last for s in seqs), dtype=np.int64, count=rows)[:, None]
+        feeds["attention_mask"] = self._batch_mask
+        feeds["position_ids"] = np.fromiter((s.length for s in seqs), dtype=np.int64, count=rows)[:, None]
+        t1 = _now()
         out = self.runner(feeds)
+        t2 = _now()
         self._batch_past = [out[name] for name in self.present_names]
-        self._batch_mask = np.concatenate([self._batch_mask, np.ones((len(seqs), 1), np.int64)], axis=1)
+        self._batch_mask = np.concatenate([self._batch_mask, np.ones((rows, 1), np.int64)], axis=1)
         logits = out["logits"]
+        t3 = _now()
+        prof = self._prof
+        prof["kv"] += t1 - t0 + t3 - t2
+        prof["run_decode"] += t2 - t1
+        self._prof_n["decode_calls"] += 1
+        self._prof_n["decode_rows"] += rows
+        sampling = detok = 0.0
         for b, seq in enumerate(seqs):
             seq.length += 1
-            if self._advance(seq, seq.sampler.sample(logits[b, -1]), events):
-                del self._running[seq.rid]  # the next call rebuilds the batch without it
+            t = _now()
+            token = seq.sampler.sample(logits[b, -1])
+            u = _now()
+            ended = self._advance(seq, token, events)
+            sampling += u - t
+            detok += _now() - u
+            if ended:
+                del self._running[seq.rid]  # the next call drops its row
+                self._regroup = True
+        prof["sample"] += sampling
+        prof["detok"] += detok
+
+    def _arrange(self, seqs: list[_Seq]) -> None:
+        """Make the batch hold exactly seqs (those decoding this step, any row order): as it is
+        when nobody joined or left; leaves only: compact; a join: rebuild. Either way, never
+        wider than the context."""
+        batch = self._batch
+        width = self._batch_past[0].shape[2] if self._batch_past else 0
+        regroup, trim = self._regroup, width + 1 > self.max_context  # only common padding gets it there
+        # _running holds seqs and those whose prefill ended this step: they join next step
+        self._regroup = len(self._running) != len(seqs)
+        if not (regroup or trim) or (not trim and len(seqs) == len(batch) and all(s in batch for s in seqs)):
+            return
+        if trim or not all(s in batch for s in seqs):
+            self._rebuild([s for s in batch if s in seqs] + [s for s in seqs if s not in batch])
+            return
+        longest = max(s.length for s in seqs)
+        if 4 * (width - longest) > width or not all(a.flags.writeable for a in self._batch_past):
+            self._rebuild([s for s in batch if s in seqs])  # would keep mostly padding: trim it
+        else:
+            self._compact(seqs)
+
+    def _compact(self, seqs: list[_Seq]) -> None:
+        """Drop the rows of those who left: the last rows move into the freed ones (a copy of
+        those rows only), then every array is cut to the first len(seqs) rows (a view; the
+        batch axis is outermost, so the view stays contiguous)."""
+        keep = len(seqs)
+        rows = list(self._batch)
+        holes = [b for b in range(keep) if rows[b] not in seqs]
+        movers = [b for b in range(keep, len(rows)) if rows[b] in seqs]
+        arrays = self._batch_past + [self._batch_mask]
+        for h, m in zip(holes, movers):
+            for a in arrays:
+                a[h] = a[m]
+            rows[h] = rows[m]
+        self._batch_past = [a[:keep] for a in self._batch_past]
+        self._batch_mask = self._batch_mask[:keep]
+        self._batch = rows[:keep]
+        self._prof_n["compactions"] += 1
 
     def _rebuild(self, seqs: list[_Seq]) -> None:
         """Left-pad every member's exact cache to the longest; members of the previous batch
@@ -755,6 +925,7 @@ class Engine:
             mask[b, longest - s.length :] = 1
         self._batch_past, self._batch_mask = past, mask
         self._batch = list(seqs)
+        self._prof_n["rebuilds"] += 1
 
     def _advance(self, seq: _Seq, token: int, events: list[Event]) -> bool:
         """Account one new token: text, stop checks, the event. True when the request ended."""
@@ -776,4 +947,14 @@ class Engine:
             if seq.stopper.hit:
                 reason = "stop"
         events.append(Event(seq.rid, text, reason is not None, reason, seq.prompt_len, seq.completion, [token]))
+        self._prof_n["tokens"] += 1
         return reason is not None
+
+
+def _take(queue: deque, rid: str) -> _Seq | None:
+    """Remove and return the sequence with this id from a queue (None: not there)."""
+    for s in queue:
+        if s.rid == rid:
+            queue.remove(s)
+            return s
+    return None

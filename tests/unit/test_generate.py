@@ -10,7 +10,6 @@ re-initialise the same architecture with larger weights so greedy text wanders.
 from __future__ import annotations
 
 import json
-import os
 import queue
 import threading
 import time
@@ -285,14 +284,31 @@ def test_chat_template_from_older_layouts(tmp_path):
     assert kg.ChatTemplate.from_dir(str(tmp_path)) is None
 
 
-SMOLLM2 = Path(os.environ.get("KILN_SMOLLM2_CHECKPOINT", "/tmp/kb/smollm2/export/checkpoint"))
+@pytest.fixture(scope="module")
+def smollm2_tokenizer_dir(tmp_path_factory):
+    """The packaged SmolLM2's tokenizer and chat template, read from its GGUF file (seconds:
+    no weights are dequantized) and saved as transformers saves them."""
+    import warnings
+
+    from transformers import AutoTokenizer
+
+    from kiln.sources import gguf_file
+    from kiln.spec import load_spec
+
+    path = gguf_file(load_spec("smollm2"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    out = tmp_path_factory.mktemp("smollm2-tokenizer")
+    tok.save_pretrained(out)
+    return out
 
 
-@pytest.mark.skipif(not (SMOLLM2 / "tokenizer.json").exists(), reason=f"no SmolLM2 checkpoint at {SMOLLM2}")
-def test_chat_template_smollm2_like_transformers():
+def test_chat_template_smollm2_like_transformers(smollm2_tokenizer_dir):
     from tokenizers import Tokenizer
     from transformers import AutoTokenizer
 
+    SMOLLM2 = smollm2_tokenizer_dir
     hf = AutoTokenizer.from_pretrained(SMOLLM2)
     ours = kg.ChatTemplate.from_dir(str(SMOLLM2))
     tok = Tokenizer.from_file(str(SMOLLM2 / "tokenizer.json"))
@@ -739,3 +755,220 @@ def test_decode_steps_per_second_one_vs_eight(lm):
         rates[n] = steps / (time.perf_counter() - t0)
     print(f"\ntiny llama decode: 1 sequence {rates[1]:.0f} steps/s ({rates[1]:.0f} tokens/s); "
           f"8 sequences {rates[8]:.0f} steps/s ({8 * rates[8]:.0f} tokens/s)")
+
+
+# ----------------------------------------------------------------------------- chunked prefill, profile
+LONG = " ".join(PROMPTS[i % 8] for i in range(24))  # ~150 tokens of the tiny tokenizer
+
+
+class CallLog:
+    """Wraps a runner: the (batch, new tokens, past) shape of every call, per step."""
+
+    def __init__(self, runner):
+        self.runner, self.calls = runner, []
+
+    def __call__(self, feeds):
+        b, s = feeds["input_ids"].shape
+        self.calls.append((b, s, feeds["past_key_values.0.key"].shape[2]))
+        return self.runner(feeds)
+
+
+def test_chunked_prefill_equals_unchunked(lm):
+    """Greedy tokens do not depend on the chunk size; while another stream decodes, a prompt is
+    fed one chunk per step on top of its own growing cache (position_ids and attention_mask
+    continue where the last chunk ended). With nobody decoding it is prefilled in one call."""
+    model, tok = lm
+    companion = tok.encode(PROMPTS[5]).ids
+    prompts = [tok.encode(LONG).ids, tok.encode(PROMPTS[4]).ids]
+    assert len(prompts[0]) > 100
+    for prompt in prompts:
+        whole = tokens(alone(lm, prompt, greedy(16), eos=[]))
+        assert whole == _reference_greedy(model, prompt, 16, set())
+        for chunk in (1, 7, 32, len(prompt) - 1, len(prompt)):
+            n_chunks = -(-len(prompt) // chunk)
+            engine = make_engine(lm, eos=[])
+            engine.prefill_chunk = chunk
+            engine.submit("run", companion, greedy(n_chunks + 4))
+            results = {"run": engine.step()}
+            log = engine.runner = CallLog(engine.runner)
+            engine.submit("r", prompt, greedy(16))
+            drain(engine, results)
+            assert tokens(results["r"]) == whole, f"prompt of {len(prompt)} tokens, chunk {chunk}"
+            assert tokens(results["run"]) == tokens(alone(lm, companion, greedy(n_chunks + 4), eos=[]))
+            # each step: the chunk, then the decode call of "run"
+            expected = [(1, min(chunk, len(prompt) - i), i) for i in range(0, len(prompt), chunk)]
+            assert log.calls[0 : 2 * n_chunks : 2] == expected  # (rows, chunk, cache so far)
+            assert all(c == (1, 1, len(companion) + k) for k, c in enumerate(log.calls[1 : 2 * n_chunks : 2]))
+        engine = make_engine(lm, eos=[])
+        engine.prefill_chunk = 7
+        log = engine.runner = CallLog(engine.runner)
+        engine.submit("solo", prompt, greedy(16))
+        assert tokens(drain(engine)["solo"]) == whole and log.calls[0] == (1, len(prompt), 0)  # nobody to stall
+    with pytest.raises(ValueError, match="prefill_chunk"):
+        kg.Engine(lambda f: f, 1, 1, 1, [], 1, 8, tok, prefill_chunk=0)
+
+
+def test_long_prompt_joins_without_stalling_running_streams(lm):
+    """While a long prompt is prefilled in chunks, the running stream gets a token every step;
+    a short prompt arriving meanwhile is prefilled whole in its admission step (it does not
+    wait behind the long one); a cancel mid-prefill frees the slot. Everyone's tokens are
+    their solo tokens."""
+    _, tok = lm
+    run_ids, long_ids, short_ids = tok.encode(PROMPTS[0]).ids, tok.encode(LONG).ids, tok.encode(PROMPTS[1]).ids
+    chunk = 16
+    chunks = -(-len(long_ids) // chunk)
+    engine = make_engine(lm, eos=[], max_concurrent=3)
+    engine.prefill_chunk = chunk
+    log = engine.runner = CallLog(engine.runner)
+    results = {}
+
+    def step():
+        before = len(log.calls)
+        evs = engine.step()
+        for ev in evs:
+            results.setdefault(ev.request_id, []).append(ev)
+        return {ev.request_id: ev.completion_tokens for ev in evs}, log.calls[before:]
+
+    engine.submit("run", run_ids, greedy(40))
+    step()
+    step()
+    engine.submit("long", long_ids, greedy(8))
+    got, calls = step()
+    assert got == {"run": 3} and engine.num_prefilling == 1
+    assert calls == [(1, chunk, 0), (1, 1, len(run_ids) + 1)]  # one chunk, then the decode call
+    got, _ = step()
+    engine.submit("short", short_ids, greedy(6))
+    got, calls = step()
+    assert got == {"run": 5, "short": 1}  # the short prompt went ahead, whole
+    assert calls[0] == (1, len(short_ids), 0) and calls[1] == (1, chunk, 2 * chunk)
+    for j in range(4, chunks):  # chunk j of the long prompt runs in step 2 + j
+        got, calls = step()
+        assert got["run"] == 2 + j and "long" not in got
+        assert sum(1 for b, s, p in calls if s > 1) == 1  # never more than one chunk a step
+    got, _ = step()
+    assert got["long"] == 1 and got["run"] == 2 + chunks and engine.num_prefilling == 0
+    drain(engine, results)
+    for rid, ids, n in (("run", run_ids, 40), ("long", long_ids, 8), ("short", short_ids, 6)):
+        assert tokens(results[rid]) == tokens(alone(lm, ids, greedy(n), eos=[])), rid
+
+    # a prefilling prompt holds its slot; cancelled mid-prefill, the slot goes to the next
+    engine = make_engine(lm, eos=[], max_concurrent=2)
+    engine.prefill_chunk = chunk
+    engine.submit("run", run_ids, greedy(10))
+    engine.step()
+    engine.submit("long", long_ids, greedy(4))
+    engine.submit("next", short_ids, greedy(3))
+    assert [ev.request_id for ev in engine.step()] == ["run"]
+    assert (engine.num_prefilling, engine.num_waiting) == (1, 1)
+    engine.step()
+    engine.cancel("long")
+    evs = {ev.request_id: ev for ev in engine.step()}
+    assert (evs["long"].finish_reason, evs["long"].completion_tokens) == ("cancelled", 0)
+    assert evs["next"].completion_tokens == 1 and engine.num_prefilling == 0
+    results = drain(engine)
+    assert tokens([evs["next"]] + results["next"]) == tokens(alone(lm, short_ids, greedy(3), eos=[]))
+    assert results["run"][-1].completion_tokens == 10 and not engine.has_work()
+
+
+def test_leaves_compact_the_batch_and_trim_common_padding(lm):
+    """Leaves move rows instead of rebuilding the batch; when the longest member left and the
+    rest would carry mostly padding, the batch is rebuilt narrower. Tokens stay solo tokens."""
+    _, tok = lm
+    long_ids = tok.encode(LONG).ids
+    shorts = [tok.encode(p).ids for p in PROMPTS[:4]]
+    engine = make_engine(lm, eos=[])
+    log = engine.runner = CallLog(engine.runner)
+    engine.submit("long", long_ids, greedy(3))
+    budgets = [12, 5, 9, 12]
+    for i, (p, n) in enumerate(zip(shorts, budgets)):
+        engine.submit(f"s{i}", p, greedy(n))
+    results = drain(engine)
+    for i, (p, n) in enumerate(zip(shorts, budgets)):
+        assert tokens(results[f"s{i}"]) == tokens(alone(lm, p, greedy(n), eos=[]))
+    assert tokens(results["long"]) == tokens(alone(lm, long_ids, greedy(3), eos=[]))
+    counts = engine.profile()["counts"]
+    assert counts["rebuilds"] == 2  # the first batch, then the trim once "long" left
+    assert counts["compactions"] >= 1  # s1 and s2 left without a rebuild
+    decode = [(b, p) for b, s, p in log.calls if s == 1 and p]
+    assert max(p for b, p in decode if b == 4) < len(long_ids)  # the trimmed batch is narrower
+
+
+def test_common_padding_never_widens_the_batch_past_the_context(lm):
+    """After a leave the batch may keep some common left padding; it is trimmed before the
+    batch would grow wider than max_context (the graph's contract)."""
+    _, tok = lm
+    ids = tok.encode(LONG).ids
+    long_ids, short_ids = ids[:40], ids[40:70]
+    engine = make_engine(lm, eos=[], max_context=48)
+    log = engine.runner = CallLog(engine.runner)
+    engine.submit("long", long_ids, greedy(2))
+    engine.submit("short", short_ids, greedy(18))
+    results = drain(engine)
+    assert tokens(results["short"]) == tokens(alone(lm, short_ids, greedy(18), eos=[], max_context=48))
+    assert tokens(results["long"]) == tokens(alone(lm, long_ids, greedy(2), eos=[], max_context=48))
+    counts = engine.profile()["counts"]
+    assert (counts["compactions"], counts["rebuilds"]) == (1, 2)  # "long" left by compaction; then the trim
+    assert max(p + s for b, s, p in log.calls) <= 48
+
+
+def test_profile_splits_the_step_time(lm):
+    _, tok = lm
+    engine = make_engine(lm, eos=[])
+    real = engine.runner
+
+    def slow(feeds):  # known runner time: 4 ms a decode call, 6 ms a prefill call
+        time.sleep(0.004 if feeds["input_ids"].shape[1] == 1 and feeds["past_key_values.0.key"].shape[2] else 0.006)
+        return real(feeds)
+
+    engine.runner = slow
+    prof = engine.profile()
+    assert prof["steps"] == 0 and set(prof["phases_ms"]) == set(kg.PROFILE_PHASES)
+    prompts = [tok.encode(p).ids for p in PROMPTS[:3]]
+    for i, p in enumerate(prompts):
+        engine.submit(f"r{i}", p, greedy(10, stop=["@@"]))
+    wall, n = 0.0, 0
+    while engine.has_work():
+        t0 = time.perf_counter()
+        n += len(engine.step())
+        wall += time.perf_counter() - t0
+    prof = engine.profile()
+    c = prof["counts"]
+    assert prof["steps"] == 10 and c["tokens"] == n == 30
+    assert (c["prefill_calls"], c["prefill_tokens"]) == (3, sum(map(len, prompts)))
+    assert (c["decode_calls"], c["decode_rows"]) == (9, 27)
+    assert set(prof["phases_s"]) == set(kg.PROFILE_PHASES)
+    assert abs(sum(prof["phases_s"].values()) - prof["step_s"]) < 1e-9
+    assert prof["step_s"] <= wall and prof["step_s"] > 0.95 * wall  # step() itself, nothing else
+    assert prof["phases_s"]["run_decode"] >= 9 * 0.004 and prof["phases_s"]["run_prefill"] >= 3 * 0.006
+    measured = sum(v for k, v in prof["phases_s"].items() if k != "other")
+    assert prof["phases_s"]["other"] < 0.25 * measured  # the named phases hold the time
+    assert all(prof["phases_s"][k] > 0 for k in ("kv", "sample", "detok"))
+    assert abs(sum(prof["phases_pct"].values()) - 100) < 1e-6
+    assert abs(prof["step_ms"] - 1000 * prof["step_s"] / 10) < 1e-9 and prof["step_max_ms"] >= prof["step_ms"]
+    engine.reset_profile()
+    prof = engine.profile()
+    assert prof["steps"] == 0 and prof["step_s"] == 0 and not any(prof["counts"].values())
+
+
+def test_bench_profile_reads_the_engine_profile(lm):
+    """kiln/bench_profile.py's in-process half over the tiny engine: decode-only figures, the
+    table, and the served-minus-in-process step time a caller reports."""
+    from rich.console import Console
+
+    from kiln import bench_profile as bp
+
+    _, tok = lm
+    engine = make_engine(lm, eos=[])
+    prompts = [tok.encode(p).ids for p in PROMPTS[:3]]
+    run = bp.timed_decode(engine, prompts, 12)
+    assert run["tokens"] == 3 * 11 and len(run["step_times_ms"]) == 11  # the prefill step is not in it
+    result = bp.summarize(run, variant="fp32", file="x.onnx", threads=1, streams=3, new_tokens=12, prompt_tokens=[])
+    assert result["counts"]["decode_rows"] == 33 and result["counts"]["prefill_calls"] == 0
+    assert result["step_ms"] == pytest.approx(sum(result["phases_ms"].values()))
+    assert result["per_stream_tokens_per_s"] == pytest.approx(1000 / result["step_ms"])
+    console = Console(width=150, record=True)
+    console.print(bp.profile_table([result]))
+    shown = console.export_text()
+    assert all(label in shown for label in bp.PHASE_LABELS.values()) and "3 streams ms/step" in shown
+    gap = bp.served_overhead(result, served_per_stream_tokens_per_s=500 / result["step_ms"])  # served at half the rate
+    assert gap["overhead_ms"] == pytest.approx(result["step_ms"]) and gap["overhead_pct"] == pytest.approx(50)
