@@ -58,3 +58,10 @@ e2e: $(STAMP)
 
 clean:
 	rm -rf build
+
+# llama.cpp baseline for `make bench SPEC=smollm2` (optional extra `llama`): llama-cpp-python
+# built from source as a plain AVX2 build (several minutes on 2 cores); not part of `make test`.
+LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON
+.PHONY: llama-cpp
+llama-cpp: $(STAMP)
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(VENV)/bin/python -m pip install "llama-cpp-python[server]>=0.3"

@@ -1,25 +1,35 @@
-"""`kiln bench` for causal LMs: HF transformers `generate` (PyTorch eager) vs the
-in-process ONNX Runtime engine vs the served model (Triton generate_stream), in one run.
+"""`kiln bench` for causal LMs: kiln against what a user would run instead, in one run.
 
-Reported per path: time to first token, decode tokens/s for one stream, and aggregate
-tokens/s at 1, 4 and 8 concurrent streams (served). Targets (reported, never asserted):
-one served stream >= 3x transformers `generate`; 8 streams aggregate >= 3x one stream.
+Rows (greedy, the chat prompts below, `new_tokens` new tokens, every row the median of
+`runs` runs):
+
+- in-process: transformers `generate` (PyTorch eager fp32) and kiln's generation engine over
+  ONNX Runtime (the served code minus Triton), one stream
+- served, through one load generator (kiln/loadgen.py: streamed OpenAI chat completions):
+  the kiln gateway in front of Triton, and llama-cpp-python's server on the same GGUF file
+  (optional; skipped with the reason when `llama_cpp` does not import), at 1 and 8 streams
+- extra: Triton's own generate_stream (HTTP SSE, no gateway), one stream
+
+Runs are interleaved (run 1 of every server, then run 2, ...), so drift on a shared
+machine hits every server alike. Targets are printed PASS/MISS with the ratios of this
+run and written to bench.json; they are never asserted.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import statistics
 import time
 import urllib.request
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Sequence
 
 from rich.console import Console
 from rich.table import Table
 
+from kiln.bench import Target, print_targets
+from kiln.loadgen import NOISY_SPREAD, ChatRun, StreamTiming, chat_wave, median_of, spread, summarize_chat
 from kiln.spec import DeploymentSpec
 
 PROMPTS = [
@@ -32,43 +42,97 @@ PROMPTS = [
     "Tell me about the history of bicycles.",
     "Describe how to bake bread at home, from flour to loaf.",
 ]
+STREAMS = (1, 8)
+RUNS = 3
+HF, ENGINE, GATEWAY, TRITON, LLAMA = "transformers", "engine", "gateway", "triton", "llama.cpp"
+# targets (reported, never asserted)
+MIN_DECODE_X_LLAMA = 1.0  # one stream, decode tokens/s, kiln gateway / llama.cpp server
+MAX_TTFT_MS = 100.0  # one stream, ~40-token chat prompt, kiln gateway
+MIN_AGGREGATE_X_LLAMA = 2.0  # 8 streams, aggregate tokens/s, kiln gateway / llama.cpp server
+MIN_X_TRANSFORMERS = 3.0  # one stream decode, kiln gateway / transformers generate
+MIN_SCALING = 3.0  # kiln gateway, 8 streams aggregate / 1 stream aggregate
 
 
-@dataclass
+@dataclass(frozen=True)
 class LMRow:
     path: str
+    kind: str  # transformers | engine | gateway | triton | llama.cpp
     streams: int
-    ttft_ms: float | None  # median time to first token
-    tokens_per_s: float  # aggregate decode+prefill tokens/s over all streams
-    per_stream_tokens_per_s: float | None  # median decode tokens/s of one stream
-    tokens: int
+    runs: int
+    ttft_ms: float | None  # median time to first token (median over runs of each run's median)
+    tokens_per_s: float  # aggregate: completion tokens of all streams / wall time (prefill included)
+    per_stream_tokens_per_s: float | None  # decode tokens/s of one stream, after its first token
+    tokens: int  # completion tokens timed, all runs
+    gap_p50_ms: float | None = None  # gaps between streamed chunks
+    gap_p95_ms: float | None = None
+    note: str = ""
+    tokens_per_s_runs: tuple[float, ...] = ()  # each run's aggregate tokens/s
 
 
-def _hf_path(spec: DeploymentSpec, checkpoint: Path, new_tokens: int, console: Console) -> LMRow:
+def lm_row(path: str, kind: str, runs: Sequence[ChatRun], note: str = "") -> LMRow:
+    """A row from several runs of one path: each figure is the median over the runs."""
+    m = median_of(runs)
+    return LMRow(path, kind, m.streams, len(runs), m.ttft_p50_ms, m.tokens_per_s, m.decode_tokens_per_s, m.tokens,
+                 m.gap_p50_ms, m.gap_p95_ms, note, tuple(r.tokens_per_s for r in runs))
+
+
+def _find(rows: Sequence[LMRow], kind: str, streams: int) -> LMRow | None:
+    return next((r for r in rows if r.kind == kind and r.streams == streams), None)
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return None if a is None or b is None or b <= 0 else a / b
+
+
+def lm_targets(rows: Sequence[LMRow], many: int = 8) -> dict[str, Target]:
+    """Targets on the kiln gateway's rows against llama.cpp's server and transformers (N/A where
+    a row is missing)."""
+    one, eight = _find(rows, GATEWAY, 1), _find(rows, GATEWAY, many)
+    llama1, llama8, hf = _find(rows, LLAMA, 1), _find(rows, LLAMA, many), _find(rows, HF, 1)
+    get = lambda r, f: getattr(r, f) if r else None  # noqa: E731
+    return {
+        "decode_vs_llama_cpp": Target(
+            f"one stream decode tokens/s >= {MIN_DECODE_X_LLAMA:g}x llama.cpp's server",
+            _ratio(get(one, "per_stream_tokens_per_s"), get(llama1, "per_stream_tokens_per_s")), MIN_DECODE_X_LLAMA),
+        "ttft": Target(f"one stream TTFT p50 <= {MAX_TTFT_MS:g} ms (chat prompt ~40 tokens)",
+                       get(one, "ttft_ms"), MAX_TTFT_MS, at_most=True, unit="ms"),
+        "aggregate_vs_llama_cpp": Target(
+            f"{many} streams aggregate tokens/s >= {MIN_AGGREGATE_X_LLAMA:g}x llama.cpp's server at {many} streams",
+            _ratio(get(eight, "tokens_per_s"), get(llama8, "tokens_per_s")), MIN_AGGREGATE_X_LLAMA),
+        "decode_vs_transformers": Target(
+            f"one stream decode tokens/s >= {MIN_X_TRANSFORMERS:g}x transformers generate",
+            _ratio(get(one, "per_stream_tokens_per_s"), get(hf, "per_stream_tokens_per_s")), MIN_X_TRANSFORMERS),
+        "scaling": Target(f"{many} streams aggregate >= {MIN_SCALING:g}x one stream",
+                          _ratio(get(eight, "tokens_per_s"), get(one, "tokens_per_s")), MIN_SCALING),
+    }
+
+
+# ----------------------------------------------------------------------------- in-process paths
+def _hf_runs(checkpoint: Path, new_tokens: int, runs: int, console: Console) -> list[ChatRun]:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(checkpoint)
     model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
-    ttfts, rates, total_tokens, total_time = [], [], 0, 0.0
-    for prompt in PROMPTS[:2]:
-        ids = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    out_runs = []
+    for r in range(runs):
+        prompt = PROMPTS[r % len(PROMPTS)]
+        ids = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                      return_tensors="pt", return_dict=True)
         with torch.no_grad():
             t0 = time.perf_counter()
             model.generate(**ids, max_new_tokens=1, do_sample=False)
-            ttfts.append((time.perf_counter() - t0) * 1000)
+            ttft = time.perf_counter() - t0
             t0 = time.perf_counter()
             out = model.generate(**ids, max_new_tokens=new_tokens, do_sample=False)
             dt = time.perf_counter() - t0
-        n = out.shape[1] - ids["input_ids"].shape[1]
-        total_tokens, total_time = total_tokens + n, total_time + dt
-        rates.append((n - 1) / max(dt - ttfts[-1] / 1000, 1e-9))
-        console.print(f"[bold cyan]bench[/] transformers generate: {n} tokens in {dt:.2f}s")
-    return LMRow("transformers generate (PyTorch eager fp32)", 1, statistics.median(ttfts), total_tokens / total_time,
-                 statistics.median(rates), total_tokens)
+        n = int(out.shape[1] - ids["input_ids"].shape[1])
+        out_runs.append(ChatRun(1, ttft * 1e3, (n - 1) / max(dt - ttft, 1e-9), n / dt, None, None, n, dt))
+        console.print(f"[bold cyan]bench[/] transformers generate, run {r + 1}: {n} tokens in {dt:.2f}s")
+    return out_runs
 
 
-def _engine_path(spec: DeploymentSpec, manifest, new_tokens: int, console: Console) -> LMRow:
+def _engine_runs(spec: DeploymentSpec, manifest, new_tokens: int, runs: int, console: Console) -> list[ChatRun]:
     """The generation engine in this process over ONNX Runtime: the served code minus Triton."""
     import onnxruntime as ort
     from tokenizers import Tokenizer
@@ -88,109 +152,186 @@ def _engine_path(spec: DeploymentSpec, manifest, new_tokens: int, console: Conso
     template = ChatTemplate.from_dir(str(tok_dir))
     engine = Engine(lambda f: dict(zip(names, sess.run(names, f))), d["num_layers"], d["num_kv_heads"], d["head_dim"],
                     d["eos_token_ids"], 1, d["max_context"], tok)
-    ttfts, rates, total_tokens, total_time = [], [], 0, 0.0
-    for i, prompt in enumerate(PROMPTS[:2]):
-        ids = encode_prompt(tok, messages=[{"role": "user", "content": prompt}], template=template)
-        engine.submit(str(i), ids, SamplingParams(max_tokens=new_tokens, temperature=0.0))
-        t0, first, n = time.perf_counter(), None, 0
+    out_runs = []
+    for r in range(runs + 1):  # the first run warms ONNX Runtime up and is not kept
+        ids = encode_prompt(tok, messages=[{"role": "user", "content": PROMPTS[r % len(PROMPTS)]}], template=template)
+        engine.submit(str(r), ids, SamplingParams(max_tokens=new_tokens if r else 4, temperature=0.0))
+        t0, stamps, n = time.perf_counter(), [], 0
         while engine.has_work():
             for ev in engine.step():
-                if first is None:
-                    first = time.perf_counter()
+                stamps.append(time.perf_counter())
                 n = ev.completion_tokens
-        dt = time.perf_counter() - t0
-        ttfts.append((first - t0) * 1000)
-        rates.append((n - 1) / max(time.perf_counter() - first, 1e-9))
-        total_tokens, total_time = total_tokens + n, total_time + dt
-        console.print(f"[bold cyan]bench[/] in-process engine: {n} tokens in {dt:.2f}s")
-    return LMRow(f"ONNX Runtime {spec.serve_precision.value} engine (in-process)", 1, statistics.median(ttfts),
-                 total_tokens / total_time, statistics.median(rates), total_tokens)
+        end = time.perf_counter()
+        if r:
+            out_runs.append(summarize_chat([StreamTiming(t0, tuple(stamps), end, n)], end - t0))
+            console.print(f"[bold cyan]bench[/] in-process engine, run {r}: {n} tokens in {end - t0:.2f}s")
+    return out_runs
 
 
-def _stream(url: str, model: str, prompt: str, new_tokens: int) -> tuple[float, float, int, float]:
-    """(ttft s, decode tokens/s, completion tokens, total s) for one generate_stream call."""
+# ----------------------------------------------------------------------------- Triton direct
+def _triton_stream(url: str, model: str, prompt: str, new_tokens: int) -> StreamTiming:
+    """One Triton generate_stream call (HTTP SSE, no gateway), timed per event."""
     body = json.dumps({"messages": json.dumps([{"role": "user", "content": prompt}]), "max_tokens": new_tokens,
-                       "stream": True}).encode()
-    req = urllib.request.Request(f"http://{url}/v2/models/{model}/generate_stream", body, {"Content-Type": "application/json"})
-    t0 = time.perf_counter()
-    first, tokens = None, 0
+                       "temperature": 0.0, "stream": True}).encode()
+    req = urllib.request.Request(f"http://{url}/v2/models/{model}/generate_stream", body,
+                                 {"Content-Type": "application/json"})
+    t0, stamps, tokens = time.perf_counter(), [], 0
     with urllib.request.urlopen(req, timeout=600) as r:
         for raw in r:
             line = raw.decode().strip()
             if not line.startswith("data:"):
                 continue
             ev = json.loads(line[5:])
-            if first is None:
-                first = time.perf_counter()
+            if ev.get("text_output"):
+                stamps.append(time.perf_counter())
             tokens = int(ev.get("completion_tokens", tokens) or tokens)
-    end = time.perf_counter()
-    first = first or end
-    return first - t0, (tokens - 1) / max(end - first, 1e-9), tokens, end - t0
+    return StreamTiming(t0, tuple(stamps), time.perf_counter(), tokens)
 
 
-def _served_path(spec: DeploymentSpec, url: str, streams: int, new_tokens: int, console: Console) -> LMRow:
-    prompts = [PROMPTS[i % len(PROMPTS)] for i in range(streams)]
+def _triton_wave(url: str, model: str, prompts: Sequence[str], new_tokens: int) -> ChatRun:
     t0 = time.perf_counter()
-    with ThreadPoolExecutor(streams) as pool:
-        results = list(pool.map(lambda p: _stream(url, spec.name, p, new_tokens), prompts))
-    wall = time.perf_counter() - t0
-    tokens = sum(r[2] for r in results)
-    console.print(f"[bold cyan]bench[/] served, {streams} stream(s): {tokens} tokens in {wall:.2f}s")
-    return LMRow(f"Triton generate_stream ({spec.serve_precision.value})", streams,
-                 statistics.median(r[0] * 1000 for r in results), tokens / wall,
-                 statistics.median(r[1] for r in results), tokens)
+    timing = _triton_stream(url, model, prompts[0], new_tokens)
+    return summarize_chat([timing], time.perf_counter() - t0)
 
 
-def targets(rows: list[LMRow]) -> dict[str, dict]:
-    hf = next((r for r in rows if r.path.startswith("transformers")), None)
-    one = next((r for r in rows if r.path.startswith("Triton") and r.streams == 1), None)
-    eight = next((r for r in rows if r.path.startswith("Triton") and r.streams == 8), None)
-    out = {}
-    if hf and one:
-        v = one.per_stream_tokens_per_s / hf.per_stream_tokens_per_s
-        out["one stream >= 3x transformers generate"] = {"value": v, "threshold": 3.0, "passed": v >= 3.0}
-    if one and eight:
-        v = eight.tokens_per_s / one.tokens_per_s
-        out["8 streams aggregate >= 3x one stream"] = {"value": v, "threshold": 3.0, "passed": v >= 3.0}
-    return out
+# ----------------------------------------------------------------------------- the bench
+def _prompts(streams: int, run: int) -> list[str]:
+    """The prompts of one wave; each run starts at another prompt (the same for every server)."""
+    return [PROMPTS[(run + i) % len(PROMPTS)] for i in range(streams)]
 
 
-def run_lm_bench(spec: DeploymentSpec, console: Console | None = None, new_tokens: int = 128) -> tuple[list[LMRow], dict]:
+def run_lm_bench(spec: DeploymentSpec, console: Console | None = None, new_tokens: int = 128, runs: int = RUNS,
+                 streams: Sequence[int] = STREAMS, llama: bool = True) -> tuple[list[LMRow], dict[str, Target]]:
+    from contextlib import ExitStack
+
     from export.manifest import ExportManifest
-    from kiln.server import TritonServer, free_ports
+    from kiln.baselines import llamacpp_server as L
+    from kiln.bench_gateway import gateway_process, run_gateway_bench
+    from kiln.machine import flags_line, machine_info
+    from kiln.server import TritonServer, free_port, free_ports
+    from kiln.sources import gguf_file
     from model_repository.writer import write_repository
 
     console = console or Console()
     manifest = ExportManifest.read(spec.export_dir)
     spec = spec.with_precision(manifest.served_precision(spec.serve_precision))
-    rows = [_hf_path(spec, Path(manifest.checkpoint), new_tokens, console),
-            _engine_path(spec, manifest, new_tokens, console)]
-    write_repository(spec, manifest)
-    with TritonServer(spec.repository_dir, free_ports(), workdir=spec.server_dir) as server:
-        _stream(server.http_url, spec.name, "Hi", 4)  # warm-up
-        for n in (1, 4, 8):
-            rows.append(_served_path(spec, server.http_url, n, new_tokens, console))
-        from kiln.bench_gateway import run_gateway_bench
+    serve = spec.serve_precision.value
+    threads = spec.instances.intra_op_threads or os.cpu_count() or 1
+    t_start, load_before = time.perf_counter(), os.getloadavg()[0]
 
-        gateway = run_gateway_bench(server, server.repositories, spec.name, console, "generation", PROMPTS,
-                                    spec.root / "bench-gateway.log", rounds=100)
-    verdicts = targets(rows)
-    console.print(lm_table(spec, rows))
-    for name, t in verdicts.items():
-        console.print(f"  target: {name}: {t['value']:.2f}x {'[green]PASS[/]' if t['passed'] else '[red]MISS[/]'}")
-    (spec.root / "bench.json").write_text(json.dumps(
-        {"rows": [asdict(r) for r in rows], "targets": verdicts, "new_tokens": new_tokens, "cores": os.cpu_count(),
-         "gateway": gateway}, indent=2) + "\n")
+    def step(msg: str) -> None:
+        console.print(f"[bold cyan]bench[/] {msg}")
+
+    rows = [lm_row("transformers generate (PyTorch eager fp32)", HF, _hf_runs(Path(manifest.checkpoint), new_tokens, runs, console)),
+            lm_row(f"ONNX Runtime {serve} engine (in-process)", ENGINE, _engine_runs(spec, manifest, new_tokens, runs, console))]
+
+    llama_reason = L.unavailable() if llama else "skipped (llama=False)"
+    gguf = None
+    if llama_reason is None:
+        try:
+            gguf = gguf_file(spec)
+        except Exception as err:  # a folder checkpoint has no GGUF to give llama.cpp
+            llama_reason = f"no GGUF file for this spec ({err})"
+    if llama_reason:
+        console.print(f"  [yellow]llama.cpp rows skipped[/]: {llama_reason}")
+
+    write_repository(spec, manifest)
+    gateway_result = None
+    # name -> (base url, model name, extra request fields): every server gets the same waves
+    servers: dict[str, tuple[str, str, dict | None]] = {}
+    with ExitStack() as stack:
+        step("starting Triton and the gateway" + ("" if llama_reason else " and llama.cpp's server"))
+        server = stack.enter_context(TritonServer(spec.repository_dir, free_ports(), workdir=spec.server_dir))
+        gw = stack.enter_context(gateway_process(server, server.repositories, spec.root / "bench-gateway.log"))
+        gw.wait_ready()
+        servers[GATEWAY] = (gw.url, spec.name, None)
+        if gguf is not None:
+            try:
+                proc = stack.enter_context(L.llama_process(gguf, free_port(), threads, spec.root / "bench-llama-cpp.log"))
+                servers[LLAMA] = (proc.url, gguf.stem, L.GREEDY_EXTRA)
+            except RuntimeError as err:  # reported, and the rest of the bench still runs
+                llama_reason, gguf = f"its server did not start: {err}", None
+                console.print(f"  [yellow]llama.cpp rows skipped[/]: {llama_reason}")
+        for name, (url, model, extra) in servers.items():  # warm-up
+            chat_wave(url, model, PROMPTS[:1], 4, extra)
+        _triton_stream(server.http_url, spec.name, "Hi", 4)
+
+        waves: dict[tuple[str, int], list[ChatRun]] = {}
+        for n in streams:
+            for r in range(runs):
+                for name, (url, model, extra) in servers.items():
+                    run = chat_wave(url, model, _prompts(n, r), new_tokens, extra)
+                    waves.setdefault((name, n), []).append(run)
+                    step(f"{name}, {n} stream(s), run {r + 1}: {run.tokens} tokens in {run.wall_s:.2f}s")
+                if n == 1:
+                    waves.setdefault((TRITON, 1), []).append(_triton_wave(server.http_url, spec.name, _prompts(1, r), new_tokens))
+        gateway_result = run_gateway_bench(server, server.repositories, spec.name, console, "generation", PROMPTS,
+                                           spec.root / "bench-gateway.log", rounds=100, gateway_url=gw.url)
+
+    llama_note = f"llama-cpp-python {L.version()}, {gguf.name}, {threads} threads; {L.SERIALIZES}" if gguf else ""
+    for n in streams:
+        rows.append(lm_row(f"kiln gateway -> Triton ({serve}), OpenAI SSE", GATEWAY, waves[(GATEWAY, n)]))
+        if (LLAMA, n) in waves:
+            rows.append(lm_row(f"llama.cpp server (llama-cpp-python, {gguf.name.split('.', 1)[-1].removesuffix('.gguf')})",
+                               LLAMA, waves[(LLAMA, n)], llama_note))
+    rows.append(lm_row(f"Triton generate_stream ({serve}), direct HTTP SSE", TRITON, waves[(TRITON, 1)]))
+
+    # ---- decode profile (kiln/bench_profile.py; another change adds the call here). Every server
+    #      is stopped by now (the profile runs in this process) and the served rows exist, e.g.
+    #      result = profile_decode(spec, manifest, streams=1)
+    #      served_overhead(result, _find(rows, GATEWAY, 1).per_stream_tokens_per_s)
+    #      Whatever it returns goes to bench.json as "decode_profile".
+    profile = None
+
+    verdicts = lm_targets(rows, many=max(streams))
+    console.print(lm_table(spec, rows, new_tokens))
+    if llama_reason:
+        console.print(f"  note: llama.cpp not measured: {llama_reason}")
+    else:
+        console.print(f"  note: llama.cpp's server {L.SERIALIZES}; it also reuses the previous prompt's matching "
+                      "KV prefix, kiln does not")
+    if load_before > 0.5 * (os.cpu_count() or 1):
+        console.print(f"  [yellow]note[/]: the machine was busy before the bench began (1-minute load {load_before:.1f} "
+                      f"on {os.cpu_count()} cores): figures are noisy, ratios less so")
+    noisy = [f"{r.path} x{spread(r.tokens_per_s_runs):.1f}" for r in rows
+             if (spread(r.tokens_per_s_runs) or 1.0) > NOISY_SPREAD]
+    if noisy:
+        console.print(f"  [yellow]note[/]: runs disagree (max/min tokens/s > {NOISY_SPREAD:g}): " + "; ".join(noisy))
+    print_targets(console, verdicts)
+    out = spec.root / "bench.json"
+    out.write_text(json.dumps(
+        {"name": spec.name, "serve_precision": serve, "rows": [asdict(r) for r in rows],
+         "targets": {k: t.as_dict() for k, t in verdicts.items()},
+         "settings": {"new_tokens": new_tokens, "runs": runs, "streams": list(streams), "prompts": len(PROMPTS),
+                      "threads": threads},
+         "machine": {**machine_info(), "flags_line": flags_line(),
+                     "load_1min": {"before": load_before, "after": os.getloadavg()[0]}},
+         "llama_cpp": {"measured": not llama_reason, "reason": llama_reason, "note": llama_note},
+         "gateway": gateway_result, "decode_profile": profile}, indent=2) + "\n")
+    step(f"done in {time.perf_counter() - t_start:.0f}s -> {out}")
     return rows, verdicts
 
 
-def lm_table(spec: DeploymentSpec, rows: list[LMRow]) -> Table:
-    hf = rows[0].per_stream_tokens_per_s
-    t = Table(title=f"kiln bench: {spec.name} (greedy, chat prompts, {os.cpu_count()} CPU cores)")
-    for col in ("path", "streams", "TTFT p50 ms", "tokens/s (all streams)", "tokens/s per stream", "x transformers (per stream)"):
+def lm_table(spec: DeploymentSpec, rows: Sequence[LMRow], new_tokens: int = 128) -> Table:
+    from kiln.machine import flags_line
+
+    t = Table(title=f"kiln bench: {spec.name} (greedy, chat prompts, {new_tokens} new tokens, {os.cpu_count()} CPU cores)",
+              caption=f"{flags_line()}\nmedian of {rows[0].runs if rows else 0} runs per row; x llama.cpp: decode "
+                      "tokens/s per stream at 1 stream, all-stream tokens/s at more")
+    for col in ("path", "streams", "TTFT p50 ms", "decode tok/s per stream", "tok/s all streams",
+                "gap p50 / p95 ms", "x llama.cpp"):
         t.add_column(col, justify="left" if col == "path" else "right")
+
+    def f(x: float | None, d: int = 1) -> str:
+        return "-" if x is None else f"{x:.{d}f}"
+
     for r in rows:
-        t.add_row(r.path, str(r.streams), f"{r.ttft_ms:.0f}" if r.ttft_ms is not None else "-", f"{r.tokens_per_s:.1f}",
-                  f"{r.per_stream_tokens_per_s:.1f}" if r.per_stream_tokens_per_s else "-",
-                  f"{r.per_stream_tokens_per_s / hf:.2f}" if r.per_stream_tokens_per_s and hf else "-")
+        ref = _find(rows, LLAMA, r.streams)
+        x = None
+        if ref is not None and r.kind != LLAMA:
+            x = (_ratio(r.per_stream_tokens_per_s, ref.per_stream_tokens_per_s) if r.streams == 1
+                 else _ratio(r.tokens_per_s, ref.tokens_per_s))
+        gaps = "-" if r.gap_p50_ms is None else f"{r.gap_p50_ms:.1f} / {r.gap_p95_ms:.1f}"
+        t.add_row(r.path, str(r.streams), f(r.ttft_ms, 0), f(r.per_stream_tokens_per_s), f(r.tokens_per_s), gaps,
+                  f(x, 2) if x is not None else "")
     return t
