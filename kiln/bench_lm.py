@@ -51,6 +51,7 @@ MAX_TTFT_MS = 100.0  # one stream, ~40-token chat prompt, kiln gateway
 MIN_AGGREGATE_X_LLAMA = 2.0  # 8 streams, aggregate tokens/s, kiln gateway / llama.cpp server
 MIN_X_TRANSFORMERS = 3.0  # one stream decode, kiln gateway / transformers generate
 MIN_SCALING = 3.0  # kiln gateway, 8 streams aggregate / 1 stream aggregate
+MAX_JOIN_P99_X = 3.0  # a 1,000-token prompt joining: running stream inter-token p99 / its undisturbed median
 
 
 @dataclass(frozen=True)
@@ -276,14 +277,25 @@ def run_lm_bench(spec: DeploymentSpec, console: Console | None = None, new_token
                                LLAMA, waves[(LLAMA, n)], llama_note))
     rows.append(lm_row(f"Triton generate_stream ({serve}), direct HTTP SSE", TRITON, waves[(TRITON, 1)]))
 
-    # ---- decode profile (kiln/bench_profile.py; another change adds the call here). Every server
-    #      is stopped by now (the profile runs in this process) and the served rows exist, e.g.
-    #      result = profile_decode(spec, manifest, streams=1)
-    #      served_overhead(result, _find(rows, GATEWAY, 1).per_stream_tokens_per_s)
-    #      Whatever it returns goes to bench.json as "decode_profile".
-    profile = None
+    # ---- decode profile (kiln/bench_profile.py): every server is stopped by now; the split of an
+    #      in-process decode step at 1 and 8 streams, what serving adds per step, and the running
+    #      stream's gaps while a 1,000-token prompt joins (chunked prefill)
+    from kiln.bench_profile import join_stall, join_table, profile_decode, profile_table, served_overhead
+
+    console.print("[bold cyan]bench[/] decode-step profile, in-process engine (1 and 8 streams), and a long prompt joining")
+    steps = [profile_decode(spec, manifest, streams=n, new_tokens=64) for n in (1, max(streams))]
+    for r in steps:
+        served = _find(rows, GATEWAY, r["streams"])
+        if served and served.per_stream_tokens_per_s:
+            r["served"] = served_overhead(r, served.per_stream_tokens_per_s)
+    join = join_stall(spec, manifest, spec.generation.prefill_chunk or None)
+    profile = {"steps": [{k: v for k, v in r.items() if k != "raw"} for r in steps], "join": join}
 
     verdicts = lm_targets(rows, many=max(streams))
+    verdicts["join_p99"] = Target(
+        f"while a {join['prompt_tokens']}-token prompt joins, the running stream's inter-token p99 <= "
+        f"{MAX_JOIN_P99_X:g}x its undisturbed median (prefill_chunk {join['prefill_chunk']})",
+        join["all"]["p99_ms"] / join["undisturbed_median_ms"], MAX_JOIN_P99_X, at_most=True)
     console.print(lm_table(spec, rows, new_tokens))
     if llama_reason:
         console.print(f"  note: llama.cpp not measured: {llama_reason}")
@@ -297,6 +309,14 @@ def run_lm_bench(spec: DeploymentSpec, console: Console | None = None, new_token
              if (spread(r.tokens_per_s_runs) or 1.0) > NOISY_SPREAD]
     if noisy:
         console.print(f"  [yellow]note[/]: runs disagree (max/min tokens/s > {NOISY_SPREAD:g}): " + "; ".join(noisy))
+    console.print(profile_table(steps))
+    for r in steps:
+        if "served" in r:
+            o = r["served"]
+            console.print(f"  served step at {r['streams']} stream(s): {o['served_step_ms']:.1f} ms vs in-process "
+                          f"{o['inprocess_step_ms']:.1f} ms: Triton + gateway add {o['overhead_ms']:.1f} ms "
+                          f"({o['overhead_pct']:.0f}%)")
+    console.print(join_table([join]))
     print_targets(console, verdicts)
     out = spec.root / "bench.json"
     out.write_text(json.dumps(

@@ -67,8 +67,10 @@ def test_int4_packs_weights_in_4_bit_blocks_and_is_gated_on_perplexity(exported)
     int4 = manifest.variants["int4"]
     assert int4.parity.thresholds == {"ppl_ratio": 1.10, "saturating_int8_matmuls": 0.0} and "ppl_ratio" in int4.parity.figures
     nodes = [n for n in onnx.load(str(spec.export_dir / int4.file)).graph.node if n.op_type == "MatMulNBits"]
-    assert len(nodes) == 2 * 7  # q, k, v, o, gate, up, down per layer; the tied lm_head stays fp32
-    assert {a.i for n in nodes for a in n.attribute if a.name == "bits"} == {4}
+    bits = sorted(next(a.i for a in n.attribute if a.name == "bits") for n in nodes)
+    # random weights are on no grid: onnxruntime's 4-bit quantizer for q, k, v, o, gate, up, down
+    # of both layers; the lm_head (the tied embedding, untied) gets 8-bit codes
+    assert bits == [4] * (2 * 7) + [8]
 
 
 def test_manifest_carries_the_fixed_tensor_names_and_decoder_fields(exported):
