@@ -577,7 +577,10 @@ def _demo_gateway(server, specs: list[DeploymentSpec], repos: list[Path]) -> Non
     console.print("[bold cyan]demo[/] gateway stopped")
 
 
-DEMO_QUESTION = "What is the capital of France?"
+# A question SmolLM2-135M answers right in fp32, in kiln's 4-bit variant and in llama.cpp on the
+# same GGUF ("The capital of Japan is Tokyo."). The France question is a near tie for its first
+# token in fp32 (logits 25.33 "The" vs 25.24 "L"): 4-bit activations tip it, in llama.cpp too.
+DEMO_QUESTION = "What is the capital of Japan?"
 
 
 def _demo_chat(server, s: DeploymentSpec) -> None:

@@ -31,9 +31,11 @@ def _chat(question, **kw):
 
 def test_smollm2_answers_and_streams_the_same_text(smollm2):
     spec, server = smollm2
-    _, once = post(server, spec.name, _chat("What is the capital of France?", max_tokens=48))
-    assert "Paris" in once["text_output"], once
-    _, events = post(server, spec.name, _chat("What is the capital of France?", max_tokens=48, stream=True), stream=True)
+    # answered right by fp32, by the grid-exact int4 and by llama.cpp on the same GGUF (the France
+    # question is a near tie for its first token in fp32, which 4-bit activations tip, in llama.cpp too)
+    _, once = post(server, spec.name, _chat("What is the capital of Japan?", max_tokens=48))
+    assert "Tokyo" in once["text_output"], once
+    _, events = post(server, spec.name, _chat("What is the capital of Japan?", max_tokens=48, stream=True), stream=True)
     assert "".join(e.get("text_output", "") for e in events) == once["text_output"]
     assert events[-1]["finish_reason"] == once["finish_reason"] == "stop"
 
