@@ -191,8 +191,8 @@ def test_8bit_minmax_codes_stay_within_a_step_and_the_rewrite_reproduces_them(bl
         np.testing.assert_allclose(run(model, A=a)[0], a @ codes.dequantize(), atol=1e-5)
 
 
-def test_matmuls_reading_one_activation_share_its_block_sums():
-    k = 64
+def _qkv_graph(k: int):
+    """Three MatMuls (q, k, v) reading one activation A [s, k], weights on a Q4_1 grid."""
     ws = [ggml_q4_1(RNG.normal(0, 0.05, (k, n)).astype(np.float32)) for n in (32, 16, 16)]
     names = ["q", "k", "v"]
     graph = helper.make_graph(
@@ -201,7 +201,12 @@ def test_matmuls_reading_one_activation_share_its_block_sums():
         [helper.make_tensor_value_info(f"Y{x}", TensorProto.FLOAT, ["s", w.shape[1]]) for x, w in zip(names, ws)],
         [numpy_helper.from_array(w, f"W{x}") for x, w in zip(names, ws)],
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), ws
+
+
+def test_matmuls_reading_one_activation_share_its_block_sums():
+    k = 64
+    model, ws = _qkv_graph(k)
     rw = Q.Rewriter(model)
     for node in list(model.graph.node):
         rw.replace(node, Q.fit_grid(rw.weight(node)).codes, Q.Format(4, 0))
@@ -215,15 +220,7 @@ def test_matmuls_reading_one_activation_share_its_block_sums():
 
 def test_a_group_reading_one_activation_becomes_one_matmulnbits_and_a_split():
     k = 64
-    ws = [ggml_q4_1(RNG.normal(0, 0.05, (k, n)).astype(np.float32)) for n in (32, 16, 16)]
-    names = ["q", "k", "v"]
-    graph = helper.make_graph(
-        [helper.make_node("MatMul", ["A", f"W{x}"], [f"Y{x}"], name=x) for x in names], "g",
-        [helper.make_tensor_value_info("A", TensorProto.FLOAT, ["s", k])],
-        [helper.make_tensor_value_info(f"Y{x}", TensorProto.FLOAT, ["s", w.shape[1]]) for x, w in zip(names, ws)],
-        [numpy_helper.from_array(w, f"W{x}") for x, w in zip(names, ws)],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model, ws = _qkv_graph(k)
     rw = Q.Rewriter(model)
     nodes = list(model.graph.node)
     rw.replace_group(nodes, [Q.fit_grid(rw.weight(n)).codes for n in nodes], Q.Format(4, 0))
