@@ -478,7 +478,7 @@ def run_bench(
             step(f"writing {spec.repository_dir} and starting Triton")
             write_repository(spec, manifest)
             server = stack.enter_context(TritonServer(spec.repository_dir, free_ports(), workdir=spec.server_dir))
-        served_path = f"Triton gRPC {serve} ensemble (direct)"
+        served_path = f"Triton gRPC {serve} {spec.serving} (direct)"
         call, client = _grpc_call(spec, server.grpc_url)
         stack.callback(client.close)
         timed(served_path, SERVED, serve, call)
