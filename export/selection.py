@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import statistics
 import time
-from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
@@ -39,7 +38,17 @@ def metric_for(spec: DeploymentSpec) -> str:
 def select(spec: DeploymentSpec, manifest: ExportManifest) -> Selection | None:
     """The auto pick from the figures already recorded on each variant (None: nothing eligible)."""
     metric = metric_for(spec)
-    eligible, excluded, values = [], {}, {}
+    values, excluded = _eligibility(manifest, metric)
+    if not values:
+        return None
+    best = max(values, key=lambda p: values[p])
+    return Selection(precision=best, metric=metric, values=values, eligible=list(values), excluded=excluded,
+                     machine=machine_info())
+
+
+def _eligibility(manifest: ExportManifest, metric: str) -> tuple[dict[str, float], dict[str, str]]:
+    """(eligible variant -> its measured metric, excluded variant -> why)."""
+    excluded, values = {}, {}
     for name, v in manifest.variants.items():
         if not v.usable:
             excluded[name] = "failed its parity gate"
@@ -50,13 +59,8 @@ def select(spec: DeploymentSpec, manifest: ExportManifest) -> Selection | None:
         elif metric not in v.speed:
             excluded[name] = f"{metric} not measured"
         else:
-            eligible.append(name)
             values[name] = v.speed[metric]
-    if not eligible:
-        return None
-    best = max(eligible, key=lambda p: values[p])
-    return Selection(precision=best, metric=metric, values=values, eligible=eligible, excluded=excluded,
-                     machine=machine_info())
+    return values, excluded
 
 
 def gate_failures(spec: DeploymentSpec, manifest: ExportManifest, strict: bool = False) -> list[str]:
@@ -67,7 +71,7 @@ def gate_failures(spec: DeploymentSpec, manifest: ExportManifest, strict: bool =
         return [f"{k} ({'; '.join(v.parity.failures)})" for k, v in failed.items()]
     if spec.serve_precision == AUTO:
         if manifest.selection is None:
-            why = "; ".join(f"{k}: {r}" for k, r in _excluded(manifest).items())
+            why = "; ".join(f"{k}: {r}" for k, r in _eligibility(manifest, metric_for(spec))[1].items())
             return [f"serve_precision auto: no variant passed its gate and the batch-invariance check ({why})"]
         return []
     served = spec.serve_precision.value
@@ -75,10 +79,6 @@ def gate_failures(spec: DeploymentSpec, manifest: ExportManifest, strict: bool =
     if v is None:
         return [f"{served} (not built)"]
     return [] if v.usable else [f"{served}, the served variant ({'; '.join(v.parity.failures)})"]
-
-
-def _excluded(manifest: ExportManifest) -> dict[str, str]:
-    return {k: ("failed its parity gate" if not v.usable else "not batch-invariant") for k, v in manifest.variants.items()}
 
 
 def median_rate(run_once: Callable[[], float], repeats: int = REPEATS) -> float:
@@ -160,6 +160,3 @@ def selection_lines(manifest: ExportManifest) -> list[str]:
 def machine_line(m: dict) -> str:
     return f"{m.get('cpu', '?')}, {m.get('cores', '?')} cores, flags {' '.join(m.get('flags', [])) or '-'}"
 
-
-def served_path(spec: DeploymentSpec, manifest: ExportManifest) -> Path:
-    return spec.export_dir / manifest.served_variant(spec.serve_precision).file

@@ -14,19 +14,12 @@ import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
 from conftest import _serve, export_and_serve, tiny_spec
+from test_serving_minilm import SENTENCES as MINILM_SENTENCES
 
 pytestmark = pytest.mark.e2e
 
-SENTENCES = [
-    "A man is playing a guitar.",
-    "The new movie is awesome.",
-    "我爱北京天安门。",
-    "Emoji work too 🚀🔥",
-    "How do I reset my password?",
-    "The weather is lovely today and we are going for a long walk along the river.",
-    "",
-    "Stocks fell sharply after the announcement.",
-]
+# the ensemble tests' sentences, with an empty string in place of one of them
+SENTENCES = [*MINILM_SENTENCES[:6], "", MINILM_SENTENCES[7]]
 VARIANTS = ("fp32", "int8")
 
 

@@ -15,10 +15,10 @@ def test_packaged_default_loads_with_the_documented_values():
     assert spec.repository_dir.as_posix().endswith("build/minilm/model_repository")
 
 
-def test_overrides_merge_into_nested_fields():
-    spec = load_spec("minilm", workdir="/tmp/x", ports={"http": 9100})
+def test_overrides_merge_into_nested_fields(tmp_path):
+    spec = load_spec("minilm", workdir=str(tmp_path / "x"), ports={"http": 9100})
     assert spec.ports.http == 9100 and spec.ports.grpc == 8001
-    assert spec.root.as_posix() == "/tmp/x/minilm"
+    assert spec.root == tmp_path / "x" / "minilm"
 
 
 @pytest.mark.parametrize(
