@@ -150,14 +150,8 @@ def lm_parity_table(manifest: ExportManifest) -> Table:
             f"{f['ppl']:.3f}",
             f"{f.get('ppl_ratio', f.get('ppl_ratio_vs_torch', float('nan'))):.4f}",
             f"{v.bytes / 1e6:.1f}",
-            _invariance_cell(v),
+            S.invariance_cell(v),
             f"{v.speed[S.LM_METRIC]:.1f}" if S.LM_METRIC in v.speed else "-",
             "[green]PASS[/]" if v.parity.passed else "[red]FAIL[/]: " + "; ".join(v.parity.failures),
         )
     return table
-
-
-def _invariance_cell(v) -> str:
-    if v.batch_invariance is None:
-        return "-"
-    return "yes" if v.batch_invariance.get("invariant") else "[yellow]no[/]"

@@ -200,7 +200,7 @@ def parity_table(manifest: ExportManifest) -> Table:
             f"{f['mean_cosine']:.6f}",
             f"{f['max_abs_diff']:.1e}",
             f"{v.bytes / 1e6:.1f}",
-            "-" if v.batch_invariance is None else ("yes" if v.batch_invariance.get("invariant") else "[yellow]no[/]"),
+            S.invariance_cell(v),
             f"{v.speed[S.ENCODER_METRIC]:.0f}" if S.ENCODER_METRIC in v.speed else "-",
             "[green]PASS[/]" if r.passed else "[red]FAIL[/]: " + "; ".join(r.failures),
         )

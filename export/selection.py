@@ -157,6 +157,13 @@ def selection_lines(manifest: ExportManifest) -> list[str]:
     return [f"serve_precision auto -> {sel.reason()}", f"  measured on {machine_line(sel.machine)}"]
 
 
+def invariance_cell(v) -> str:
+    """A parity table's batch-invariance column for one variant."""
+    if v.batch_invariance is None:
+        return "-"
+    return "yes" if v.batch_invariance.get("invariant") else "[yellow]no[/]"
+
+
 def machine_line(m: dict) -> str:
     return f"{m.get('cpu', '?')}, {m.get('cores', '?')} cores, flags {' '.join(m.get('flags', [])) or '-'}"
 
