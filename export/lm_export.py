@@ -26,9 +26,9 @@ from pathlib import Path
 
 import torch
 
-from export.manifest import TensorSpec, sha256
-from kiln.sources import checkpoint_dir, gguf_file
-from kiln.spec import DeploymentSpec, GgufSource
+from kiln_core.manifest import TensorSpec, sha256
+from kiln_core.sources import checkpoint_dir, gguf_file
+from kiln_core.spec import DeploymentSpec, GgufSource
 
 log = logging.getLogger(__name__)
 

@@ -23,8 +23,8 @@ import numpy as np
 import torch
 
 from export.lm_export import DecoderShape
-from export.manifest import ParityReport
-from kiln.spec import DeploymentSpec, Precision
+from kiln_core.manifest import ParityReport
+from kiln_core.spec import DeploymentSpec, Precision
 
 AT_MOST = ("prefill_max_abs_diff", "decode_max_abs_diff", "ppl_ratio", "saturating_int8_matmuls")  # other thresholds are minimums
 

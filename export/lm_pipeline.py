@@ -22,9 +22,15 @@ from rich.table import Table
 from export import lm_export as X
 from export import lm_parity as P
 from export import selection as S
-from export.manifest import EXPORT_FORMAT, ExportManifest, Variant, sha256, tool_versions
 from export.parity import add_portability, gates_caption, raise_gate_failures
-from kiln.spec import AUTO, DeploymentSpec, Precision
+from kiln_core.manifest import (
+    EXPORT_FORMAT,
+    ExportManifest,
+    Variant,
+    sha256,
+    tool_versions,
+)
+from kiln_core.spec import AUTO, DeploymentSpec, Precision
 
 FILES = {Precision.fp32: "model.fp32.onnx", Precision.int8: "model.int8.onnx", Precision.int4: "model.int4.onnx"}
 

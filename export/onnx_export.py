@@ -16,8 +16,8 @@ from pathlib import Path
 
 import torch
 
-from export.manifest import TensorSpec
-from kiln.spec import DeploymentSpec, Task
+from kiln_core.manifest import TensorSpec
+from kiln_core.spec import DeploymentSpec, Task
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +37,12 @@ class LoadedModel:
 
 
 def load_encoder(spec: DeploymentSpec, checkpoint: Path) -> LoadedModel:
-    from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import (
+        AutoConfig,
+        AutoModel,
+        AutoModelForSequenceClassification,
+        AutoTokenizer,
+    )
 
     config = AutoConfig.from_pretrained(checkpoint)
     kwargs = dict(attn_implementation="eager", dtype=torch.float32)

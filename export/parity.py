@@ -14,9 +14,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from export.manifest import ParityReport
-from kiln.spec import DeploymentSpec, Precision, Task
-from model_repository.python_models.kiln_runtime import pool
+from kiln_core.manifest import ParityReport
+from kiln_core.spec import DeploymentSpec, Precision, Task
+from kiln_runtime.encoder import pool
 
 
 class ParityError(RuntimeError):

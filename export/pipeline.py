@@ -12,19 +12,32 @@ import time
 from pathlib import Path
 
 import numpy as np
-
 from rich.console import Console
 from rich.table import Table
 
+from export import selection as S
 from export import variants as V
 from export.lm_pipeline import run_lm_export
-from export.manifest import EXPORT_FORMAT, ExportManifest, Variant, sha256, tool_versions
 from export.onnx_export import export_onnx, io_specs, load_encoder
-from export import selection as S
-from export.parity import add_portability, compare, gate, gates_caption, ort_runner, parity_batches, raise_gate_failures
-from kiln.sources import checkpoint_dir
-from kiln.spec import AUTO, DeploymentSpec, Precision, Runtime, Task
-from model_repository.python_models.kiln_runtime import pool
+from export.parity import (
+    add_portability,
+    compare,
+    gate,
+    gates_caption,
+    ort_runner,
+    parity_batches,
+    raise_gate_failures,
+)
+from kiln_core.manifest import (
+    EXPORT_FORMAT,
+    ExportManifest,
+    Variant,
+    sha256,
+    tool_versions,
+)
+from kiln_core.sources import checkpoint_dir
+from kiln_core.spec import AUTO, DeploymentSpec, Precision, Runtime, Task
+from kiln_runtime.encoder import pool
 
 FILES = {Precision.fp32: "model.fp32.onnx", Precision.int8: "model.int8.onnx", Precision.fp16: "model.fp16.onnx"}
 

@@ -18,9 +18,9 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from export.manifest import ExportManifest, Selection
-from kiln.machine import machine_info
-from kiln.spec import AUTO, DeploymentSpec, Task
+from kiln_core.machine import machine_info
+from kiln_core.manifest import ExportManifest, Selection
+from kiln_core.spec import AUTO, DeploymentSpec, Task
 
 LM_METRIC = "one-stream decode tokens/s"
 ENCODER_METRIC = "batch-8 sentences/s"

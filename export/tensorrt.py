@@ -31,8 +31,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from export.manifest import ExportManifest, sha256
-from kiln.spec import DeploymentSpec, Precision
+from kiln_core.manifest import ExportManifest, sha256
+from kiln_core.spec import DeploymentSpec, Precision
 
 log = logging.getLogger(__name__)
 

@@ -88,7 +88,12 @@ def quantize_int8_static(
     on what it is batched with. For ONNX Runtime on CPU, uint8 activations and weights (U8U8:
     no int16 saturation on any x86 CPU, see export/portability.py); for TensorRT, the symmetric
     int8 (S8S8) it requires."""
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
 
     texts = calibration_texts()
 

@@ -34,10 +34,10 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-from export.manifest import ExportManifest, tool_versions
-from kiln.machine import flags_line, machine_info
 from kiln.server import TritonServer, free_ports
-from kiln.spec import DeploymentSpec, Precision, Task
+from kiln_core.machine import flags_line, machine_info
+from kiln_core.manifest import ExportManifest, tool_versions
+from kiln_core.spec import DeploymentSpec, Precision, Task
 
 BENCH_FILE = "bench.json"
 BATCHES = (1, 8, 32)
@@ -266,8 +266,8 @@ def _pytorch_call(spec: DeploymentSpec):
     import torch
 
     from export.onnx_export import load_encoder
-    from kiln.sources import checkpoint_dir
-    from model_repository.python_models.kiln_runtime import softmax
+    from kiln_core.sources import checkpoint_dir
+    from kiln_runtime.encoder import softmax
 
     loaded = load_encoder(spec, checkpoint_dir(spec))
 
@@ -294,7 +294,8 @@ def _pytorch_call(spec: DeploymentSpec):
 def _ort_call(spec: DeploymentSpec, manifest: ExportManifest, precision: str):
     import onnxruntime as ort
 
-    from model_repository.python_models.kiln_runtime import load_tokenizer, pool, softmax, tokenize
+    from kiln_runtime.encoder import pool, softmax
+    from kiln_runtime.text import load_tokenizer, tokenize
 
     tok = load_tokenizer(str(spec.export_dir / manifest.tokenizer_dir / "tokenizer.json"), manifest.max_length)
     names = [t.name for t in manifest.inputs]
@@ -318,23 +319,23 @@ def _ort_call(spec: DeploymentSpec, manifest: ExportManifest, precision: str):
 
 
 def _output_name(spec: DeploymentSpec) -> str:
-    from model_repository import configs as C
+    from kiln_runtime.contract import EMBEDDING, SCORES
 
-    return C.SCORES if spec.task is Task.text_classification else C.EMBEDDING
+    return SCORES if spec.task is Task.text_classification else EMBEDDING
 
 
 def _grpc_call(spec: DeploymentSpec, url: str):
     """One gRPC client (one per thread): texts -> the ensemble's output array."""
     import tritonclient.grpc as grpcclient
 
-    from model_repository import configs as C
+    from kiln_runtime.contract import TEXT
 
     client = grpcclient.InferenceServerClient(url)
     wanted = [grpcclient.InferRequestedOutput(_output_name(spec))]
 
     def call(texts: list[str]) -> np.ndarray:
         data = np.array([[t.encode("utf-8")] for t in texts], dtype=object)
-        inp = grpcclient.InferInput(C.TEXT, list(data.shape), "BYTES")
+        inp = grpcclient.InferInput(TEXT, list(data.shape), "BYTES")
         inp.set_data_from_numpy(data)
         result = client.infer(spec.name, [inp], outputs=wanted)
         return result.as_numpy(_output_name(spec))
@@ -503,7 +504,7 @@ def run_bench(
                                                                embed_load(gw.url, spec.name, pool, n, seconds, repeats))
         if fastapi and embeddings:
             from kiln.baselines.process import fastapi_process
-            from kiln.sources import checkpoint_dir
+            from kiln_core.sources import checkpoint_dir
 
             step("starting the FastAPI + PyTorch baseline server")
             fa = stack.enter_context(fastapi_process(checkpoint_dir(spec), spec.name, spec.root / "bench-fastapi.log",

@@ -29,8 +29,16 @@ from rich.console import Console
 from rich.table import Table
 
 from kiln.bench import Target, print_targets
-from kiln.loadgen import NOISY_SPREAD, ChatRun, StreamTiming, chat_wave, median_of, spread, summarize_chat
-from kiln.spec import DeploymentSpec
+from kiln.loadgen import (
+    NOISY_SPREAD,
+    ChatRun,
+    StreamTiming,
+    chat_wave,
+    median_of,
+    spread,
+    summarize_chat,
+)
+from kiln_core.spec import DeploymentSpec
 
 PROMPTS = [
     "Write a short story about a lighthouse keeper who finds a message in a bottle.",
@@ -138,7 +146,12 @@ def _engine_runs(spec: DeploymentSpec, manifest, new_tokens: int, runs: int, con
     import onnxruntime as ort
     from tokenizers import Tokenizer
 
-    from model_repository.python_models.kiln_generate import ChatTemplate, Engine, SamplingParams, encode_prompt
+    from kiln_runtime.generation.engine import (
+        ChatTemplate,
+        Engine,
+        SamplingParams,
+        encode_prompt,
+    )
 
     d = manifest.decoder
     so = ort.SessionOptions()
@@ -205,12 +218,12 @@ def run_lm_bench(spec: DeploymentSpec, console: Console | None = None, new_token
                  streams: Sequence[int] = STREAMS, llama: bool = True) -> tuple[list[LMRow], dict[str, Target]]:
     from contextlib import ExitStack
 
-    from export.manifest import ExportManifest
     from kiln.baselines import llamacpp_server as L
     from kiln.bench_gateway import gateway_process, run_gateway_bench
-    from kiln.machine import flags_line, machine_info
     from kiln.server import TritonServer, free_port, free_ports
-    from kiln.sources import gguf_file
+    from kiln_core.machine import flags_line, machine_info
+    from kiln_core.manifest import ExportManifest
+    from kiln_core.sources import gguf_file
     from model_repository.writer import write_repository
 
     console = console or Console()
@@ -280,7 +293,13 @@ def run_lm_bench(spec: DeploymentSpec, console: Console | None = None, new_token
     # ---- decode profile (kiln/bench_profile.py): every server is stopped by now; the split of an
     #      in-process decode step at 1 and 8 streams, what serving adds per step, and the running
     #      stream's gaps while a 1,000-token prompt joins (chunked prefill)
-    from kiln.bench_profile import join_stall, join_table, profile_decode, profile_table, served_overhead
+    from kiln.bench_profile import (
+        join_stall,
+        join_table,
+        profile_decode,
+        profile_table,
+        served_overhead,
+    )
 
     console.print("[bold cyan]bench[/] decode-step profile, in-process engine (1 and 8 streams), and a long prompt joining")
     steps = [profile_decode(spec, manifest, streams=n, new_tokens=64) for n in (1, max(streams))]
@@ -333,7 +352,7 @@ def run_lm_bench(spec: DeploymentSpec, console: Console | None = None, new_token
 
 
 def lm_table(spec: DeploymentSpec, rows: Sequence[LMRow], new_tokens: int = 128) -> Table:
-    from kiln.machine import flags_line
+    from kiln_core.machine import flags_line
 
     t = Table(title=f"kiln bench: {spec.name} (greedy, chat prompts, {new_tokens} new tokens, {os.cpu_count()} CPU cores)",
               caption=f"{flags_line()}\nmedian of {rows[0].runs if rows else 0} runs per row; x llama.cpp: decode "

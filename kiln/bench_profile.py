@@ -15,7 +15,6 @@ joins; it returns the running stream's inter-token gaps with and without chunkin
 
 from __future__ import annotations
 
-import statistics
 import time
 from typing import Sequence
 
@@ -23,7 +22,7 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-from kiln.spec import DeploymentSpec
+from kiln_core.spec import DeploymentSpec
 
 PHASE_LABELS = {  # what each of kiln_generate.PROFILE_PHASES covers
     "run_decode": "ORT run: decode",
@@ -56,7 +55,7 @@ def make_engine(spec: DeploymentSpec, manifest, session, *, max_concurrent: int,
     (an older copy, to compare)."""
     from tokenizers import Tokenizer
 
-    from model_repository.python_models import kiln_generate as kg
+    from kiln_runtime.generation import engine as kg
 
     d = manifest.decoder
     tok_dir = spec.export_dir / manifest.tokenizer_dir
@@ -71,7 +70,7 @@ def make_engine(spec: DeploymentSpec, manifest, session, *, max_concurrent: int,
 
 def chat_prompts(tok, template, n: int) -> list[list[int]]:
     from kiln.bench_lm import PROMPTS
-    from model_repository.python_models.kiln_generate import encode_prompt
+    from kiln_runtime.generation.engine import encode_prompt
 
     return [encode_prompt(tok, messages=[{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}], template=template)
             for i in range(n)]
@@ -81,7 +80,7 @@ def timed_decode(engine, prompts: Sequence[Sequence[int]], new_tokens: int | Seq
     """Submit every prompt (greedy; new_tokens: one budget for all, or one each), step once
     (their prefills), then reset the profile and step until all are done: decode-only figures,
     the join of the batch (and any leaves) included."""
-    from model_repository.python_models.kiln_generate import SamplingParams
+    from kiln_runtime.generation.engine import SamplingParams
 
     budgets = [new_tokens] * len(prompts) if isinstance(new_tokens, int) else list(new_tokens)
     for i, (p, n) in enumerate(zip(prompts, budgets, strict=True)):
@@ -157,7 +156,7 @@ def served_overhead(result: dict, served_per_stream_tokens_per_s: float) -> dict
 
 def profile_table(results: Sequence[dict], title: str | None = None) -> Table:
     """One column pair (ms/step, %) per result, one row per phase."""
-    from model_repository.python_models.kiln_generate import PROFILE_PHASES
+    from kiln_runtime.generation.engine import PROFILE_PHASES
 
     first = results[0]
     t = Table(title=title or f"decode step split, in-process engine, {first['variant']} ({first['threads']} threads)")
@@ -194,7 +193,7 @@ def join_stall(spec: DeploymentSpec, manifest, prefill_chunk: int | None, *, pro
     inter-token gaps: before (undisturbed, before the join), median / p99 / max over the whole
     stream, the same over the window from the join to the long prompt's first token, the long
     prompt's time to first token, and the prefill calls it took."""
-    from model_repository.python_models.kiln_generate import SamplingParams
+    from kiln_runtime.generation.engine import SamplingParams
 
     if session is None:
         session, _ = served_session(spec, manifest)
@@ -248,8 +247,8 @@ def join_table(rows: Sequence[dict]) -> Table:
 def main(argv: Sequence[str] | None = None) -> None:
     import argparse
 
-    from export.manifest import ExportManifest
-    from kiln.spec import load_spec
+    from kiln_core.manifest import ExportManifest
+    from kiln_core.spec import load_spec
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("spec")

@@ -13,7 +13,6 @@ SPEC is a YAML file or a packaged spec name (default: minilm). Exit codes: 0 ok,
 
 from __future__ import annotations
 
-import json
 import signal
 import sys
 import threading
@@ -25,7 +24,9 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from kiln.spec import DeploymentSpec, SpecError, load_spec
+from export.reuse import ensure_export
+from kiln_core.card import RepositoryCard
+from kiln_core.spec import DeploymentSpec, SpecError, load_spec
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.split("\n\n")[0])
 console = Console(stderr=True)
@@ -80,17 +81,17 @@ def repo(spec: str = SpecArg, workdir: Optional[Path] = WorkdirOpt):
     except (FileNotFoundError, LookupError, ValueError) as err:
         console.print(f"[red]cannot write the repository[/]: {err}")
         raise typer.Exit(1)
-    card = json.loads((path / "kiln.json").read_text())
-    console.print(f"[bold cyan]repo[/] wrote {path} (public model: {s.name!r}, {card['precision']}, {s.runtime.value})")
-    if card.get("selection"):
-        console.print(f"[bold cyan]repo[/] serve_precision auto -> {card['selection']['reason']}")
+    card = RepositoryCard.read(path)
+    console.print(f"[bold cyan]repo[/] wrote {path} (public model: {s.name!r}, {card.precision}, {s.runtime.value})")
+    if card.selection:
+        console.print(f"[bold cyan]repo[/] serve_precision auto -> {card.selection['reason']}")
 
 
 def _prepare(specs: list[DeploymentSpec]) -> tuple[list[Path], list[DeploymentSpec]]:
     """Each spec's gated export (reused when it matches), a freshly written repository, and
     the spec with serve_precision resolved ("auto" -> what the export picked)."""
-    from export.manifest import ExportManifest
     from export.parity import ParityError
+    from kiln_core.manifest import ExportManifest
     from model_repository.writer import write_repository
 
     repos, resolved = [], []
@@ -270,8 +271,8 @@ def bench(spec: str = SpecArg, workdir: Optional[Path] = WorkdirOpt):
 @app.command()
 def engines(spec: str = SpecArg, workdir: Optional[Path] = WorkdirOpt):
     """Build TensorRT engines from the exported variants (needs a GPU and TensorRT)."""
-    from export.manifest import ExportManifest
     from export.tensorrt import EngineError, TensorRTUnavailable, build_engine
+    from kiln_core.manifest import ExportManifest
 
     s = _spec(spec, workdir)
     wanted = [p.value for p in s.precisions if p.value == "fp16" or (p.value == "int8" and s.int8_mode == "static")]
@@ -325,15 +326,15 @@ def loadtest(
     s = _spec(spec, workdir, loadtest=overrides)
 
     from kiln.server import ServerError, TritonServer, free_port, free_ports
+    from kiln_runtime.contract import EMBEDDING, SCORES
     from loadtest.runner import OPENAI_TASKS, Endpoint, run_loadtest
-    from model_repository import configs as C
 
     via_gateway = s.loadtest.shape.protocol == "openai"
     if via_gateway and s.task.value not in OPENAI_TASKS:
         console.print(f"[red]--protocol openai[/]: the gateway serves no {s.task.value} models "
                       f"(only {', '.join(OPENAI_TASKS)}); use grpc or http")
         raise typer.Exit(2)
-    output = C.SCORES if s.task.value == "text-classification" else C.EMBEDDING
+    output = SCORES if s.task.value == "text-classification" else EMBEDDING
     reports = out_dir or s.loadtest_dir
     server = gateway = None
     try:
@@ -382,56 +383,6 @@ DEMO_SENTENCES = [
     "Share prices dropped after the announcement.",
     "我喜欢弹吉他。",
 ]
-
-
-def stale_reasons(s: DeploymentSpec, manifest) -> list[str]:
-    """Why an existing export no longer matches the spec (empty: reusable)."""
-    from kiln.sources import checkpoint_dir
-
-    from export.manifest import EXPORT_FORMAT
-
-    reasons = []
-    if manifest.export_format != EXPORT_FORMAT:
-        reasons.append(f"export format {manifest.export_format}, this kiln writes {EXPORT_FORMAT}")
-    if s.task.value == "text-generation":
-        fields = [("task", s.task.value, manifest.task), ("max_context", s.generation.max_context, manifest.max_length)]
-    else:
-        fields = [
-            ("task", s.task.value, manifest.task),
-            ("max_length", s.max_length, manifest.max_length),
-            ("pooling", s.pooling.value, manifest.pooling),
-            ("normalize", s.normalize, manifest.normalize),
-        ]
-    fields += [("opset", s.opset, manifest.opset), ("checkpoint", str(checkpoint_dir(s)), manifest.checkpoint)]
-    for field, want, got in fields:
-        if want != got:
-            reasons.append(f"{field}: spec {want!r}, export {got!r}")
-    missing = {p.value for p in s.precisions} - set(manifest.variants)
-    if missing:
-        reasons.append(f"precisions {sorted(missing)} not built")
-    if s.labels is not None and s.labels != manifest.labels:
-        reasons.append("labels differ")
-    return reasons
-
-
-def ensure_export(s: DeploymentSpec, out: Console | None = None):
-    """The spec's export: reused when it matches the spec and its served variant passed its
-    gate (what `make demo` leaves is reused by `make test`); otherwise exported anew."""
-    from export.manifest import ExportManifest
-    from export.pipeline import run_export
-
-    out = out or console
-    try:
-        manifest = ExportManifest.read(s.export_dir)
-        manifest.served_variant(s.serve_precision)
-        stale = stale_reasons(s, manifest)
-    except (FileNotFoundError, LookupError):
-        stale = ["no usable export"]
-    if stale:
-        out.print(f"[bold cyan]export[/] exporting ({'; '.join(stale)})")
-        return run_export(s, out)
-    out.print(f"[bold cyan]export[/] reusing {s.export_dir / 'manifest.json'} (matches the spec)")
-    return manifest
 
 
 @app.command()

@@ -21,7 +21,8 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from kiln.spec import Ports
+from kiln_core.card import RepositoryCard
+from kiln_core.spec import Ports
 
 
 class ServerError(RuntimeError):
@@ -148,7 +149,7 @@ class TritonServer:
 
     def start(self, timeout: float = 180.0) -> "TritonServer":
         for repo in self.repositories:
-            if not (repo / "kiln.json").is_file():
+            if not RepositoryCard.exists(repo):
                 raise ServerError(f"{repo} is not a kiln model repository: run `kiln repo` first")
         self.workdir.mkdir(parents=True, exist_ok=True)
         prepare_backends(self.workdir / "backends")

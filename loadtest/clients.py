@@ -13,17 +13,17 @@ import json
 import time
 from typing import Callable
 
-import numpy as np
-
 # gRPC must be told about gevent before any channel exists (Locust runs on gevent).
 import grpc.experimental.gevent as _grpc_gevent
+import numpy as np
 
 _grpc_gevent.init_gevent()
 
 import openai  # noqa: E402
 import tritonclient.grpc as grpcclient  # noqa: E402
 import tritonclient.http as httpclient  # noqa: E402
-from tritonclient.utils import InferenceServerException  # noqa: E402
+
+from kiln_runtime.contract import TEXT, TEXT_INPUT, TEXT_OUTPUT  # noqa: E402
 
 
 class Rejected(Exception):
@@ -94,7 +94,7 @@ class TritonGrpcClient(_Timed):
     def infer_texts(self, texts: list[str]):
         def call():
             data = _text_array(texts)
-            inp = grpcclient.InferInput("text", list(data.shape), "BYTES")
+            inp = grpcclient.InferInput(TEXT, list(data.shape), "BYTES")
             inp.set_data_from_numpy(data)
             return self.client.infer(self.model, [inp], outputs=self._outputs).as_numpy(self.output)
 
@@ -116,7 +116,7 @@ class TritonHttpClient(_Timed):
     def infer_texts(self, texts: list[str]):
         def call():
             data = _text_array(texts)
-            inp = httpclient.InferInput("text", list(data.shape), "BYTES")
+            inp = httpclient.InferInput(TEXT, list(data.shape), "BYTES")
             inp.set_data_from_numpy(data, binary_data=True)
             return self.client.infer(self.model, [inp], outputs=self._outputs).as_numpy(self.output)
 
@@ -136,7 +136,7 @@ class TritonStreamClient:
 
     request_type = "stream"
 
-    def __init__(self, fire, url: str, model: str, text_field: str = "text_input", output_field: str = "text_output"):
+    def __init__(self, fire, url: str, model: str, text_field: str = TEXT_INPUT, output_field: str = TEXT_OUTPUT):
         host, _, port = url.partition(":")
         self._fire, self.host, self.port = fire, host, int(port or 80)
         self.model, self.text_field, self.output_field = model, text_field, output_field

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
-from kiln.spec import Targets
+from kiln_core.spec import Targets
 
 REJECTION_MARKERS = ("Rejected(", "maximum queue size")  # Locust keeps repr(exception)
 

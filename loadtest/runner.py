@@ -20,10 +20,19 @@ from locust.stats import StatsCSV, StatsEntry, StatsError
 from rich.console import Console
 from rich.table import Table
 
-from kiln.spec import LoadShape, Targets
+from kiln_core.spec import LoadShape, Targets
 from loadtest import gate
-from loadtest.users import (EmbedUser, OpenAIChatUser, OpenAIEmbedUser, OpenLoopEmbedUser, OpenLoopOpenAIChatUser,
-                            OpenLoopOpenAIEmbedUser, OpenLoopStreamUser, StreamUser, configure)
+from loadtest.users import (
+    EmbedUser,
+    OpenAIChatUser,
+    OpenAIEmbedUser,
+    OpenLoopEmbedUser,
+    OpenLoopOpenAIChatUser,
+    OpenLoopOpenAIEmbedUser,
+    OpenLoopStreamUser,
+    StreamUser,
+    configure,
+)
 
 PERCENTILES = [0.5, 0.9, 0.95, 0.99]
 # what protocol "openai" sends, by the spec's task (the gateway serves no other task)

@@ -12,7 +12,13 @@ import gevent.pool
 from locust import User, constant, task
 from locust.runners import STATE_CLEANUP, STATE_STOPPED, STATE_STOPPING
 
-from loadtest.clients import ClientSaturated, OpenAIClient, TritonGrpcClient, TritonHttpClient, TritonStreamClient
+from loadtest.clients import (
+    ClientSaturated,
+    OpenAIClient,
+    TritonGrpcClient,
+    TritonHttpClient,
+    TritonStreamClient,
+)
 from loadtest.payloads import Payloads
 
 

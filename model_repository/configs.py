@@ -14,9 +14,18 @@ from typing import Any
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
-from export.manifest import ExportManifest, TensorSpec
-from kiln.spec import DeploymentSpec, Runtime, Task
-from model_repository.python_models.kiln_runtime import TOKENIZER_FIELDS  # what a tokenizer can produce
+from kiln_core.manifest import ExportManifest, TensorSpec
+from kiln_core.spec import DeploymentSpec, Runtime, Task
+from kiln_runtime.contract import (  # the tensor-name contract, shared with the python models and clients
+    EMBEDDING,
+    GENERATION_INPUTS,
+    GENERATION_OUTPUTS,
+    LABEL,
+    SCORES,
+    TEXT,
+    TOKENIZER_FIELDS,
+    TOKENIZER_FILE,
+)
 
 DTYPES = {
     "int64": mc.TYPE_INT64,
@@ -52,13 +61,6 @@ class Names:
         return f"{self.public}_postprocess"
 
 
-# public tensor names of the ensemble (what clients send and read)
-TEXT = "text"
-EMBEDDING = "embedding"
-LABEL = "label"
-SCORES = "scores"
-# where a tokenizer model (or the fused model) keeps its tokenizer, inside its version folder
-TOKENIZER_FILE = "tokenizer/tokenizer.json"
 
 
 def _dims(shape: list[int | str]) -> list[int]:
@@ -210,30 +212,6 @@ def fused_config(spec: DeploymentSpec, man: ExportManifest, names: Names, model_
     return cfg
 
 
-# generation tensors, named as in Triton's TensorRT-LLM ensemble so its clients and
-# genai-perf work unchanged; plus `messages` and the finish/usage outputs
-GENERATION_INPUTS = [
-    ("text_input", "bytes", [1]),
-    ("messages", "bytes", [1]),
-    ("max_tokens", "int32", [1]),
-    ("temperature", "float32", [1]),
-    ("top_p", "float32", [1]),
-    ("top_k", "int32", [1]),
-    ("random_seed", "uint64", [1]),
-    ("repetition_penalty", "float32", [1]),
-    ("presence_penalty", "float32", [1]),
-    ("frequency_penalty", "float32", [1]),
-    ("stop_words", "bytes", [-1]),
-    ("stream", "bool", [1]),
-]
-GENERATION_OUTPUTS = [
-    ("text_output", "bytes", [1]),
-    ("finish_reason", "bytes", [1]),
-    ("prompt_tokens", "int32", [1]),
-    ("completion_tokens", "int32", [1]),
-]
-
-
 def generation_config(spec: DeploymentSpec, man: ExportManifest, model_file: str) -> mc.ModelConfig:
     """The public chat model: decoupled python model; it batches internally (continuous
     batching across decode steps), so Triton hands requests over one by one at once."""
@@ -243,8 +221,8 @@ def generation_config(spec: DeploymentSpec, man: ExportManifest, model_file: str
         name=spec.name,
         backend="python",
         max_batch_size=0,
-        input=[_tensor(mc.ModelInput, n, t, d) for n, t, d in GENERATION_INPUTS],
-        output=[_tensor(mc.ModelOutput, n, t, d) for n, t, d in GENERATION_OUTPUTS],
+        input=[_tensor(mc.ModelInput, t.name, t.dtype, list(t.dims)) for t in GENERATION_INPUTS],
+        output=[_tensor(mc.ModelOutput, t.name, t.dtype, list(t.dims)) for t in GENERATION_OUTPUTS],
         instance_group=[_instance_group(1, "cpu")],
         model_transaction_policy=mc.ModelTransactionPolicy(decoupled=True),
     )

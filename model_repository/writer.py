@@ -10,8 +10,9 @@ serving: fused (python-ort only)
                                  same public tensors as the ensemble
     <repo>/kiln.json             what was written, from which variant (sha256), by which spec
 
-The repository is self-contained (python models carry their own kiln_runtime.py), so
-the same folder loads in the pip-installed Triton and in NVIDIA's container.
+The repository is self-contained (each python model carries its own copy of the
+kiln_runtime package), so the same folder loads in the pip-installed Triton and in
+NVIDIA's container.
 """
 
 from __future__ import annotations
@@ -21,11 +22,14 @@ import os
 import shutil
 from pathlib import Path
 
-from export.manifest import ExportManifest
-from kiln.spec import DeploymentSpec, Runtime, Task
+import kiln_runtime
+from kiln_core.card import RepositoryCard, TensorCard
+from kiln_core.manifest import ExportManifest
+from kiln_core.spec import DeploymentSpec, Runtime, Task
+from kiln_runtime.contract import TOKENIZER_DIR
 from model_repository import configs as C
 
-RUNTIME_MODULE = "kiln_runtime.py"
+RUNTIME_PACKAGE = Path(kiln_runtime.__file__).parent
 ENGINE_FILES = {"tensorrt_plan": "model.plan", "onnxruntime_onnx": "model.onnx"}
 
 
@@ -47,7 +51,7 @@ def _write_model(repo: Path, cfg, model_py: str | None = None) -> Path:
     (folder / "config.pbtxt").write_text(C.to_pbtxt(cfg))
     if model_py:
         (folder / "1" / "model.py").write_text(_python_source(model_py))
-        (folder / "1" / RUNTIME_MODULE).write_text(_python_source(RUNTIME_MODULE))
+        shutil.copytree(RUNTIME_PACKAGE, folder / "1" / "kiln_runtime", ignore=shutil.ignore_patterns("__pycache__"))
     return folder
 
 
@@ -59,7 +63,32 @@ def _selection_card(manifest: ExportManifest) -> dict | None:
     return {**sel.model_dump(), "runners_up": sel.runners_up, "reason": sel.reason()}
 
 
-GENERATE_MODULE = "kiln_generate.py"
+def _tensors(values) -> dict[str, TensorCard]:
+    return {t.name: TensorCard(dtype=C.mc.DataType.Name(t.data_type), dims=list(t.dims)) for t in values}
+
+
+def _card(spec: DeploymentSpec, manifest: ExportManifest, precision: str, variant, public, models: list[str],
+          tokenizer: str | None, max_input_tokens: int) -> RepositoryCard:
+    return RepositoryCard(
+        public_model=public.name,
+        task=manifest.task,
+        serving=None if spec.task is Task.text_generation else spec.serving,
+        models=models,
+        tokenizer=tokenizer,
+        runtime=spec.runtime.value,
+        precision=precision,
+        selection=_selection_card(manifest),
+        variant_sha256=variant.sha256,
+        parity=variant.parity.model_dump(),
+        batch_invariance=variant.batch_invariance,
+        max_input_tokens=max_input_tokens,
+        max_batch_size=spec.batching.max_batch_size,
+        inputs=_tensors(public.input),
+        outputs=_tensors(public.output),
+        spec=json.loads(spec.model_dump_json()),
+    )
+
+
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja", "generation_config.json")
 
 
@@ -110,37 +139,17 @@ def write_repository(spec: DeploymentSpec, manifest: ExportManifest | None = Non
         _place(source, enc_dir / "1" / model_file)
         _write_model(repo, post, "postprocess.py")
         _write_model(repo, public)
-    shutil.copytree(spec.export_dir / manifest.tokenizer_dir, tok_dir / "1" / "tokenizer")
+    shutil.copytree(spec.export_dir / manifest.tokenizer_dir, tok_dir / "1" / TOKENIZER_DIR)
 
-    (repo / "kiln.json").write_text(
-        json.dumps(
-            {
-                "public_model": names.public,
-                "serving": spec.serving,
-                "models": [m.name for m in members],
-                # the gateway counts tokens with the served tokenizer (usage, limits, too-long 400s)
-                "tokenizer": str((tok_dir / "1" / C.TOKENIZER_FILE).relative_to(repo)),
-                "runtime": spec.runtime.value,
-                "precision": precision,
-                "selection": _selection_card(manifest),
-                "variant_sha256": variant.sha256,
-                "parity": variant.parity.model_dump(),
-                "batch_invariance": variant.batch_invariance,
-                "task": manifest.task,
-                "inputs": {C.TEXT: "BYTES [batch, 1] UTF-8 text"},
-                "outputs": {o.name: f"{C.mc.DataType.Name(o.data_type)} {list(o.dims)}" for o in public.output},
-                "spec": json.loads(spec.model_dump_json()),
-            },
-            indent=2,
-        )
-        + "\n"
-    )
+    # the gateway counts tokens with the served tokenizer (usage, limits, too-long 400s)
+    tokenizer = str((tok_dir / "1" / C.TOKENIZER_FILE).relative_to(repo))
+    _card(spec, manifest, precision, variant, public, [m.name for m in members], tokenizer, spec.max_length).write(repo)
     return repo
 
 
 def _write_generation_repository(spec: DeploymentSpec, manifest: ExportManifest, repo: Path) -> Path:
     """<repo>/<name>/: the decoupled generation model (public), self-contained: graph,
-    tokenizer files with the chat template, model.py, kiln_runtime.py, kiln_generate.py."""
+    tokenizer files with the chat template, model.py and the kiln_runtime package."""
     precision = manifest.served_precision(spec.serve_precision)
     variant = manifest.usable_variant(precision)
     if not manifest.decoder:
@@ -149,34 +158,14 @@ def _write_generation_repository(spec: DeploymentSpec, manifest: ExportManifest,
     if repo.exists():
         shutil.rmtree(repo)
     folder = _write_model(repo, cfg, "generate.py")
-    (folder / "1" / GENERATE_MODULE).write_text(_python_source(GENERATE_MODULE))
     _place(spec.export_dir / variant.file, folder / "1" / "model.onnx")
     data = spec.export_dir / (variant.file + ".data")
     if data.exists():  # external weights beside a > 2 GB graph
         _place(data, folder / "1" / data.name)
     tok_src = spec.export_dir / manifest.tokenizer_dir
-    (folder / "1" / "tokenizer").mkdir()
+    (folder / "1" / TOKENIZER_DIR).mkdir()
     for name in TOKENIZER_FILES:
         if (tok_src / name).is_file():
-            shutil.copy2(tok_src / name, folder / "1" / "tokenizer" / name)
-    (repo / "kiln.json").write_text(
-        json.dumps(
-            {
-                "public_model": spec.name,
-                "models": [spec.name],
-                "runtime": spec.runtime.value,
-                "precision": precision,
-                "selection": _selection_card(manifest),
-                "variant_sha256": variant.sha256,
-                "parity": variant.parity.model_dump(),
-                "batch_invariance": variant.batch_invariance,
-                "task": manifest.task,
-                "inputs": {i.name: f"{C.mc.DataType.Name(i.data_type)} {list(i.dims)}" for i in cfg.input},
-                "outputs": {o.name: f"{C.mc.DataType.Name(o.data_type)} {list(o.dims)}" for o in cfg.output},
-                "spec": json.loads(spec.model_dump_json()),
-            },
-            indent=2,
-        )
-        + "\n"
-    )
+            shutil.copy2(tok_src / name, folder / "1" / TOKENIZER_DIR / name)
+    _card(spec, manifest, precision, variant, cfg, [spec.name], None, spec.generation.max_context).write(repo)
     return repo

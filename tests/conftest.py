@@ -1,8 +1,9 @@
-"""Shared fixtures: tiny random checkpoints built here, the packaged MiniLM export, servers.
+"""Shared fixtures: tiny random checkpoints, the packaged MiniLM export, servers; and the
+tier markers. The helpers behind them are in tests/support/kiln_testkit.py.
 
 The repo root must never be on sys.path (triton/ would shadow the `triton` package that
-torch imports): pytest inserts only this tests/ folder, and the Makefile sets
-PYTHONSAFEPATH=1.
+torch imports): pytest runs in importlib mode, adds only tests/support, and the Makefile
+sets PYTHONSAFEPATH=1.
 """
 
 from __future__ import annotations
@@ -19,39 +20,17 @@ assert not any(Path(p or ".").resolve() == Path(__file__).resolve().parents[1] f
     "the repo root is on sys.path: run tests with the pytest executable and PYTHONSAFEPATH=1 (make test)"
 )
 
-REPO = Path(__file__).resolve().parents[1]
-KILN = Path(sys.executable).parent / "kiln"
+from kiln_testkit import build_tiny_bert, build_tiny_llama, packaged_export, serve  # noqa: E402
 
-TINY_VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + list("abcdefghijklmnopqrstuvwxyz0123456789.,!?") + [
-    "the", "a", "is", "on", "of", "and", "man", "guitar", "play", "##ing", "##s", "street", "hello", "world",
-    "我", "爱", "北", "京", "🚀",
-]
+TIERS = ("unit", "functional", "e2e", "gpu")
 
 
-def build_tiny_bert(folder: Path, classifier: bool = False) -> Path:
-    """A random 2-layer BERT (hidden 32) with a real WordPiece tokenizer, saved as a checkpoint."""
-    import torch
-    from transformers import BertConfig, BertForSequenceClassification, BertModel, BertTokenizerFast
-
-    folder.mkdir(parents=True, exist_ok=True)
-    vocab = folder / "vocab.txt"
-    vocab.write_text("\n".join(TINY_VOCAB) + "\n")
-    tok = BertTokenizerFast(vocab_file=str(vocab), do_lower_case=True)
-    cfg = BertConfig(
-        vocab_size=len(TINY_VOCAB),
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=128,
-        id2label={0: "negative", 1: "neutral", 2: "positive"} if classifier else None,
-        label2id={"negative": 0, "neutral": 1, "positive": 2} if classifier else None,
-    )
-    torch.manual_seed(0)
-    model = (BertForSequenceClassification if classifier else BertModel)(cfg).eval()
-    model.save_pretrained(folder)
-    tok.save_pretrained(folder)
-    return folder
+def pytest_collection_modifyitems(config, items):
+    """Each test carries its tier's marker (its folder under tests/): `pytest -m unit`."""
+    for item in items:
+        parts = Path(str(item.fspath)).relative_to(Path(__file__).parent).parts
+        if parts and parts[0] in TIERS:
+            item.add_marker(getattr(pytest.mark, parts[0]))
 
 
 @pytest.fixture(scope="session")
@@ -64,57 +43,10 @@ def tiny_classifier(tmp_path_factory) -> Path:
     return build_tiny_bert(tmp_path_factory.mktemp("ckpt") / "tiny-cls", classifier=True)
 
 
-def tiny_spec(checkpoint: Path, workdir: Path, **kw):
-    from kiln.spec import parse_spec
-
-    data = {
-        "name": kw.pop("name", "tiny"),
-        "source": {"kind": "folder", "path": str(checkpoint)},
-        "max_length": 64,
-        "precisions": ["fp32", "fp16"],
-        "serve_precision": "fp32",
-        "workdir": str(workdir),
-        "batching": {"max_batch_size": 16, "preferred_batch_sizes": [4, 8], "max_queue_delay_us": 1000},
-    }
-    data.update(kw)
-    return parse_spec(data)
-
-
-def packaged_export(name: str):
-    """A packaged spec's export in the repository's build/ folder, where `make demo` leaves it:
-    reused when it matches the spec (the same rule as `kiln demo`), exported there otherwise,
-    so CI exports each packaged model once. (spec, manifest)."""
-    from rich.console import Console
-
-    from kiln.cli import ensure_export
-    from kiln.spec import load_spec
-
-    workdir = os.path.relpath(REPO / "build")  # as the Makefile names it: the same checkpoint path
-    spec = load_spec(name, workdir=workdir)
-    return spec, ensure_export(spec, Console(stderr=True))
-
-
 @pytest.fixture(scope="session")
 def minilm_export():
     """The packaged MiniLM (fp32, int8, fp16; serve_precision auto): (spec, manifest)."""
     return packaged_export("minilm")
-
-
-def _serve(spec, repo: Path, workdir: Path):
-    from kiln.server import TritonServer, free_ports
-
-    server = TritonServer(repo, free_ports(), workdir=workdir)
-    server.start()
-    return server
-
-
-def export_and_serve(spec, workdir: Path):
-    """The whole path for a fixture: export, write the spec's repository, start Triton."""
-    from export.pipeline import run_export
-    from model_repository.writer import write_repository
-
-    run_export(spec)
-    return _serve(spec, write_repository(spec), workdir)
 
 
 @pytest.fixture(scope="session")
@@ -124,7 +56,7 @@ def minilm_int8_server(minilm_export, tmp_path_factory):
     spec, manifest = minilm_export
     spec = spec.with_precision("int8")
     repo = write_repository(spec, manifest, spec.root / "repo-int8")
-    server = _serve(spec, repo, tmp_path_factory.mktemp("srv-int8"))
+    server = serve(spec, repo, tmp_path_factory.mktemp("srv-int8"))
     yield spec, server
     server.stop()
 
@@ -136,52 +68,9 @@ def minilm_fp32_server(minilm_export, tmp_path_factory):
     spec, manifest = minilm_export
     fp32 = spec.model_copy(update={"serve_precision": spec.precisions[0]})
     repo = write_repository(fp32, manifest, spec.root / "repo-fp32")
-    server = _serve(fp32, repo, tmp_path_factory.mktemp("srv-fp32"))
+    server = serve(fp32, repo, tmp_path_factory.mktemp("srv-fp32"))
     yield fp32, server
     server.stop()
-
-
-CHATML = (
-    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
-    "{{ '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' }}{% endif %}"
-    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
-)
-TINY_LM_TEXT = [
-    "The capital of France is Paris.", "Hello, how are you today?", "我爱北京天安门。", "Emoji: 🚀🔥🎉",
-    "Triton serves models with dynamic batching.", "Bonjour, comment ça va ?", "One two three four five six.",
-]
-
-
-def build_tiny_llama(folder: Path) -> Path:
-    """A random 2-layer Llama (hidden 64, GQA 4/2 heads, tied embeddings) with a byte-level
-    BPE tokenizer (so emoji and CJK split across tokens) and a ChatML chat template."""
-    import torch
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    folder.mkdir(parents=True, exist_ok=True)
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=400, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-    )
-    tok.train_from_iterator(TINY_LM_TEXT * 4, trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-                                   bos_token="<|im_start|>")
-    fast.chat_template = CHATML
-    fast.save_pretrained(folder)
-    cfg = LlamaConfig(
-        vocab_size=len(fast), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True,
-        eos_token_id=fast.convert_tokens_to_ids("<|im_end|>"), bos_token_id=fast.convert_tokens_to_ids("<|im_start|>"),
-        pad_token_id=fast.convert_tokens_to_ids("<|endoftext|>"),
-    )
-    torch.manual_seed(0)
-    LlamaForCausalLM(cfg).eval().save_pretrained(folder)
-    return folder
 
 
 @pytest.fixture(scope="session")

@@ -31,7 +31,13 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from kiln.gateway import protocol as P
-from kiln.gateway.auth import KeyStore, Principal, RateLimited, RateLimiter, retry_after_header
+from kiln.gateway.auth import (
+    KeyStore,
+    Principal,
+    RateLimited,
+    RateLimiter,
+    retry_after_header,
+)
 from kiln.gateway.backend import Chunk, TritonBackend
 from kiln.gateway.config import GatewayConfig, ServedModel, environ_keys, read_models
 from kiln.gateway.metrics import Metrics

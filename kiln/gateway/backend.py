@@ -22,15 +22,16 @@ from tritonclient.grpc import InferInput, InferRequestedOutput
 from tritonclient.utils import InferenceServerException
 
 from kiln.gateway.protocol import APIError
-from model_repository.configs import EMBEDDING, GENERATION_INPUTS, GENERATION_OUTPUTS, TEXT
+from kiln_runtime import contract as tensors
+from kiln_runtime.contract import EMBEDDING, GENERATION_INPUTS, GENERATION_OUTPUTS, TEXT
 
 log = logging.getLogger("kiln.gateway")
 
-# generation tensors: the repository writer's own table, so names and types never drift
+# generation tensors: the contract the repository writer and the model read, so names and types never drift
 _TRITON_TYPES = {"bytes": "BYTES", "int32": "INT32", "float32": "FP32", "uint64": "UINT64", "bool": "BOOL"}
 _NUMPY_TYPES = {"bytes": np.object_, "int32": np.int32, "float32": np.float32, "uint64": np.uint64, "bool": np.bool_}
-GEN_INPUTS = {name: (dtype, dims) for name, dtype, dims in GENERATION_INPUTS}
-GEN_OUTPUTS = [name for name, _, _ in GENERATION_OUTPUTS]
+GEN_INPUTS = {t.name: (t.dtype, list(t.dims)) for t in GENERATION_INPUTS}
+GEN_OUTPUTS = [t.name for t in GENERATION_OUTPUTS]
 
 QUEUE_FULL = "Exceeds maximum queue size"  # Triton's phrase; the generation model uses it too
 RETRY_AFTER_QUEUE_S = 1.0
@@ -39,7 +40,7 @@ _UNREACHABLE = re.compile(r"failed to connect|connection refused|Socket closed|C
 _NOT_READY = re.compile(r"unknown model|is not found|not ready|is not loaded|unavailable model", re.I)
 _FIELD = re.compile(r"^\s*(?:\[request id: [^\]]*\]\s*)?([a-z_]+)(?:\[\d+\])?: ")
 # the generation model names its fields as Triton does; OpenAI clients know other names
-_PARAM_NAMES = {"text_input": "prompt", "random_seed": "seed", "stop_words": "stop"}
+_PARAM_NAMES = {tensors.TEXT_INPUT: "prompt", tensors.RANDOM_SEED: "seed", tensors.STOP_WORDS: "stop"}
 
 
 @dataclass(frozen=True)
@@ -117,12 +118,12 @@ def _scalar(result, name: str):
 
 
 def parse_chunk(result) -> Chunk:
-    reason = _scalar(result, "finish_reason")
+    reason = _scalar(result, tensors.FINISH_REASON)
     return Chunk(
-        text=_scalar(result, "text_output") or "",
+        text=_scalar(result, tensors.TEXT_OUTPUT) or "",
         finish_reason=reason or None,
-        prompt_tokens=int(_scalar(result, "prompt_tokens") or 0),
-        completion_tokens=int(_scalar(result, "completion_tokens") or 0),
+        prompt_tokens=int(_scalar(result, tensors.PROMPT_TOKENS) or 0),
+        completion_tokens=int(_scalar(result, tensors.COMPLETION_TOKENS) or 0),
     )
 
 

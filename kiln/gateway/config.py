@@ -1,19 +1,20 @@
 """The gateway's one typed config, and the models it serves, read from kiln repositories.
 
 Which models exist, their task and limits come from each repository's ``kiln.json``
-(written by ``kiln repo``); nothing about them is typed in twice. Keys come from a file
+(written by ``kiln repo``, read through ``kiln_core.card.RepositoryCard``); nothing about them is typed in twice. Keys come from a file
 (YAML: a list of {name, key | sha256, rpm, tpm}) and/or an environment variable
 (comma-separated keys); only their SHA-256 digests are kept in memory.
 """
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
+
+from kiln_core.card import CardError, RepositoryCard
 
 KEYS_ENV = "KILN_API_KEYS"
 
@@ -63,37 +64,26 @@ class ServedModel:
 def read_models(repositories: list[Path]) -> dict[str, ServedModel]:
     models: dict[str, ServedModel] = {}
     for repo in repositories:
-        meta_file = Path(repo) / "kiln.json"
-        if not meta_file.is_file():
-            raise GatewayError(f"{repo} is not a kiln model repository (no kiln.json): run `kiln repo` first")
-        meta = json.loads(meta_file.read_text())
-        spec = meta["spec"]
-        name, task = meta["public_model"], meta["task"]
+        try:
+            card = RepositoryCard.read(repo)
+        except CardError as err:
+            raise GatewayError(str(err)) from None
+        name = card.public_model
         if name in models:
             raise GatewayError(f"model {name!r} appears in two repositories: {models[name].repository} and {repo}")
-        tok = meta.get("tokenizer")
-        generation = task == "text-generation"
         models[name] = ServedModel(
             name=name,
-            task=task,
-            created=int(meta_file.stat().st_mtime),
-            max_input_tokens=int(spec["generation"]["max_context"] if generation else spec["max_length"]),
-            tokenizer_file=(Path(repo) / tok) if tok and not generation else None,
-            max_batch_size=int(spec["batching"]["max_batch_size"]),
+            task=card.task,
+            created=int(RepositoryCard.path(repo).stat().st_mtime),
+            max_input_tokens=card.max_input_tokens,
+            tokenizer_file=None if card.generation else card.tokenizer_path(repo),
+            max_batch_size=card.max_batch_size,
             repository=Path(repo),
-            dim=_embedding_dim(meta.get("outputs", {})),
+            dim=card.embedding_dim,
         )
         if models[name].tokenizer_file is not None and not models[name].tokenizer_file.is_file():
-            raise GatewayError(f"{repo}: tokenizer {tok} is missing; rewrite the repository with `kiln repo`")
+            raise GatewayError(f"{repo}: tokenizer {card.tokenizer} is missing; rewrite the repository with `kiln repo`")
     return models
-
-
-def _embedding_dim(outputs: dict) -> int | None:
-    """kiln.json writes outputs as "TYPE_FP32 [384]"."""
-    import re
-
-    m = re.search(r"\[(\d+)\]", str(outputs.get("embedding", "")))
-    return int(m.group(1)) if m else None
 
 
 def load_config(path: Path | None = None, **overrides) -> GatewayConfig:

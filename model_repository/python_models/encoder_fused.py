@@ -12,13 +12,17 @@ import os
 
 import triton_python_backend_utils as pb_utils
 
-from kiln_runtime import FusedEncoder, InputError, head_outputs, load_tokenizer, make_head, open_session
+from kiln_runtime.contract import TEXT, head_outputs, model_parameters
+from kiln_runtime.encoder import FusedEncoder, make_head
+from kiln_runtime.errors import InputError
+from kiln_runtime.ort import open_session
+from kiln_runtime.text import load_tokenizer
 
 
 class TritonPythonModel:
     def initialize(self, args):
         config = json.loads(args["model_config"])
-        p = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
+        p = model_parameters(config)
         here = os.path.join(args["model_repository"], args["model_version"])
         gpu = int(args["model_instance_device_id"]) if args.get("model_instance_kind") == "GPU" else None
         self.outputs = [o["name"] for o in config["output"]]
@@ -35,7 +39,7 @@ class TritonPythonModel:
     def execute(self, requests):
         raws = []
         for r in requests:
-            t = pb_utils.get_input_tensor_by_name(r, "text")
+            t = pb_utils.get_input_tensor_by_name(r, TEXT)
             raws.append(None if t is None else t.as_numpy())
         try:
             results = self.encoder(raws)

@@ -9,28 +9,21 @@ import os
 
 import triton_python_backend_utils as pb_utils
 
-from kiln_runtime import pad_and_stack, split_rows
+from kiln_runtime.contract import model_parameters
+from kiln_runtime.ort import open_session
+from kiln_runtime.text import pad_and_stack, split_rows
 
 
 class TritonPythonModel:
     def initialize(self, args):
-        import onnxruntime as ort
-
         config = json.loads(args["model_config"])
-        params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
+        params = model_parameters(config)
         here = os.path.join(args["model_repository"], args["model_version"])
-        so = ort.SessionOptions()
-        so.log_severity_level = 3
+        gpu = int(args["model_instance_device_id"]) if args.get("model_instance_kind") == "GPU" else None
         # busy-waiting between runs speeds up big batches but takes the cores the other
         # models and Triton's own threads need under many small requests (spec field)
-        so.add_session_config_entry("session.intra_op.allow_spinning", params.get("allow_spinning", "1"))
-        threads = int(params.get("intra_op_threads", "0"))
-        if threads:
-            so.intra_op_num_threads = threads
-        providers = ["CPUExecutionProvider"]
-        if args.get("model_instance_kind") == "GPU":
-            providers.insert(0, ("CUDAExecutionProvider", {"device_id": int(args["model_instance_device_id"])}))
-        self.session = ort.InferenceSession(os.path.join(here, params["onnx_file"]), so, providers=providers)
+        self.session = open_session(os.path.join(here, params["onnx_file"]), int(params.get("intra_op_threads", "0")),
+                                    params.get("allow_spinning", "1") == "1", gpu)
         self.inputs = [i["name"] for i in config["input"]]
         self.outputs = [o["name"] for o in config["output"]]
 

@@ -15,10 +15,17 @@ import uuid
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from kiln_generate import (
-    DEFAULT_PREFILL_CHUNK, ChatTemplate, Engine, QueueFull, SamplingParams, encode_prompt, parse_messages, session_runner,
+from kiln_runtime.errors import InputError
+from kiln_runtime.generation.engine import (
+    DEFAULT_PREFILL_CHUNK,
+    ChatTemplate,
+    Engine,
+    QueueFull,
+    SamplingParams,
+    encode_prompt,
+    parse_messages,
+    session_runner,
 )
-from kiln_runtime import InputError
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 

@@ -2,16 +2,16 @@
 
 import json
 
-import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from kiln_runtime import classify, pool
+from kiln_runtime.contract import EMBEDDING, LABEL, SCORES, model_parameters
+from kiln_runtime.encoder import classify, pool
 
 
 class TritonPythonModel:
     def initialize(self, args):
         config = json.loads(args["model_config"])
-        params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
+        params = model_parameters(config)
         self.task = params["task"]
         self.hidden = config["input"][0]["name"]
         if self.task == "text-classification":
@@ -26,9 +26,9 @@ class TritonPythonModel:
             hidden = pb_utils.get_input_tensor_by_name(request, self.hidden).as_numpy()
             if self.task == "text-classification":
                 names, scores = classify(hidden, self.labels)
-                outputs = [pb_utils.Tensor("label", names.reshape(-1, 1)), pb_utils.Tensor("scores", scores)]
+                outputs = [pb_utils.Tensor(LABEL, names.reshape(-1, 1)), pb_utils.Tensor(SCORES, scores)]
             else:
                 mask = pb_utils.get_input_tensor_by_name(request, "attention_mask").as_numpy()
-                outputs = [pb_utils.Tensor("embedding", pool(hidden, mask, self.pooling, self.normalize))]
+                outputs = [pb_utils.Tensor(EMBEDDING, pool(hidden, mask, self.pooling, self.normalize))]
             responses.append(pb_utils.InferenceResponse(outputs))
         return responses

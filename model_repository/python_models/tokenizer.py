@@ -2,18 +2,16 @@
 
 import os
 
-import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from kiln_runtime import InputError, decode_texts, load_tokenizer, tokenize
+from kiln_runtime.contract import TEXT, model_parameters
+from kiln_runtime.errors import InputError
+from kiln_runtime.text import decode_texts, load_tokenizer, tokenize
 
 
 class TritonPythonModel:
     def initialize(self, args):
-        import json
-
-        config = json.loads(args["model_config"])
-        params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
+        params = model_parameters(args["model_config"])
         here = os.path.join(args["model_repository"], args["model_version"])
         self.tok = load_tokenizer(os.path.join(here, params["tokenizer_file"]), int(params["max_length"]))
         self.outputs = params["output_names"].split(",")
@@ -22,7 +20,7 @@ class TritonPythonModel:
         responses = []
         for request in requests:
             try:
-                raw = pb_utils.get_input_tensor_by_name(request, "text").as_numpy()
+                raw = pb_utils.get_input_tensor_by_name(request, TEXT).as_numpy()
                 feeds = tokenize(self.tok, decode_texts(raw), self.outputs)
                 responses.append(pb_utils.InferenceResponse([pb_utils.Tensor(k, v) for k, v in feeds.items()]))
             except InputError as err:

@@ -5,7 +5,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 import urllib.request
 
@@ -13,12 +12,10 @@ import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 
-from conftest import KILN, tiny_spec
 from export.pipeline import run_export
 from kiln.server import ServerError, TritonServer, free_port, free_ports
+from kiln_testkit import KILN, tiny_spec
 from model_repository.writer import write_repository
-
-pytestmark = pytest.mark.e2e
 
 
 def _env():

@@ -13,24 +13,7 @@ import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 
-from conftest import export_and_serve, tiny_spec
-
-pytestmark = pytest.mark.e2e
-
-
-def post(server, model, payload, stream=False):
-    url = f"http://{server.http_url}/v2/models/{model}/{'generate_stream' if stream else 'generate'}"
-    req = urllib.request.Request(url, json.dumps(payload).encode(), {"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(req, timeout=300) as r:
-            body = r.read().decode()
-            status = r.status
-    except urllib.error.HTTPError as err:
-        return err.code, json.loads(err.read().decode() or "{}")
-    if not stream:
-        return status, json.loads(body)
-    events = [json.loads(l[5:]) for l in body.splitlines() if l.startswith("data:")]
-    return status, events
+from kiln_testkit import export_and_serve, post, tiny_spec
 
 
 @pytest.fixture(scope="module")

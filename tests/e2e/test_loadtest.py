@@ -7,15 +7,12 @@ import subprocess
 import textwrap
 
 import numpy as np
-import pytest
 import tritonclient.grpc as grpcclient
 import yaml
 
-from conftest import KILN
 from kiln.server import TritonServer, free_port, free_ports
+from kiln_testkit import KILN
 from model_repository.writer import write_repository
-
-pytestmark = pytest.mark.e2e
 
 
 def loadtest(tmp_path, url, loadtest_cfg: dict, *args, workdir=None):

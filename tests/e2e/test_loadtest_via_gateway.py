@@ -7,13 +7,10 @@ import os
 import socket
 import subprocess
 
-import pytest
 import yaml
 
-from conftest import KILN
 from kiln.server import free_port
-
-pytestmark = pytest.mark.e2e
+from kiln_testkit import KILN
 
 # generous for a loaded 2-core machine: these runs check the path and the figures, not speed
 TARGETS = {"p50_ms": 3000, "p95_ms": 6000, "p99_ms": None, "min_qps": 1, "max_error_ratio": 0.0}

@@ -13,10 +13,8 @@ import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
-from conftest import _serve, export_and_serve, tiny_spec
-from test_serving_minilm import SENTENCES as MINILM_SENTENCES
-
-pytestmark = pytest.mark.e2e
+from kiln_testkit import SENTENCES as MINILM_SENTENCES
+from kiln_testkit import export_and_serve, serve, tiny_spec
 
 # the ensemble tests' sentences, with an empty string in place of one of them
 SENTENCES = [*MINILM_SENTENCES[:6], "", MINILM_SENTENCES[7]]
@@ -56,7 +54,7 @@ def served(minilm_export, tmp_path_factory):
             s.export_dir.symlink_to(spec.export_dir.resolve(), target_is_directory=True)
             repos[name] = write_repository(s, manifest, tmp / f"repo-{name}")
         names[variant] = (fused_name, ens_name)
-    server = _serve(spec, list(repos.values()), tmp_path_factory.mktemp("srv-fused"))
+    server = serve(spec, list(repos.values()), tmp_path_factory.mktemp("srv-fused"))
     try:
         yield server, names, repos
     finally:
@@ -80,9 +78,8 @@ def test_fused_gives_the_ensembles_embeddings(served, variant, proto):
 
 
 def test_fused_is_one_python_model_under_the_public_name(served, minilm_export):
-    import json
-
     from kiln.gateway.config import read_models
+    from kiln_core.card import RepositoryCard
 
     server, names, repos = served
     spec, _ = minilm_export
@@ -94,8 +91,8 @@ def test_fused_is_one_python_model_under_the_public_name(served, minilm_export):
     served_models = {m["name"] for m in client.get_model_repository_index(as_json=True)["models"]}
     assert f"{spec.name}_encoder" not in served_models and f"{names['int8'][1]}_encoder" in served_models
     repo = repos[spec.name]
-    card = json.loads((repo / "kiln.json").read_text())
-    assert card["models"] == [spec.name] and card["serving"] == "fused"
+    card = RepositoryCard.read(repo)
+    assert card.models == [spec.name] and card.serving == "fused"
     assert read_models([repo])[spec.name].tokenizer_file.is_file()  # the gateway finds its tokenizer
 
 

@@ -17,9 +17,7 @@ import openai
 import pytest
 import tritonclient.grpc as grpcclient
 
-from conftest import export_and_serve, tiny_spec
-
-pytestmark = pytest.mark.e2e
+from kiln_testkit import tiny_spec
 
 KEY, LIMITED_KEY, TPM_KEY = "sk-test-main", "sk-test-two-per-minute", "sk-test-small-tpm"
 

@@ -9,20 +9,8 @@ import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
-from kiln.sources import checkpoint_dir
-
-pytestmark = pytest.mark.e2e
-
-SENTENCES = [
-    "A man is playing a guitar.",
-    "The new movie is awesome.",
-    "我爱北京天安门。",
-    "Emoji work too 🚀🔥",
-    "How do I reset my password?",
-    "The weather is lovely today and we are going for a long walk along the river.",
-    "Paris is the capital of France.",
-    "Stocks fell sharply after the announcement.",
-]
+from kiln_core.sources import checkpoint_dir
+from kiln_testkit import SENTENCES
 
 
 def _texts(texts, module):
@@ -168,11 +156,12 @@ def test_metrics_endpoint_counts_inferences(minilm_int8_server):
 @pytest.fixture(scope="module")
 def minilm_default_server(minilm_export, tmp_path_factory):
     """The packaged spec as shipped: serve_precision auto, resolved by the export."""
-    from conftest import _serve
+    from kiln_testkit import serve
+
     from model_repository.writer import write_repository
 
     spec, manifest = minilm_export
-    server = _serve(spec, write_repository(spec, manifest, spec.root / "repo-default"), tmp_path_factory.mktemp("srv-def"))
+    server = serve(spec, write_repository(spec, manifest, spec.root / "repo-default"), tmp_path_factory.mktemp("srv-def"))
     yield spec, manifest, server
     server.stop()
 

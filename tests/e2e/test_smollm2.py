@@ -8,10 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from conftest import _serve, packaged_export
-from test_generation import post
-
-pytestmark = pytest.mark.e2e
+from kiln_testkit import packaged_export, post, serve
 
 
 @pytest.fixture(scope="module")
@@ -20,7 +17,7 @@ def smollm2(tmp_path_factory):
 
     spec, manifest = packaged_export("smollm2")
     work = tmp_path_factory.mktemp("smollm2")
-    server = _serve(spec, write_repository(spec, manifest, work / "repo"), work / "srv")
+    server = serve(spec, write_repository(spec, manifest, work / "repo"), work / "srv")
     yield spec, server
     server.stop()
 

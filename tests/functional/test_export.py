@@ -8,14 +8,15 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
-from conftest import tiny_spec
 from export import variants as V
-from export.manifest import ExportManifest
 from export.onnx_export import load_encoder
 from export.parity import ParityError, compare, gate, ort_runner, parity_batches
 from export.pipeline import run_export
-from kiln.sources import checkpoint_dir
-from kiln.spec import Precision
+from kiln_core.card import RepositoryCard
+from kiln_core.manifest import ExportManifest
+from kiln_core.sources import checkpoint_dir
+from kiln_core.spec import Precision
+from kiln_testkit import tiny_spec
 from model_repository.writer import write_repository
 
 
@@ -147,6 +148,6 @@ def test_auto_serves_the_fastest_variant_that_passed_and_is_batch_invariant(tiny
     assert "fp16" in sel.excluded  # a GPU variant, not timed on CPU
     assert sel.machine["cores"] >= 1 and "flags" in sel.machine
     repo = write_repository(spec, manifest)
-    card = json.loads((repo / "kiln.json").read_text())
-    assert card["precision"] == sel.precision
-    assert card["selection"]["metric"] == sel.metric and card["selection"]["reason"].startswith(sel.precision)
+    card = RepositoryCard.read(repo)
+    assert card.precision == sel.precision
+    assert card.selection["metric"] == sel.metric and card.selection["reason"].startswith(sel.precision)

@@ -11,13 +11,13 @@ import pytest
 import torch
 from onnx import numpy_helper
 
-from conftest import tiny_spec
 from export import lm_export as X
 from export import lm_parity as P
-from export.manifest import ExportManifest
 from export.parity import ParityError
 from export.pipeline import run_export
-from kiln.spec import Precision
+from kiln_core.manifest import ExportManifest
+from kiln_core.spec import Precision
+from kiln_testkit import tiny_spec
 
 FAST = {"max_context": 256, "parity_prompts": 8, "parity_new_tokens": 16, "parity_decode_steps": 8}
 
@@ -167,7 +167,13 @@ def test_failed_gate_stops_the_pipeline_and_marks_fp32_unusable(tiny_llama, tmp_
 
 def _tiny_variant(tiny_llama, folder, family):
     """The tiny Llama's tokenizer with a random Qwen2 (q/k/v bias) or Mistral (sliding window) model."""
-    from transformers import AutoConfig, MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
+    from transformers import (
+        AutoConfig,
+        MistralConfig,
+        MistralForCausalLM,
+        Qwen2Config,
+        Qwen2ForCausalLM,
+    )
 
     shutil.copytree(tiny_llama, folder)
     for f in folder.glob("*.safetensors"):

@@ -7,10 +7,10 @@ import onnx
 import pytest
 import torch
 
-from conftest import build_tiny_llama
 from export import lm_export as X
 from export import lm_parity as P
 from export.lm_quant import HEAD_FORMAT
+from kiln_testkit import build_tiny_llama
 
 LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 

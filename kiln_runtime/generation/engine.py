@@ -28,10 +28,7 @@ from typing import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
-try:  # beside model.py in a Triton repository
-    from kiln_runtime import InputError
-except ImportError:  # imported as model_repository.python_models.kiln_generate (tests, kiln)
-    from .kiln_runtime import InputError
+from kiln_runtime.errors import InputError
 
 MAX_STOP_STRINGS = 4
 MAX_STOP_CHARS = 256  # each stop string is matched against held-back text every token
@@ -190,9 +187,10 @@ class ChatTemplate:
     SPECIAL_TOKENS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 
     def __init__(self, template: str, special_tokens: Mapping[str, str] | None = None):
+        from datetime import datetime
+
         import jinja2
         import jinja2.ext
-        from datetime import datetime
         from jinja2.sandbox import ImmutableSandboxedEnvironment
 
         class _Generation(jinja2.ext.Extension):

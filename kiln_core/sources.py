@@ -5,7 +5,13 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
-from kiln.spec import DeploymentSpec, FolderSource, GgufSource, PackageSource, SpecError
+from kiln_core.spec import (
+    DeploymentSpec,
+    FolderSource,
+    GgufSource,
+    PackageSource,
+    SpecError,
+)
 
 
 def _package_dir(package: str) -> Path:

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import tiny_spec
 from export import lm_parity as P
-from kiln.spec import Precision
+from kiln_core.spec import Precision
+from kiln_testkit import tiny_spec
 
 
 def test_uniform_logits_have_the_vocabulary_as_perplexity():

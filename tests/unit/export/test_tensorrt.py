@@ -12,7 +12,6 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from export.manifest import ExportManifest, ParityReport, TensorSpec, Variant, sha256
 from export.tensorrt import (
     EngineError,
     ShapeRange,
@@ -26,7 +25,8 @@ from export.tensorrt import (
     record_path,
     trtexec_command,
 )
-from kiln.spec import DeploymentSpec
+from kiln_core.manifest import ExportManifest, ParityReport, TensorSpec, Variant, sha256
+from kiln_core.spec import DeploymentSpec
 
 HIDDEN, VOCAB = 8, 16
 
@@ -204,7 +204,13 @@ def matmul_graph(path: Path) -> Path:
 
 
 def quantize(src: Path, dst: Path, mode: str, symmetric: bool = True) -> Path:
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_dynamic, quantize_static
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        QuantFormat,
+        QuantType,
+        quantize_dynamic,
+        quantize_static,
+    )
 
     if mode == "dynamic":
         quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8)

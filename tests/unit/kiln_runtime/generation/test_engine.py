@@ -18,8 +18,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from model_repository.python_models import kiln_generate as kg
-from model_repository.python_models.kiln_runtime import InputError
+from kiln_runtime.errors import InputError
+from kiln_runtime.generation import engine as kg
 
 PROMPTS = [
     "The capital of France is", "Hello, how are you today?", "我爱北京天安门。", "Emoji: 🚀🔥🎉",
@@ -292,8 +292,8 @@ def smollm2_tokenizer_dir(tmp_path_factory):
 
     from transformers import AutoTokenizer
 
-    from kiln.sources import gguf_file
-    from kiln.spec import load_spec
+    from kiln_core.sources import gguf_file
+    from kiln_core.spec import load_spec
 
     path = gguf_file(load_spec("smollm2"))
     with warnings.catch_warnings():
@@ -419,7 +419,10 @@ def test_context_limit_caps_the_completion(lm):
 def _hf_distribution(logits, context, temperature, top_k, top_p, penalty):
     import torch
     from transformers.generation.logits_process import (
-        RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper,
+        RepetitionPenaltyLogitsProcessor,
+        TemperatureLogitsWarper,
+        TopKLogitsWarper,
+        TopPLogitsWarper,
     )
 
     ids = torch.tensor([context])

@@ -12,10 +12,18 @@ from pydantic import ValidationError
 from tritonclient.utils import InferenceServerException
 
 from kiln.gateway import protocol as P
-from kiln.gateway.auth import KeyStore, Limits, Principal, RateLimited, RateLimiter, digest
+from kiln.gateway.auth import (
+    KeyStore,
+    Limits,
+    Principal,
+    RateLimited,
+    RateLimiter,
+    digest,
+)
 from kiln.gateway.backend import GEN_INPUTS, generation_inputs, map_error
 from kiln.gateway.config import GatewayError, read_models
-from model_repository.configs import GENERATION_INPUTS
+from kiln_core.card import RepositoryCard, TensorCard
+from kiln_runtime.contract import GENERATION_INPUTS
 
 
 def chat(**kw):
@@ -199,7 +207,7 @@ def test_triton_field_names_become_openai_names():
 
 
 def test_generation_inputs_follow_the_repository_table():
-    assert {n for n, _, _ in GENERATION_INPUTS} == set(GEN_INPUTS)
+    assert {t.name for t in GENERATION_INPUTS} == set(GEN_INPUTS)
     with pytest.raises(KeyError):
         generation_inputs({"not_an_input": 1})
 
@@ -208,13 +216,17 @@ def test_generation_inputs_follow_the_repository_table():
 def _repo(tmp, name, task, **spec):
     repo = tmp / name
     repo.mkdir()
-    meta = {"public_model": name, "task": task, "outputs": {"embedding": "TYPE_FP32 [8]"},
-            "spec": {"max_length": 32, "generation": {"max_context": 128}, "batching": {"max_batch_size": 4}, **spec}}
-    if task != "text-generation":
+    generation = task == "text-generation"
+    card = RepositoryCard(
+        public_model=name, task=task, models=[name], runtime="python-ort", precision="fp32", variant_sha256="0" * 64,
+        parity={}, max_input_tokens=128 if generation else 32, max_batch_size=4,
+        inputs={}, outputs={} if generation else {"embedding": TensorCard(dtype="TYPE_FP32", dims=[8])}, spec=spec,
+        tokenizer=None if generation else "tok/tokenizer.json",
+    )
+    if not generation:
         (repo / "tok").mkdir()
         (repo / "tok" / "tokenizer.json").write_text("{}")
-        meta["tokenizer"] = "tok/tokenizer.json"
-    (repo / "kiln.json").write_text(json.dumps(meta))
+    card.write(repo)
     return repo
 
 

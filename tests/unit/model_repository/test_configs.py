@@ -1,11 +1,15 @@
 """model_repository.configs: generated configs parse through Triton's ModelConfig schema,
 carry the spec's batching/queue/instances, and bad ensemble wiring fails before serving."""
 
+from pathlib import Path
+
 import pytest
 from tritonclient.grpc import model_config_pb2 as mc
 
-from export.manifest import ExportManifest, TensorSpec
-from kiln.spec import parse_spec
+import kiln_runtime
+from kiln_core.card import RepositoryCard
+from kiln_core.manifest import ExportManifest, TensorSpec
+from kiln_core.spec import parse_spec
 from model_repository import configs as C
 
 
@@ -127,7 +131,7 @@ def test_generation_config_uses_trtllm_names_and_is_decoupled():
 
 
 def test_generation_config_carries_the_queue_bound():
-    from kiln.spec import SpecError
+    from kiln_core.spec import SpecError
 
     base = {"name": "chat", "source": {"kind": "gguf", "package": "x", "file": "m.gguf"}, "task": "text-generation",
             "precisions": ["fp32"], "serve_precision": "fp32"}
@@ -140,7 +144,7 @@ def test_generation_config_carries_the_queue_bound():
 
 
 def test_text_generation_needs_the_python_runtime():
-    from kiln.spec import SpecError
+    from kiln_core.spec import SpecError
 
     with pytest.raises(SpecError, match="python-ort"):
         parse_spec({"name": "chat", "source": {"kind": "gguf", "file": "m.gguf"}, "task": "text-generation",
@@ -182,14 +186,13 @@ def test_fused_needs_python_ort_and_tokenizer_inputs():
 
 
 def _written(tmp_path, serving, **kw):
-    import json
 
     import numpy as np
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
-    from export.manifest import ParityReport, Variant, sha256
     from kiln.gateway.config import read_models
+    from kiln_core.manifest import ParityReport, Variant, sha256
     from model_repository.writer import write_repository
 
     spec = parse_spec({"name": "enc", "source": {"kind": "folder", "path": str(tmp_path)}, "precisions": ["fp32"],
@@ -208,26 +211,29 @@ def _written(tmp_path, serving, **kw):
         precision="fp32", file="model.fp32.onnx", sha256=sha256(export / "model.fp32.onnx"), bytes=1,
         parity=ParityReport(reference="test", inputs=32, figures={}, thresholds={}, passed=True))}})
     repo = write_repository(spec, man)
-    return repo, json.loads((repo / "kiln.json").read_text()), read_models([repo])["enc"]
+    return repo, RepositoryCard.read(repo), read_models([repo])["enc"]
 
 
 def test_fused_repository_is_one_model_carrying_graph_code_and_the_gateways_tokenizer(tmp_path):
     repo, card, served = _written(tmp_path, "fused")
     assert sorted(p.name for p in repo.iterdir()) == ["enc", "kiln.json"]
     files = {p.relative_to(repo / "enc").as_posix() for p in (repo / "enc").rglob("*") if p.is_file()}
-    assert files == {"config.pbtxt", "1/model.py", "1/kiln_runtime.py", "1/model.onnx", "1/tokenizer/tokenizer.json"}
+    runtime = {f for f in files if f.startswith("1/kiln_runtime/")}
+    assert files - runtime == {"config.pbtxt", "1/model.py", "1/model.onnx", "1/tokenizer/tokenizer.json"}
+    package = Path(kiln_runtime.__file__).parent  # the whole served runtime, copied as it is
+    assert runtime == {f"1/kiln_runtime/{f.relative_to(package).as_posix()}" for f in package.rglob("*.py")}
     assert "FusedEncoder" in (repo / "enc" / "1" / "model.py").read_text()
     cfg = C.parse_pbtxt((repo / "enc" / "config.pbtxt").read_text())
     assert cfg.backend == "python" and cfg.parameters["input_names"].string_value == "input_ids,attention_mask"
-    assert card["serving"] == "fused" and card["models"] == ["enc"] and card["public_model"] == "enc"
-    assert card["tokenizer"] == "enc/1/tokenizer/tokenizer.json"
+    assert card.serving == "fused" and card.models == ["enc"] and card.public_model == "enc"
+    assert card.tokenizer == "enc/1/tokenizer/tokenizer.json"
     assert served.tokenizer_file == repo / "enc/1/tokenizer/tokenizer.json" and served.dim == 384  # what the gateway reads
 
 
 def test_ensemble_repository_card_is_unchanged_by_the_serving_field(tmp_path):
     repo, card, served = _written(tmp_path, "ensemble")
-    assert card["serving"] == "ensemble" and card["models"] == ["enc_tokenizer", "enc_encoder", "enc_postprocess", "enc"]
-    assert card["tokenizer"] == "enc_tokenizer/1/tokenizer/tokenizer.json" and served.tokenizer_file.is_file()
+    assert card.serving == "ensemble" and card.models == ["enc_tokenizer", "enc_encoder", "enc_postprocess", "enc"]
+    assert card.tokenizer == "enc_tokenizer/1/tokenizer/tokenizer.json" and served.tokenizer_file.is_file()
     assert C.parse_pbtxt((repo / "enc" / "config.pbtxt").read_text()).platform == "ensemble"
 
 

@@ -15,7 +15,13 @@ import openai
 import pytest
 
 from loadtest import gate
-from loadtest.clients import OpenAIClient, Rejected, classify, gateway_base_url, tokens_per_second
+from loadtest.clients import (
+    OpenAIClient,
+    Rejected,
+    classify,
+    gateway_base_url,
+    tokens_per_second,
+)
 
 URL = "http://gw.test/v1/chat/completions"
 

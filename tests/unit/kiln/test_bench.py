@@ -21,7 +21,7 @@ from kiln.bench import (
     sentence_pool,
     write_results,
 )
-from kiln.spec import load_spec
+from kiln_core.spec import load_spec
 
 
 def test_percentiles_are_in_milliseconds_and_interpolated():
@@ -258,7 +258,8 @@ def _lm(kind, streams, ttft, agg, per_stream):
 
 
 def test_chat_targets_against_llama_cpp_and_transformers():
-    from kiln.bench_lm import GATEWAY as GW, HF, LLAMA, lm_targets
+    from kiln.bench_lm import GATEWAY as GW
+    from kiln.bench_lm import HF, LLAMA, lm_targets
 
     rows = [_lm(HF, 1, 600.0, 18.0, 20.0), _lm(GW, 1, 90.0, 30.0, 32.0), _lm(GW, 8, 700.0, 120.0, 16.0),
             _lm(LLAMA, 1, 110.0, 75.0, 80.0), _lm(LLAMA, 8, 5000.0, 80.0, 80.0)]

@@ -2,9 +2,9 @@
 
 import numpy as np
 
-from export.manifest import ExportManifest, ParityReport, TensorSpec, Variant
 from export.selection import encoder_invariance, gate_failures, select
-from kiln.spec import parse_spec
+from kiln_core.manifest import ExportManifest, ParityReport, TensorSpec, Variant
+from kiln_core.spec import parse_spec
 
 METRIC = "one-stream decode tokens/s"
 

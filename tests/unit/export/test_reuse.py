@@ -1,9 +1,9 @@
 """kiln.cli helpers that need no server."""
 
-from export.manifest import EXPORT_FORMAT, ExportManifest, TensorSpec, Variant
-from kiln.cli import stale_reasons
-from kiln.sources import checkpoint_dir
-from kiln.spec import load_spec
+from export.reuse import stale_reasons
+from kiln_core.manifest import EXPORT_FORMAT, ExportManifest, TensorSpec, Variant
+from kiln_core.sources import checkpoint_dir
+from kiln_core.spec import load_spec
 
 
 def _manifest(spec, **kw):
