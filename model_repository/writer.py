@@ -27,7 +27,7 @@ from kiln_core.card import RepositoryCard, TensorCard
 from kiln_core.manifest import ExportManifest
 from kiln_core.spec import DeploymentSpec, Runtime, Task
 from kiln_runtime.contract import TOKENIZER_DIR
-from model_repository import configs as C
+from model_repository import configs
 
 RUNTIME_PACKAGE = Path(kiln_runtime.__file__).parent
 ENGINE_FILES = {"tensorrt_plan": "model.plan", "onnxruntime_onnx": "model.onnx"}
@@ -48,7 +48,7 @@ def _place(src: Path, dst: Path) -> None:
 def _write_model(repo: Path, cfg, model_py: str | None = None) -> Path:
     folder = repo / cfg.name
     (folder / "1").mkdir(parents=True, exist_ok=True)
-    (folder / "config.pbtxt").write_text(C.to_pbtxt(cfg))
+    (folder / "config.pbtxt").write_text(configs.to_pbtxt(cfg))
     if model_py:
         (folder / "1" / "model.py").write_text(_python_source(model_py))
         shutil.copytree(RUNTIME_PACKAGE, folder / "1" / "kiln_runtime", ignore=shutil.ignore_patterns("__pycache__"))
@@ -64,7 +64,7 @@ def _selection_card(manifest: ExportManifest) -> dict | None:
 
 
 def _tensors(values) -> dict[str, TensorCard]:
-    return {t.name: TensorCard(dtype=C.mc.DataType.Name(t.data_type), dims=list(t.dims)) for t in values}
+    return {t.name: TensorCard(dtype=configs.mc.DataType.Name(t.data_type), dims=list(t.dims)) for t in values}
 
 
 def _card(spec: DeploymentSpec, manifest: ExportManifest, precision: str, variant, public, models: list[str],
@@ -97,21 +97,21 @@ def write_repository(spec: DeploymentSpec, manifest: ExportManifest | None = Non
     repo = out or spec.repository_dir
     if spec.task is Task.text_generation:
         return _write_generation_repository(spec, manifest, repo)
-    names = C.Names(spec.name)
+    names = configs.Names(spec.name)
 
     precision = manifest.served_precision(spec.serve_precision)  # "auto": what the export picked
     variant = manifest.usable_variant(precision)  # refuses a variant that failed its gate
     model_file = ENGINE_FILES["tensorrt_plan" if spec.runtime is Runtime.tensorrt_plan else "onnxruntime_onnx"]
     # configs first: a spec they cannot serve (fused on a container runtime) fails before anything else
     if spec.serving == "fused":
-        public = C.fused_config(spec, manifest, names, model_file)  # python-ort only
+        public = configs.fused_config(spec, manifest, names, model_file)  # python-ort only
         members = [public]
     else:
-        tok = C.tokenizer_config(spec, manifest, names)
-        enc = C.encoder_config(spec, manifest, names, model_file)
-        post = C.postprocess_config(spec, manifest, names)
-        public = C.ensemble_config(spec, names, [tok, enc, post])
-        C.validate_ensemble(public, {m.name: m for m in (tok, enc, post)})
+        tok = configs.tokenizer_config(spec, manifest, names)
+        enc = configs.encoder_config(spec, manifest, names, model_file)
+        post = configs.postprocess_config(spec, manifest, names)
+        public = configs.ensemble_config(spec, names, [tok, enc, post])
+        configs.validate_ensemble(public, {m.name: m for m in (tok, enc, post)})
         members = [tok, enc, post, public]
 
     if spec.runtime is Runtime.tensorrt_plan:
@@ -142,7 +142,7 @@ def write_repository(spec: DeploymentSpec, manifest: ExportManifest | None = Non
     shutil.copytree(spec.export_dir / manifest.tokenizer_dir, tok_dir / "1" / TOKENIZER_DIR)
 
     # the gateway counts tokens with the served tokenizer (usage, limits, too-long 400s)
-    tokenizer = str((tok_dir / "1" / C.TOKENIZER_FILE).relative_to(repo))
+    tokenizer = str((tok_dir / "1" / configs.TOKENIZER_FILE).relative_to(repo))
     _card(spec, manifest, precision, variant, public, [m.name for m in members], tokenizer, spec.max_length).write(repo)
     return repo
 
@@ -154,7 +154,7 @@ def _write_generation_repository(spec: DeploymentSpec, manifest: ExportManifest,
     variant = manifest.usable_variant(precision)
     if not manifest.decoder:
         raise ValueError("the manifest has no decoder section: re-export with a text-generation spec")
-    cfg = C.generation_config(spec, manifest, "model.onnx")
+    cfg = configs.generation_config(spec, manifest, "model.onnx")
     if repo.exists():
         shutil.rmtree(repo)
     folder = _write_model(repo, cfg, "generate.py")

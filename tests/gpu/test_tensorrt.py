@@ -129,12 +129,12 @@ def test_fp16_engine_passes_the_parity_gate(exported, fp16_engine):
 
 
 def test_repository_serves_the_engine(exported, fp16_engine):
-    from model_repository import configs as C
+    from model_repository import configs
     from model_repository.writer import write_repository
 
     spec, manifest = exported
     repo = write_repository(spec, manifest)
-    enc_dir = repo / C.Names(spec.name).encoder
-    cfg = C.parse_pbtxt((enc_dir / "config.pbtxt").read_text())
+    enc_dir = repo / configs.Names(spec.name).encoder
+    cfg = configs.parse_pbtxt((enc_dir / "config.pbtxt").read_text())
     assert cfg.platform == "tensorrt_plan" and cfg.default_model_filename == "model.plan"
     assert (enc_dir / "1" / "model.plan").read_bytes() == fp16_engine.read_bytes()

@@ -19,7 +19,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from kiln_core.manifest import ExportManifest, ParityReport, TensorSpec, Variant, sha256
 from kiln_core.spec import DeploymentSpec
-from model_repository import configs as C
+from model_repository import configs
 from model_repository.writer import write_repository
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -105,8 +105,8 @@ def written(tmp_path: Path) -> tuple[DeploymentSpec, Path]:
 
 def test_onnxruntime_onnx_repository_has_platform_encoder(written):
     spec, repo = written
-    names = C.Names(spec.name)
-    enc = C.parse_pbtxt((repo / names.encoder / "config.pbtxt").read_text())
+    names = configs.Names(spec.name)
+    enc = configs.parse_pbtxt((repo / names.encoder / "config.pbtxt").read_text())
     assert enc.platform == "onnxruntime_onnx"
     assert enc.default_model_filename == "model.onnx"
     assert enc.instance_group[0].kind == enc.instance_group[0].KIND_GPU

@@ -10,7 +10,7 @@ import kiln_runtime
 from kiln_core.card import RepositoryCard
 from kiln_core.manifest import ExportManifest, TensorSpec
 from kiln_core.spec import parse_spec
-from model_repository import configs as C
+from model_repository import configs
 
 
 def _manifest(task="feature-extraction", labels=None):
@@ -31,24 +31,24 @@ def _spec(**kw):
 
 
 def _all(spec, man):
-    names = C.Names(spec.name)
-    steps = [C.tokenizer_config(spec, man, names), C.encoder_config(spec, man, names, "model.onnx"), C.postprocess_config(spec, man, names)]
-    return names, steps, C.ensemble_config(spec, names, steps)
+    names = configs.Names(spec.name)
+    steps = [configs.tokenizer_config(spec, man, names), configs.encoder_config(spec, man, names, "model.onnx"), configs.postprocess_config(spec, man, names)]
+    return names, steps, configs.ensemble_config(spec, names, steps)
 
 
 def test_every_config_round_trips_through_triton_schema():
     spec, man = _spec(), _manifest()
     _, steps, ens = _all(spec, man)
     for cfg in steps + [ens]:
-        text = C.to_pbtxt(cfg)
-        assert C.parse_pbtxt(text) == cfg
-    C.validate_ensemble(ens, {m.name: m for m in steps})
+        text = configs.to_pbtxt(cfg)
+        assert configs.parse_pbtxt(text) == cfg
+    configs.validate_ensemble(ens, {m.name: m for m in steps})
 
 
 def test_encoder_config_carries_batching_queue_instances_and_ragged_inputs():
     spec = _spec(batching={"max_batch_size": 32, "preferred_batch_sizes": [4, 16], "max_queue_delay_us": 500, "max_queue_size": 7},
                  instances={"encoder": 3, "intra_op_threads": 2, "allow_spinning": False})
-    enc = C.encoder_config(spec, _manifest(), C.Names("enc"), "model.onnx")
+    enc = configs.encoder_config(spec, _manifest(), configs.Names("enc"), "model.onnx")
     assert enc.backend == "python" and enc.max_batch_size == 32
     assert list(enc.dynamic_batching.preferred_batch_size) == [4, 16]
     assert enc.dynamic_batching.max_queue_delay_microseconds == 500
@@ -60,7 +60,7 @@ def test_encoder_config_carries_batching_queue_instances_and_ragged_inputs():
     assert list(enc.output[0].dims) == [-1, 384]
     assert enc.parameters["intra_op_threads"].string_value == "2"
     assert enc.parameters["allow_spinning"].string_value == "0"
-    tok = C.tokenizer_config(spec, _manifest(), C.Names("enc"))
+    tok = configs.tokenizer_config(spec, _manifest(), configs.Names("enc"))
     assert tok.dynamic_batching.max_queue_delay_microseconds == 0  # no added latency off the encoder
     assert tok.dynamic_batching.default_queue_policy.max_queue_size == 7
 
@@ -68,7 +68,7 @@ def test_encoder_config_carries_batching_queue_instances_and_ragged_inputs():
 def test_container_runtimes_use_triton_platforms():
     for runtime, platform in (("onnxruntime_onnx", "onnxruntime_onnx"), ("tensorrt_plan", "tensorrt_plan")):
         spec = _spec(runtime=runtime, instances={"kind": "gpu"}, precisions=["fp32", "fp16"], serve_precision="fp16")
-        enc = C.encoder_config(spec, _manifest(), C.Names("enc"), "model.plan")
+        enc = configs.encoder_config(spec, _manifest(), configs.Names("enc"), "model.plan")
         assert enc.platform == platform and not enc.backend
         assert enc.default_model_filename == "model.plan"
         assert enc.instance_group[0].kind == mc.ModelInstanceGroup.KIND_GPU
@@ -89,7 +89,7 @@ def test_classification_ensemble_outputs_label_and_scores():
     _, steps, ens = _all(spec, _manifest("text-classification", ["neg", "pos"]))
     assert [(o.name, o.data_type, list(o.dims)) for o in ens.output] == [("label", mc.TYPE_STRING, [1]), ("scores", mc.TYPE_FP32, [2])]
     assert steps[2].parameters["labels"].string_value == "neg\npos"
-    C.validate_ensemble(ens, {m.name: m for m in steps})
+    configs.validate_ensemble(ens, {m.name: m for m in steps})
 
 
 def test_bad_wiring_is_caught_before_serving():
@@ -99,24 +99,24 @@ def test_bad_wiring_is_caught_before_serving():
     broken = mc.ModelConfig()
     broken.CopyFrom(ens)
     broken.ensemble_scheduling.step[1].input_map["input_ids"] = "token_ids"  # nothing produces it
-    with pytest.raises(C.ConfigError, match="nothing upstream produces"):
-        C.validate_ensemble(broken, members)
+    with pytest.raises(configs.ConfigError, match="nothing upstream produces"):
+        configs.validate_ensemble(broken, members)
     typed = {k: mc.ModelConfig() for k in members}
     for k in typed:
         typed[k].CopyFrom(members[k])
     typed["enc_encoder"].input[0].data_type = mc.TYPE_INT32
-    with pytest.raises(C.ConfigError, match="type TYPE_INT32"):
-        C.validate_ensemble(ens, typed)
-    with pytest.raises(C.ConfigError, match="unknown model"):
-        C.validate_ensemble(ens, {k: v for k, v in members.items() if k != "enc_postprocess"})
+    with pytest.raises(configs.ConfigError, match="type TYPE_INT32"):
+        configs.validate_ensemble(ens, typed)
+    with pytest.raises(configs.ConfigError, match="unknown model"):
+        configs.validate_ensemble(ens, {k: v for k, v in members.items() if k != "enc_postprocess"})
 
 
 def test_generation_config_uses_trtllm_names_and_is_decoupled():
     spec = parse_spec({"name": "chat", "source": {"kind": "gguf", "package": "x", "file": "m.gguf"},
                        "task": "text-generation", "precisions": ["fp32"], "serve_precision": "fp32"})
     man = _manifest().model_copy(update={"task": "text-generation", "decoder": {"num_layers": 2, "max_context": 256}})
-    cfg = C.generation_config(spec, man, "model.onnx")
-    assert C.parse_pbtxt(C.to_pbtxt(cfg)) == cfg
+    cfg = configs.generation_config(spec, man, "model.onnx")
+    assert configs.parse_pbtxt(configs.to_pbtxt(cfg)) == cfg
     assert cfg.model_transaction_policy.decoupled and cfg.max_batch_size == 0
     names = {i.name: i for i in cfg.input}
     assert {"text_input", "max_tokens", "temperature", "top_p", "top_k", "random_seed", "repetition_penalty",
@@ -137,7 +137,7 @@ def test_generation_config_carries_the_queue_bound():
             "precisions": ["fp32"], "serve_precision": "fp32"}
     man = _manifest().model_copy(update={"task": "text-generation", "decoder": {"num_layers": 2, "max_context": 256}})
     spec = parse_spec({**base, "generation": {"max_concurrent": 4, "max_queue": 5}})
-    cfg = C.generation_config(spec, man, "model.onnx")
+    cfg = configs.generation_config(spec, man, "model.onnx")
     assert (cfg.parameters["max_concurrent"].string_value, cfg.parameters["max_queue"].string_value) == ("4", "5")
     with pytest.raises(SpecError, match="max_queue"):
         parse_spec({**base, "generation": {"max_queue": 0}})
@@ -157,8 +157,8 @@ def test_fused_config_is_the_public_model_with_the_ensembles_tensors():
         spec = _spec(task=task, serving="fused", instances={"encoder": 2, "intra_op_threads": 2, "allow_spinning": False},
                      batching={"max_batch_size": 32, "preferred_batch_sizes": [8], "max_queue_delay_us": 700, "max_queue_size": 9})
         man = _manifest(task, labels)
-        fused = C.fused_config(spec, man, C.Names("enc"), "model.onnx")
-        assert C.parse_pbtxt(C.to_pbtxt(fused)) == fused
+        fused = configs.fused_config(spec, man, configs.Names("enc"), "model.onnx")
+        assert configs.parse_pbtxt(configs.to_pbtxt(fused)) == fused
         _, steps, ens = _all(spec, man)
         assert fused.name == ens.name == "enc" and fused.backend == "python" and not fused.platform
         assert list(fused.input) == list(ens.input) and list(fused.output) == list(ens.output)  # clients see no difference
@@ -166,7 +166,7 @@ def test_fused_config_is_the_public_model_with_the_ensembles_tensors():
         assert fused.dynamic_batching == steps[1].dynamic_batching  # batches like the encoder did
         assert fused.instance_group == steps[1].instance_group
         p = {k: v.string_value for k, v in fused.parameters.items()}
-        assert p["tokenizer_file"] == C.TOKENIZER_FILE and p["onnx_file"] == "model.onnx"
+        assert p["tokenizer_file"] == configs.TOKENIZER_FILE and p["onnx_file"] == "model.onnx"
         assert p["input_names"] == "input_ids,attention_mask,token_type_ids" and p["hidden_output"] == man.outputs[0].name
         assert (p["intra_op_threads"], p["allow_spinning"], p["task"]) == ("2", "0", task)
         if labels:
@@ -177,12 +177,12 @@ def test_fused_config_is_the_public_model_with_the_ensembles_tensors():
 
 def test_fused_needs_python_ort_and_tokenizer_inputs():
     spec = _spec(serving="fused", runtime="onnxruntime_onnx")
-    with pytest.raises(C.ConfigError, match="needs runtime: python-ort"):
-        C.fused_config(spec, _manifest(), C.Names("enc"), "model.onnx")
+    with pytest.raises(configs.ConfigError, match="needs runtime: python-ort"):
+        configs.fused_config(spec, _manifest(), configs.Names("enc"), "model.onnx")
     man = _manifest()
     man = man.model_copy(update={"inputs": man.inputs + [TensorSpec(name="pixel_values", dtype="float32", shape=["batch", 3])]})
-    with pytest.raises(C.ConfigError, match=r"\['pixel_values'\] cannot be produced"):
-        C.fused_config(_spec(serving="fused"), man, C.Names("enc"), "model.onnx")
+    with pytest.raises(configs.ConfigError, match=r"\['pixel_values'\] cannot be produced"):
+        configs.fused_config(_spec(serving="fused"), man, configs.Names("enc"), "model.onnx")
 
 
 def _written(tmp_path, serving, **kw):
@@ -223,7 +223,7 @@ def test_fused_repository_is_one_model_carrying_graph_code_and_the_gateways_toke
     package = Path(kiln_runtime.__file__).parent  # the whole served runtime, copied as it is
     assert runtime == {f"1/kiln_runtime/{f.relative_to(package).as_posix()}" for f in package.rglob("*.py")}
     assert "FusedEncoder" in (repo / "enc" / "1" / "model.py").read_text()
-    cfg = C.parse_pbtxt((repo / "enc" / "config.pbtxt").read_text())
+    cfg = configs.parse_pbtxt((repo / "enc" / "config.pbtxt").read_text())
     assert cfg.backend == "python" and cfg.parameters["input_names"].string_value == "input_ids,attention_mask"
     assert card.serving == "fused" and card.models == ["enc"] and card.public_model == "enc"
     assert card.tokenizer == "enc/1/tokenizer/tokenizer.json"
@@ -234,11 +234,11 @@ def test_ensemble_repository_card_is_unchanged_by_the_serving_field(tmp_path):
     repo, card, served = _written(tmp_path, "ensemble")
     assert card.serving == "ensemble" and card.models == ["enc_tokenizer", "enc_encoder", "enc_postprocess", "enc"]
     assert card.tokenizer == "enc_tokenizer/1/tokenizer/tokenizer.json" and served.tokenizer_file.is_file()
-    assert C.parse_pbtxt((repo / "enc" / "config.pbtxt").read_text()).platform == "ensemble"
+    assert configs.parse_pbtxt((repo / "enc" / "config.pbtxt").read_text()).platform == "ensemble"
 
 
 def test_fused_on_a_container_runtime_is_refused_before_anything_is_written(tmp_path):
     for runtime in ("onnxruntime_onnx", "tensorrt_plan"):  # tensorrt: refused before looking for engines
-        with pytest.raises(C.ConfigError, match="needs runtime: python-ort"):
+        with pytest.raises(configs.ConfigError, match="needs runtime: python-ort"):
             _written(tmp_path / runtime, "fused", runtime=runtime, instances={"kind": "gpu"})
         assert not (tmp_path / runtime / "build" / "enc" / "model_repository").exists()
