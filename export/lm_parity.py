@@ -23,11 +23,10 @@ import numpy as np
 import torch
 
 from export.lm_export import DecoderShape
+from kiln_core.judge import at_least, at_most
 from kiln_core.manifest import ParityReport
 from kiln_core.spec import DeploymentSpec, Precision
-
-AT_MOST = ("prefill_max_abs_diff", "decode_max_abs_diff", "ppl_ratio", "saturating_int8_matmuls")  # other thresholds are minimums
-
+from kiln_runtime.ort import open_session
 
 # --- data ------------------------------------------------------------------------------
 
@@ -120,13 +119,7 @@ class OrtLM:
     """The KV-cache graph in ONNX Runtime, with the loop the gate needs (greedy, scoring)."""
 
     def __init__(self, path: Path, shape: DecoderShape, threads: int = 0):
-        import onnxruntime as ort
-
-        so = ort.SessionOptions()
-        so.log_severity_level = 3
-        if threads:
-            so.intra_op_num_threads = threads
-        self.session = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+        self.session = open_session(str(path), intra_op_threads=threads)
         self.shape = shape
 
     def empty_past(self, batch: int) -> list[np.ndarray]:
@@ -341,21 +334,13 @@ def quantized_figures(ref: LMReference, fp32_generated: list[list[int]], fp32_pp
 def gate_lm(spec: DeploymentSpec, precision: Precision, figures: dict[str, float], inputs: int) -> ParityReport:
     g = spec.generation
     if precision is Precision.fp32:
-        thresholds = {
-            "prefill_max_abs_diff": g.max_logits_abs_diff,
-            "decode_max_abs_diff": g.max_logits_abs_diff,
-            "greedy_identical": float(g.parity_prompts),
-        }
+        thresholds = [
+            at_most("prefill_max_abs_diff", g.max_logits_abs_diff),
+            at_most("decode_max_abs_diff", g.max_logits_abs_diff),
+            at_least("greedy_identical", g.parity_prompts),
+        ]
         reference = "PyTorch fp32 (transformers, eager attention; greedy via model.generate)"
     else:
-        thresholds = {"ppl_ratio": g.max_perplexity_ratio}
+        thresholds = [at_most("ppl_ratio", g.max_perplexity_ratio)]
         reference = "the fp32 graph (perplexity on export/data/heldout.txt, greedy agreement)"
-    failures = []
-    for key, limit in thresholds.items():
-        value = figures[key]
-        at_most = key in AT_MOST
-        if not (value <= limit if at_most else value >= limit) or np.isnan(value):
-            failures.append(f"{key} = {value:.6g}, needs {'<=' if at_most else '>='} {limit:g}")
-    return ParityReport(
-        reference=reference, inputs=inputs, figures=figures, thresholds=thresholds, passed=not failures, failures=failures
-    )
+    return ParityReport.judged(reference, inputs, figures, thresholds)

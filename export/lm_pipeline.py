@@ -19,9 +19,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from export import lm_export as X
-from export import lm_parity as P
-from export import selection as S
+from export import lm_export, lm_parity, selection
 from export.parity import add_portability, gates_caption, raise_gate_failures
 from kiln_core.manifest import (
     EXPORT_FORMAT,
@@ -50,8 +48,8 @@ def run_lm_export(spec: DeploymentSpec, console: Console | None = None, fail_on_
         raise ValueError(f"precisions {unsupported}: text-generation exports {[p.value for p in FILES]}")
 
     step(f"loading the causal LM from {spec.source.kind} source")
-    model, tokenizer, ckpt = X.load_causal_lm(spec)
-    shape = X.DecoderShape.of(model.config)
+    model, tokenizer, ckpt = lm_export.load_causal_lm(spec)
+    shape = lm_export.DecoderShape.of(model.config)
     architecture = (model.config.architectures or [type(model).__name__])[0]
     tok_dir = out / "tokenizer"
     if tok_dir.exists():
@@ -62,12 +60,12 @@ def run_lm_export(spec: DeploymentSpec, console: Console | None = None, fail_on_
 
     fp32 = out / FILES[Precision.fp32]
     step(f"exporting {architecture} ({shape.num_layers} layers) with a KV cache to ONNX (opset {spec.opset}, dynamo exporter)")
-    X.export_lm(model, fp32, spec.opset)
-    inputs, outputs = X.io_specs(shape)
-    decoder = X.decoder_info(model, tokenizer, spec.generation.max_context)
+    lm_export.export_lm(model, fp32, spec.opset)
+    inputs, outputs = lm_export.io_specs(shape)
+    decoder = lm_export.decoder_info(model, tokenizer, spec.generation.max_context)
 
     step("computing PyTorch references (padded prefill, decode steps, perplexity)")
-    ref = P.build_reference(spec, model, tokenizer, decoder["eos_token_ids"], progress=step)
+    ref = lm_parity.build_reference(spec, model, tokenizer, decoder["eos_token_ids"], progress=step)
     n = len(ref.prompts)
 
     manifest = ExportManifest(
@@ -96,13 +94,14 @@ def run_lm_export(spec: DeploymentSpec, console: Console | None = None, fail_on_
         if precision is Precision.fp32:
             notes = "dynamo export, onnxscript-optimized; KV cache as explicit inputs/outputs"
             step(f"parity gate for fp32 vs PyTorch: logits, {n} greedy generations, perplexity")
-            figures, fp32_generated, fp32_ppl = P.fp32_figures(ref, P.OrtLM(path, shape))
+            figures, fp32_generated, fp32_ppl = lm_parity.fp32_figures(ref, lm_parity.OrtLM(path, shape))
         else:
             step(f"building {precision.value} variant")
-            notes = X.quantize_int8(fp32, path) if precision is Precision.int8 else X.quantize_int4(fp32, path)
+            quantize = lm_export.quantize_int8 if precision is Precision.int8 else lm_export.quantize_int4
+            notes = quantize(fp32, path)
             step(f"parity gate for {precision.value} vs fp32: perplexity, {n} greedy generations")
-            figures = P.quantized_figures(ref, fp32_generated, fp32_ppl, P.OrtLM(path, shape))
-        report = P.gate_lm(spec, precision, figures, n)
+            figures = lm_parity.quantized_figures(ref, fp32_generated, fp32_ppl, lm_parity.OrtLM(path, shape))
+        report = lm_parity.gate_lm(spec, precision, figures, n)
         if precision is not Precision.fp32:
             add_portability(report, path)
         manifest.variants[precision.value] = Variant(
@@ -114,18 +113,18 @@ def run_lm_export(spec: DeploymentSpec, console: Console | None = None, fail_on_
             parity=report,
         )
         if report.passed:
-            step(f"{precision.value}: batch invariance ({min(4, n)} prompts alone vs co-batched) and {S.LM_METRIC}")
-            lm = P.OrtLM(path, shape, threads=spec.instances.intra_op_threads)
-            S.record(manifest, precision.value, S.lm_invariance(lm, ref.prompts[:4], 24, 0),
-                     {S.LM_METRIC: S.lm_speed(lm, ref.prompts[0])})
+            step(f"{precision.value}: batch invariance ({min(4, n)} prompts alone vs co-batched) and {selection.LM_METRIC}")
+            lm = lm_parity.OrtLM(path, shape, threads=spec.instances.intra_op_threads)
+            selection.record(manifest, precision.value, selection.lm_invariance(lm, ref.prompts[:4], 24, 0),
+                             {selection.LM_METRIC: selection.lm_speed(lm, ref.prompts[0])})
         manifest.write(out)
         if precision is Precision.fp32 and not manifest.variants["fp32"].parity.passed:
             break  # every other variant derives from fp32 and is judged against it
     if spec.serve_precision == AUTO:
-        manifest.selection = S.select(spec, manifest)
+        manifest.selection = selection.select(spec, manifest)
         manifest.write(out)
     console.print(lm_parity_table(manifest))
-    for line in S.selection_lines(manifest):
+    for line in selection.selection_lines(manifest):
         console.print(line)
     step(f"done -> {out / 'manifest.json'}")
     if fail_on_gate:
@@ -140,7 +139,7 @@ def _bytes(path: Path) -> int:
 
 def lm_parity_table(manifest: ExportManifest) -> Table:
     """fp32 rows compare with PyTorch (ppl x: fp32 ppl / PyTorch ppl); quantized rows with fp32."""
-    table = Table(title=f"parity: {manifest.name} (fp32 vs PyTorch, quantized vs fp32)", caption=gates_caption(manifest, P.AT_MOST))
+    table = Table(title=f"parity: {manifest.name} (fp32 vs PyTorch, quantized vs fp32)", caption=gates_caption(manifest))
     for col in ("variant", "prefill Δ", "decode Δ", "greedy =", "agree", "diverge@", "ppl", "ppl ×", "MB",
                 "batch-inv.", "tok/s", "verdict"):
         table.add_column(col, justify="left" if col in ("variant", "verdict") else "right")
@@ -156,8 +155,8 @@ def lm_parity_table(manifest: ExportManifest) -> Table:
             f"{f['ppl']:.3f}",
             f"{f.get('ppl_ratio', f.get('ppl_ratio_vs_torch', float('nan'))):.4f}",
             f"{v.bytes / 1e6:.1f}",
-            S.invariance_cell(v),
-            f"{v.speed[S.LM_METRIC]:.1f}" if S.LM_METRIC in v.speed else "-",
+            selection.invariance_cell(v),
+            f"{v.speed[selection.LM_METRIC]:.1f}" if selection.LM_METRIC in v.speed else "-",
             "[green]PASS[/]" if v.parity.passed else "[red]FAIL[/]: " + "; ".join(v.parity.failures),
         )
     return table

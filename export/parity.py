@@ -14,9 +14,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from export.portability import integer_matmuls, portability_problems
+from export.selection import gate_failures
+from kiln_core.judge import at_least, at_most
 from kiln_core.manifest import ParityReport
 from kiln_core.spec import DeploymentSpec, Precision, Task
 from kiln_runtime.encoder import pool
+from kiln_runtime.ort import open_session
 
 
 class ParityError(RuntimeError):
@@ -89,36 +93,18 @@ def compare(spec: DeploymentSpec, batches: list[ParityBatch], run) -> dict[str, 
 def gate(spec: DeploymentSpec, precision: Precision, figures: dict[str, float], inputs: int) -> ParityReport:
     p = spec.parity
     if precision is Precision.fp32:
-        thresholds = {"min_cosine": p.fp32_min_cosine, "max_abs_diff": p.fp32_max_abs}
+        thresholds = [at_least("min_cosine", p.fp32_min_cosine), at_most("max_abs_diff", p.fp32_max_abs)]
     elif precision is Precision.fp16:
-        thresholds = {"min_cosine": p.fp16_min_cosine}
+        thresholds = [at_least("min_cosine", p.fp16_min_cosine)]
     else:
-        thresholds = {"mean_cosine": p.int8_mean_cosine, "min_cosine": p.int8_min_cosine}
-    failures = []
-    for key, limit in thresholds.items():
-        value = figures[key]
-        ok = value <= limit if key == "max_abs_diff" else value >= limit
-        if not ok:
-            op = "<=" if key == "max_abs_diff" else ">="
-            failures.append(f"{key} = {value:.6g}, needs {op} {limit:g}")
-    if inputs < p.min_inputs:
-        failures.append(f"only {inputs} inputs, needs >= {p.min_inputs}")
-    return ParityReport(
-        reference="PyTorch fp32 (transformers, eager attention)",
-        inputs=inputs,
-        figures=figures,
-        thresholds=thresholds,
-        passed=not failures,
-        failures=failures,
-    )
+        thresholds = [at_least("mean_cosine", p.int8_mean_cosine), at_least("min_cosine", p.int8_min_cosine)]
+    too_few = [f"only {inputs} inputs, needs >= {p.min_inputs}"] if inputs < p.min_inputs else []
+    return ParityReport.judged("PyTorch fp32 (transformers, eager attention)", inputs, figures, thresholds, too_few)
 
 
-def gates_caption(manifest, at_most=("max_abs_diff", "saturating_int8_matmuls")) -> str:
+def gates_caption(manifest) -> str:
     """The thresholds each variant was held to, for a parity table's caption."""
-    parts = []
-    for name, v in manifest.variants.items():
-        g = ", ".join(f"{k} {'<=' if k in at_most else '>='} {t:g}" for k, t in v.parity.thresholds.items())
-        parts.append(f"{name}: {g}")
+    parts = [f"{name}: " + ", ".join(str(t) for t in v.parity.limits) for name, v in manifest.variants.items()]
     return "gates: " + " | ".join(parts)
 
 
@@ -126,8 +112,6 @@ def raise_gate_failures(spec: DeploymentSpec, manifest, strict: bool = False) ->
     """Stop the pipeline when the served variant missed its gate (``strict``: any variant),
     after the manifest recorded why. Other misses stay in the table and manifest: the
     repository writer refuses those variants."""
-    from export.selection import gate_failures
-
     failed = gate_failures(spec, manifest, strict)
     if failed:
         raise ParityError("parity gate failed for " + ", ".join(failed))
@@ -136,23 +120,13 @@ def raise_gate_failures(spec: DeploymentSpec, manifest, strict: bool = False) ->
 def add_portability(report: ParityReport, path: Path) -> ParityReport:
     """Fail a quantized variant whose integer kernels would saturate on some x86 CPUs (the
     verdict comes from the weights, so it is the same on every machine that checks it)."""
-    from export.portability import integer_matmuls, portability_problems
-
-    problems = portability_problems(path)
-    report.figures["saturating_int8_matmuls"] = float(sum(m.saturates for m in integer_matmuls(path)))
-    report.thresholds["saturating_int8_matmuls"] = 0.0
-    if problems:
-        report.failures.extend(problems)
-        report.passed = False
+    saturating = at_most("saturating_int8_matmuls", 0)
+    count = float(sum(m.saturates for m in integer_matmuls(path)))
+    report.hold({saturating.name: count}, [saturating], why="; ".join(portability_problems(path)))
     return report
 
 
 def ort_runner(path: Path, threads: int = 0):
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    if threads:
-        so.intra_op_num_threads = threads
-    sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-    return lambda feeds: sess.run(None, feeds)[0]
+    """A graph as ``run(feeds) -> first output`` on the CPU, with the served models' session options."""
+    session = open_session(str(path), intra_op_threads=threads)
+    return lambda feeds: session.run(None, feeds)[0]

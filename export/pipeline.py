@@ -15,8 +15,7 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-from export import selection as S
-from export import variants as V
+from export import selection, variants
 from export.lm_pipeline import run_lm_export
 from export.onnx_export import export_onnx, io_specs, load_encoder
 from export.parity import (
@@ -105,7 +104,7 @@ def run_export(spec: DeploymentSpec, console: Console | None = None, fail_on_gat
         step(f"building {precision.value} variant")
         fused: dict[str, int] = {}
         if precision is Precision.fp32:
-            fused = V.optimize_fp32(raw, path, loaded.config.model_type)
+            fused = variants.optimize_fp32(raw, path, loaded.config.model_type)
             notes = "onnxruntime.transformers fusions: " + (", ".join(f"{k} x{v}" for k, v in fused.items()) or "none matched")
             report = measure(precision, path)
         elif precision is Precision.int8:
@@ -113,7 +112,7 @@ def run_export(spec: DeploymentSpec, console: Console | None = None, fail_on_gat
             if spec.runtime is not Runtime.tensorrt_plan:  # CPU kernels: must not depend on the instruction set
                 add_portability(report, path)
         else:
-            notes = V.convert_fp16(fp32, path)
+            notes = variants.convert_fp16(fp32, path)
             report = measure(precision, path)
         manifest.variants[precision.value] = Variant(
             precision=precision.value,
@@ -125,17 +124,17 @@ def run_export(spec: DeploymentSpec, console: Console | None = None, fail_on_gat
             parity=report,
         )
         if report.passed and precision is not Precision.fp16:  # fp16 is a GPU variant: not timed on CPU
-            step(f"{precision.value}: batch invariance (alone vs co-batched) and {S.ENCODER_METRIC}")
+            step(f"{precision.value}: batch invariance (alone vs co-batched) and {selection.ENCODER_METRIC}")
             _invariance_and_speed(spec, loaded, manifest, precision.value, path)
         manifest.write(out)
         if precision is Precision.fp32 and not report.passed:
             break  # every other variant derives from fp32: nothing to build on
     raw.unlink(missing_ok=True)
     if spec.serve_precision == AUTO:
-        manifest.selection = S.select(spec, manifest)
+        manifest.selection = selection.select(spec, manifest)
     manifest.write(out)
     console.print(parity_table(manifest))
-    for line in S.selection_lines(manifest):
+    for line in selection.selection_lines(manifest):
         console.print(line)
     step(f"done in {time.perf_counter() - t0:.1f}s -> {out / 'manifest.json'}")
     if fail_on_gate:
@@ -160,8 +159,8 @@ def _invariance_and_speed(spec: DeploymentSpec, loaded, manifest: ExportManifest
 
     texts = calibration_texts()
     mixed = [texts[0], texts[1][:12], texts[2] * 3, "ok", texts[3], texts[4][:30], texts[5], texts[6] * 2]
-    S.record(manifest, name, S.encoder_invariance(run, encode, mixed, post),
-             {S.ENCODER_METRIC: S.encoder_speed(run, encode(texts[:8]))})
+    selection.record(manifest, name, selection.encoder_invariance(run, encode, mixed, post),
+                     {selection.ENCODER_METRIC: selection.encoder_speed(run, encode(texts[:8]))})
 
 
 def _build_int8(spec: DeploymentSpec, loaded, fp32: Path, path: Path, measure, step, max_fallback: int = 2):
@@ -171,13 +170,13 @@ def _build_int8(spec: DeploymentSpec, loaded, fp32: Path, path: Path, measure, s
     fp32 whose exclusion helps most, and repeat (at most `max_fallback` layers).
     """
     cfg = loaded.config
-    down, layers = V.int8_node_groups(fp32, cfg.hidden_size, getattr(cfg, "intermediate_size", -1), cfg.num_hidden_layers)
+    down, layers = variants.int8_node_groups(fp32, cfg.hidden_size, getattr(cfg, "intermediate_size", -1), cfg.num_hidden_layers)
 
     def build(keep: list[str]) -> str:
         if spec.int8_mode == "static":
-            return V.quantize_int8_static(fp32, path, loaded.tokenizer, loaded.input_names, spec.max_length, keep,
-                                          for_tensorrt=spec.runtime is Runtime.tensorrt_plan)
-        return V.quantize_int8_dynamic(fp32, path, keep)
+            return variants.quantize_int8_static(fp32, path, loaded.tokenizer, loaded.input_names, spec.max_length,
+                                                 keep, for_tensorrt=spec.runtime is Runtime.tensorrt_plan)
+        return variants.quantize_int8_dynamic(fp32, path, keep)
 
     keep, kept_layers = list(down), []
     notes = build(keep)
@@ -213,8 +212,8 @@ def parity_table(manifest: ExportManifest) -> Table:
             f"{f['mean_cosine']:.6f}",
             f"{f['max_abs_diff']:.1e}",
             f"{v.bytes / 1e6:.1f}",
-            S.invariance_cell(v),
-            f"{v.speed[S.ENCODER_METRIC]:.0f}" if S.ENCODER_METRIC in v.speed else "-",
+            selection.invariance_cell(v),
+            f"{v.speed[selection.ENCODER_METRIC]:.0f}" if selection.ENCODER_METRIC in v.speed else "-",
             "[green]PASS[/]" if r.passed else "[red]FAIL[/]: " + "; ".join(r.failures),
         )
     return table

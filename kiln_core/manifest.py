@@ -9,10 +9,13 @@ from __future__ import annotations
 import hashlib
 import importlib.metadata
 import json
+from collections.abc import Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 
 from pydantic import BaseModel, Field
+
+from kiln_core.judge import Direction, Threshold, judge
 
 MANIFEST_NAME = "manifest.json"
 # bumped when a variant's format changes, so an older export is rebuilt rather than reused
@@ -27,12 +30,44 @@ class TensorSpec(BaseModel):
 
 
 class ParityReport(BaseModel):
+    """A variant's gate: its figures, the thresholds they were held to (each with its
+    direction, so a reader needs no list of which limits are maximums) and the verdict."""
+
     reference: str  # what it was compared with
     inputs: int
     figures: dict[str, float]
     thresholds: dict[str, float]
+    # each threshold's direction; absent in reports written before directions were recorded
+    directions: dict[str, Direction] = Field(default_factory=dict)
     passed: bool
     failures: list[str] = Field(default_factory=list)
+
+    @classmethod
+    def judged(cls, reference: str, inputs: int, figures: dict[str, float], thresholds: list[Threshold],
+               failures: Sequence[str] = ()) -> "ParityReport":
+        """``figures`` held to ``thresholds`` by the one judge; ``failures``: misses found
+        some other way, listed after the thresholds'."""
+        report = cls(reference=reference, inputs=inputs, figures={}, thresholds={}, passed=True)
+        report.hold(figures, thresholds)
+        report.failures += failures
+        report.passed = not report.failures
+        return report
+
+    def hold(self, figures: dict[str, float], thresholds: list[Threshold], why: str = "") -> None:
+        """Add ``figures`` and ``thresholds`` to this report and fail it on each threshold
+        they miss (``why``: what to do about it, appended to each miss's message)."""
+        self.figures.update(figures)
+        for t in thresholds:
+            self.thresholds[t.name] = t.limit
+            self.directions[t.name] = t.direction
+        missed = judge(self.figures, thresholds).failures
+        self.failures += [f"{m}: {why}" if why else m for m in missed]
+        self.passed = self.passed and not missed
+
+    @property
+    def limits(self) -> list[Threshold]:
+        """The thresholds with their directions, as the gate stated them."""
+        return [Threshold(name, limit, self.directions[name]) for name, limit in self.thresholds.items()]
 
 
 class Selection(BaseModel):

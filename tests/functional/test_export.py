@@ -8,7 +8,7 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
-from export import variants as V
+from export import variants
 from export.onnx_export import load_encoder
 from export.parity import ParityError, compare, gate, ort_runner, parity_batches
 from export.pipeline import run_export
@@ -71,7 +71,7 @@ def test_corrupted_graph_fails_the_gate_with_figures(exported, tmp_path):
 
 
 def test_failed_gate_stops_the_pipeline_and_nothing_downstream_uses_it(tiny_bert, tmp_path, monkeypatch):
-    real = V.optimize_fp32
+    real = variants.optimize_fp32
 
     def corrupting(src, dst, model_type):
         stats = real(src, dst, model_type)
@@ -81,7 +81,7 @@ def test_failed_gate_stops_the_pipeline_and_nothing_downstream_uses_it(tiny_bert
         onnx.save(model, str(dst))
         return stats
 
-    monkeypatch.setattr(V, "optimize_fp32", corrupting)
+    monkeypatch.setattr(variants, "optimize_fp32", corrupting)
     spec = tiny_spec(tiny_bert, tmp_path)
     with pytest.raises(ParityError, match="fp32"):
         run_export(spec)

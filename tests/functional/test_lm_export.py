@@ -11,8 +11,7 @@ import pytest
 import torch
 from onnx import numpy_helper
 
-from export import lm_export as X
-from export import lm_parity as P
+from export import lm_export, lm_parity
 from export.parity import ParityError
 from export.pipeline import run_export
 from kiln_core.manifest import ExportManifest
@@ -107,12 +106,13 @@ def test_prefill_then_cached_decode_equals_one_long_prefill(exported):
     """The contract the engine relies on: presents fed back as past give the logits a full
     recomputation gives, for a batch size and lengths the graph was not traced with."""
     spec, manifest = exported
-    lm = P.OrtLM(spec.export_dir / "model.fp32.onnx", X.DecoderShape(2, 2, 16, manifest.decoder["vocab_size"]))
+    shape = lm_export.DecoderShape(2, 2, 16, manifest.decoder["vocab_size"])
+    lm = lm_parity.OrtLM(spec.export_dir / "model.fp32.onnx", shape)
     rng = np.random.default_rng(0)
     seqs = [rng.integers(3, 300, size=n).tolist() for n in (11, 4, 7, 9, 5)]
-    full = P.left_pad(seqs, 0)
+    full = lm_parity.left_pad(seqs, 0)
     want, _ = lm.step(full, lm.empty_past(5))
-    head = P.left_pad([s[:-2] for s in seqs], 0)  # all but the last two tokens, then two decode steps
+    head = lm_parity.left_pad([s[:-2] for s in seqs], 0)  # all but the last two tokens, then two decode steps
     logits, past = lm.step(head, lm.empty_past(5))
     assert past[0].shape == (5, 2, 9, 16)
     for k in (2, 1):
@@ -138,24 +138,24 @@ def _corrupt(path, out):
 
 def test_corrupted_graph_fails_the_gate_with_figures(exported, tmp_path):
     spec, manifest = exported
-    model, tokenizer, _ = X.load_causal_lm(spec)
-    ref = P.build_reference(spec, model, tokenizer, manifest.decoder["eos_token_ids"])
+    model, tokenizer, _ = lm_export.load_causal_lm(spec)
+    ref = lm_parity.build_reference(spec, model, tokenizer, manifest.decoder["eos_token_ids"])
     bad = _corrupt(spec.export_dir / "model.fp32.onnx", tmp_path / "corrupt.onnx")
-    figures, _, _ = P.fp32_figures(ref, P.OrtLM(bad, X.DecoderShape.of(model.config)))
-    report = P.gate_lm(spec, Precision.fp32, figures, len(ref.prompts))
+    figures, _, _ = lm_parity.fp32_figures(ref, lm_parity.OrtLM(bad, lm_export.DecoderShape.of(model.config)))
+    report = lm_parity.gate_lm(spec, Precision.fp32, figures, len(ref.prompts))
     assert not report.passed
     assert any(f.startswith("prefill_max_abs_diff") for f in report.failures), report.failures
     assert figures["prefill_max_abs_diff"] > 1e-3
 
 
 def test_failed_gate_stops_the_pipeline_and_marks_fp32_unusable(tiny_llama, tmp_path, monkeypatch):
-    real = X.export_lm
+    real = lm_export.export_lm
 
     def corrupting(model, out_path, opset):
         real(model, out_path, opset)
         return _corrupt(out_path, out_path)
 
-    monkeypatch.setattr(X, "export_lm", corrupting)
+    monkeypatch.setattr(lm_export, "export_lm", corrupting)
     spec = _spec(tiny_llama, tmp_path, parity_prompts=2, parity_decode_steps=2)
     with pytest.raises(ParityError, match="fp32.*prefill_max_abs_diff"):
         run_export(spec)
@@ -200,13 +200,13 @@ def _tiny_variant(tiny_llama, folder, family):
 def test_other_decoder_families_export_with_parity(family, tiny_llama, tmp_path):
     spec = _spec(_tiny_variant(tiny_llama, tmp_path / family, family), tmp_path, precisions=["fp32"],
                  parity_prompts=3, parity_new_tokens=8)
-    model, tokenizer, _ = X.load_causal_lm(spec)
-    path = X.export_lm(model, tmp_path / "model.onnx", spec.opset)
-    ref = P.build_reference(spec, model, tokenizer, X.eos_token_ids(model, tokenizer))
+    model, tokenizer, _ = lm_export.load_causal_lm(spec)
+    path = lm_export.export_lm(model, tmp_path / "model.onnx", spec.opset)
+    ref = lm_parity.build_reference(spec, model, tokenizer, lm_export.eos_token_ids(model, tokenizer))
     if family == "mistral":
         assert ref.batch["input_ids"].shape[1] > 24, "the prompts must outgrow the sliding window"
-    figures, _, _ = P.fp32_figures(ref, P.OrtLM(path, X.DecoderShape.of(model.config)))
-    report = P.gate_lm(spec, Precision.fp32, figures, len(ref.prompts))
+    figures, _, _ = lm_parity.fp32_figures(ref, lm_parity.OrtLM(path, lm_export.DecoderShape.of(model.config)))
+    report = lm_parity.gate_lm(spec, Precision.fp32, figures, len(ref.prompts))
     assert report.passed, report.failures
 
 

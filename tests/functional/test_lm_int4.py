@@ -7,8 +7,7 @@ import onnx
 import pytest
 import torch
 
-from export import lm_export as X
-from export import lm_parity as P
+from export import lm_export, lm_parity
 from export.lm_quant import HEAD_FORMAT
 from kiln_testkit import build_tiny_llama
 
@@ -55,15 +54,15 @@ def snapped_llama(folder):
 def grid_export(tmp_path_factory):
     root = tmp_path_factory.mktemp("grid-llama")
     model = snapped_llama(root / "ckpt")
-    fp32 = X.export_lm(model, root / "model.fp32.onnx", opset=18)
+    fp32 = lm_export.export_lm(model, root / "model.fp32.onnx", opset=18)
     return model, fp32, root
 
 
 def feeds_and_logits(path, shape):
     """Logits of a left-padded prefill of three sequences, then two decode steps (real tokens only)."""
-    lm = P.OrtLM(path, shape)
+    lm = lm_parity.OrtLM(path, shape)
     seqs = [[5, 17, 42, 99, 3, 250, 7], [11, 12], [300, 1, 2, 3, 4]]
-    feeds = P.left_pad(seqs, 0)
+    feeds = lm_parity.left_pad(seqs, 0)
     logits, past = lm.step(feeds, lm.empty_past(3))
     out = [logits[feeds["attention_mask"].astype(bool)]]
     for token in (13, 77):
@@ -81,10 +80,10 @@ def feeds_and_logits(path, shape):
 def test_grid_is_detected_and_the_int4_graph_reproduces_fp32_at_accuracy_level_0(grid_export):
     model, fp32, root = grid_export
     int4 = root / "model.int4.acc0.onnx"
-    notes = X.quantize_int4(fp32, int4, accuracy_level=0)
+    notes = lm_export.quantize_int4(fp32, int4, accuracy_level=0)
     assert "grid detected: 14/14 layer MatMuls" in notes and "max abs error 0" in notes
     assert "lm_head: 8-bit" in notes and "accuracy_level 0" in notes
-    shape = X.DecoderShape.of(model.config)
+    shape = lm_export.DecoderShape.of(model.config)
     expected, got = feeds_and_logits(fp32, shape), feeds_and_logits(int4, shape)
     # exact 4-bit layers and an exact 8-bit head: only float32 summation order differs
     assert np.abs(got - expected).max() <= 1e-4 * max(1.0, np.abs(expected).max())
@@ -93,7 +92,7 @@ def test_grid_is_detected_and_the_int4_graph_reproduces_fp32_at_accuracy_level_0
 def test_int4_graph_at_accuracy_level_4_stays_close_and_uses_4bit_layers(grid_export):
     model, fp32, root = grid_export
     int4 = root / "model.int4.onnx"
-    notes = X.quantize_int4(fp32, int4)
+    notes = lm_export.quantize_int4(fp32, int4)
     assert notes.startswith("int4: grid detected: 14/14") and "accuracy_level 4" in notes
     graph = onnx.load(str(int4)).graph
     nbits = [{a.name: a.i for a in n.attribute} for n in graph.node if n.op_type == "MatMulNBits"]
@@ -107,7 +106,7 @@ def test_int4_graph_at_accuracy_level_4_stays_close_and_uses_4bit_layers(grid_ex
     fp32_weights = [n.name for n in graph.node if n.op_type == "MatMul" and n.input[1] in consts
                     and not (n.name.startswith("kiln_blocksum") or n.name.endswith("_corr"))]
     assert fp32_weights == []  # only block sums and their small corrections stay fp32 MatMuls
-    shape = X.DecoderShape.of(model.config)
+    shape = lm_export.DecoderShape.of(model.config)
     expected, got = feeds_and_logits(fp32, shape), feeds_and_logits(int4, shape)
     rel = np.sqrt(((got - expected) ** 2).mean() / (expected**2).mean())
     assert rel < 0.05  # activations quantized to int8 per block of 32
@@ -118,12 +117,12 @@ def test_a_left_padded_batch_row_gets_exactly_the_logits_it_gets_alone(grid_expo
     padded row the very bits of its unpadded run: prefill and decode steps."""
     model, fp32, root = grid_export
     int4 = root / "model.int4.batch.onnx"
-    X.quantize_int4(fp32, int4)
-    lm = P.OrtLM(int4, X.DecoderShape.of(model.config))
+    lm_export.quantize_int4(fp32, int4)
+    lm = lm_parity.OrtLM(int4, lm_export.DecoderShape.of(model.config))
     seqs = [[5, 17, 42, 99, 3, 250, 7], [11, 12, 13], [300, 1, 2, 3, 4]]
-    batch, past_b = P.left_pad(seqs, 0), lm.empty_past(3)
+    batch, past_b = lm_parity.left_pad(seqs, 0), lm.empty_past(3)
     for row, seq in enumerate(seqs):
-        alone, past_a = P.left_pad([seq], 0), lm.empty_past(1)
+        alone, past_a = lm_parity.left_pad([seq], 0), lm.empty_past(1)
         feeds_b, pb = batch, past_b
         for step in range(4):
             la, past_a = lm.step(alone, past_a)
@@ -140,9 +139,9 @@ def test_a_checkpoint_with_no_grid_takes_the_ordinary_4bit_path(tiny_llama, tmp_
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(tiny_llama, attn_implementation="eager", dtype=torch.float32).eval()
-    fp32 = X.export_lm(model, tmp_path / "model.fp32.onnx", opset=18)
-    notes = X.quantize_int4(fp32, tmp_path / "model.int4.onnx")
+    fp32 = lm_export.export_lm(model, tmp_path / "model.fp32.onnx", opset=18)
+    notes = lm_export.quantize_int4(fp32, tmp_path / "model.int4.onnx")
     assert notes.startswith("int4: no 4-bit grid in the checkpoint (0/14 layer MatMuls")
     assert "4-bit MatMulNBitsQuantizer" in notes and "lm_head: 8-bit" in notes
-    lm = P.OrtLM(tmp_path / "model.int4.onnx", X.DecoderShape.of(model.config))
+    lm = lm_parity.OrtLM(tmp_path / "model.int4.onnx", lm_export.DecoderShape.of(model.config))
     assert np.isfinite(lm.logits([5, 6, 7])).all()

@@ -7,7 +7,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from export import lm_quant as Q
+from export import lm_quant
 
 RNG = np.random.default_rng(0)
 
@@ -58,7 +58,7 @@ def run(model: onnx.ModelProto, **feeds) -> list[np.ndarray]:
 @pytest.mark.parametrize("quantize", [ggml_q4_1, ggml_q4_0], ids=["Q4_1", "Q4_0"])
 def test_a_ggml_4bit_weight_is_found_on_its_grid_and_reproduced_exactly(quantize):
     w = quantize(RNG.normal(0, 0.05, (256, 96)).astype(np.float32))
-    fit = Q.fit_grid(w)
+    fit = lm_quant.fit_grid(w)
     assert fit.on_grid and fit.max_abs_error == 0.0 and fit.max_rel_error == 0.0
     assert np.array_equal(fit.codes.dequantize(), w)
     assert fit.codes.codes.max() <= 15 and fit.codes.scales.shape == (256 // 32, 96)
@@ -73,8 +73,8 @@ def test_a_grid_with_unrounded_fp32_scales_is_found_too():
     d = RNG.uniform(1e-3, 1e-2, (k // 32, n)).astype(np.float32)  # not representable in fp16
     m = RNG.uniform(-0.1, 0.0, (k // 32, n)).astype(np.float32)
     w = (np.repeat(d, 32, 0) * q + np.repeat(m, 32, 0)).astype(np.float32)
-    fit = Q.fit_grid(w)
-    assert fit.on_grid and fit.max_rel_error <= Q.GRID_RTOL
+    fit = lm_quant.fit_grid(w)
+    assert fit.on_grid and fit.max_rel_error <= lm_quant.GRID_RTOL
     assert any("fp32" in kind for kind in fit.scale_kinds)
 
 
@@ -85,7 +85,7 @@ def test_ordinary_random_weights_are_not_on_a_grid(dtype):
         w = (w.view(np.uint32) & 0xFFFF0000).view(np.float32)  # bf16 truncation
     else:
         w = w.astype(dtype).astype(np.float32)
-    fit = Q.fit_grid(w)
+    fit = lm_quant.fit_grid(w)
     assert not fit.on_grid
     assert fit.max_rel_error > 1e-3  # the nearest grid is off by a sizeable fraction of a step
 
@@ -93,18 +93,18 @@ def test_ordinary_random_weights_are_not_on_a_grid(dtype):
 def test_one_off_grid_block_is_enough_to_reject_a_weight():
     w = ggml_q4_1(RNG.normal(0, 0.05, (128, 32)).astype(np.float32))
     w[40, 7] += 1e-3 * np.abs(w[32:64, 7]).max()
-    assert not Q.fit_grid(w).on_grid
+    assert not lm_quant.fit_grid(w).on_grid
 
 
 def test_constant_blocks_have_scale_zero_and_fit():
     w = np.full((64, 8), 0.25, np.float32)
-    fit = Q.fit_grid(w)
+    fit = lm_quant.fit_grid(w)
     assert fit.on_grid and (fit.codes.scales == 0).all() and np.array_equal(fit.codes.dequantize(), w)
 
 
 def test_k_must_be_a_whole_number_of_blocks():
     with pytest.raises(ValueError, match="multiple of the block size"):
-        Q.fit_grid(np.zeros((48, 4), np.float32))
+        lm_quant.fit_grid(np.zeros((48, 4), np.float32))
 
 
 # --- packing ------------------------------------------------------------------------------
@@ -114,26 +114,26 @@ def test_4bit_codes_pack_low_nibble_first_per_column_block():
     codes = np.zeros((64, 2), np.uint8)
     codes[:, 0] = np.arange(64) % 16
     codes[:, 1] = 15 - np.arange(64) % 16
-    packed = Q.pack_codes(codes, 4, 32)
+    packed = lm_quant.pack_codes(codes, 4, 32)
     assert packed.shape == (2, 2, 16) and packed.dtype == np.uint8
     assert packed[0, 0, 0] == 0x10 and packed[0, 0, 1] == 0x32  # elements 0, 1 -> low, high nibble
     assert packed[1, 1, 0] == (15 | 14 << 4)
-    assert np.array_equal(Q.unpack_codes(packed, 4, 64), codes)
+    assert np.array_equal(lm_quant.unpack_codes(packed, 4, 64), codes)
 
 
 def test_8bit_codes_and_zero_points_round_trip():
     codes = RNG.integers(0, 256, (96, 5)).astype(np.uint8)
-    assert np.array_equal(Q.unpack_codes(Q.pack_codes(codes, 8, 32), 8, 96), codes)
+    assert np.array_equal(lm_quant.unpack_codes(lm_quant.pack_codes(codes, 8, 32), 8, 96), codes)
     zp = RNG.integers(0, 16, (3, 5))  # 3 blocks: the last byte of each column is half filled
-    packed = Q.pack_zero_points(zp, 4)
+    packed = lm_quant.pack_zero_points(zp, 4)
     assert packed.shape == (5, 2)
     assert np.array_equal(packed[:, 0], zp[0] | zp[1] << 4) and np.array_equal(packed[:, 1], zp[2])
-    assert np.array_equal(Q.pack_zero_points(zp, 8), zp.T)
+    assert np.array_equal(lm_quant.pack_zero_points(zp, 8), zp.T)
 
 
 def test_block_indicator_sums_blocks():
     a = RNG.normal(size=(3, 96)).astype(np.float32)
-    np.testing.assert_allclose(a @ Q.block_indicator(96, 32), a.reshape(3, 3, 32).sum(-1), rtol=1e-6)
+    np.testing.assert_allclose(a @ lm_quant.block_indicator(96, 32), a.reshape(3, 3, 32).sum(-1), rtol=1e-6)
 
 
 # --- the rewrite --------------------------------------------------------------------------
@@ -145,12 +145,12 @@ def test_grid_rewrite_is_exact_at_accuracy_level_0_and_close_at_4(zero_point):
     w = ggml_q4_1(RNG.normal(0, 0.05, (k, n)).astype(np.float32))
     a = RNG.normal(size=(2, 3, k)).astype(np.float32)
     expected = a.astype(np.float64) @ w.astype(np.float64)
-    fit = Q.fit_grid(w)
+    fit = lm_quant.fit_grid(w)
     errors = {}
     for level in (0, 4):
         model = one_matmul(w)
-        rw = Q.Rewriter(model)
-        rw.replace(model.graph.node[0], fit.codes, Q.Format(4, level, zero_point))
+        rw = lm_quant.Rewriter(model)
+        rw.replace(model.graph.node[0], fit.codes, lm_quant.Format(4, level, zero_point))
         rw.apply()
         assert [x.op_type for x in model.graph.node] == ["MatMul", "MatMulNBits", "MatMul", "Add"]
         assert "W" not in {t.name for t in model.graph.initializer}
@@ -164,10 +164,10 @@ def test_the_op_default_zero_point_is_what_the_correction_assumes():
     must match onnxruntime's default, for 4 and 8 bits."""
     a = RNG.normal(size=(1, 2, 64)).astype(np.float32)
     for bits in (4, 8):
-        codes = Q.minmax_codes(RNG.normal(size=(64, 16)).astype(np.float32), bits)
+        codes = lm_quant.minmax_codes(RNG.normal(size=(64, 16)).astype(np.float32), bits)
         model = one_matmul(codes.dequantize())
-        rw = Q.Rewriter(model)
-        rw.replace(model.graph.node[0], codes, Q.Format(bits, 0, "default"))
+        rw = lm_quant.Rewriter(model)
+        rw.replace(model.graph.node[0], codes, lm_quant.Format(bits, 0, "default"))
         rw.apply()
         assert len(model.graph.node[1].input) == 3  # no zero_points input
         np.testing.assert_allclose(run(model, A=a)[0], a @ codes.dequantize(), atol=1e-4)
@@ -176,15 +176,15 @@ def test_the_op_default_zero_point_is_what_the_correction_assumes():
 @pytest.mark.parametrize("block", [32, 64])
 def test_8bit_minmax_codes_stay_within_a_step_and_the_rewrite_reproduces_them(block):
     w = RNG.normal(0, 0.05, (128, 40)).astype(np.float32)
-    codes = Q.minmax_codes(w, 8, block)
+    codes = lm_quant.minmax_codes(w, 8, block)
     b = w.reshape(128 // block, block, 40)
     step = (b.max(1) - b.min(1)) / 255
     assert (np.abs(codes.dequantize() - w).reshape(b.shape) <= step[:, None, :] * (0.5 + 1e-4)).all()
     a = RNG.normal(size=(1, 4, 128)).astype(np.float32)
     for zero_point in ("zero", "default"):
         model = one_matmul(w)
-        rw = Q.Rewriter(model)
-        rw.replace(model.graph.node[0], codes, Q.Format(8, 0, zero_point, block=block))
+        rw = lm_quant.Rewriter(model)
+        rw.replace(model.graph.node[0], codes, lm_quant.Format(8, 0, zero_point, block=block))
         rw.apply()
         attrs = {x.name: x.i for x in model.graph.node[1].attribute}
         assert attrs["bits"] == 8 and attrs["block_size"] == block
@@ -207,9 +207,9 @@ def _qkv_graph(k: int):
 def test_matmuls_reading_one_activation_share_its_block_sums():
     k = 64
     model, ws = _qkv_graph(k)
-    rw = Q.Rewriter(model)
+    rw = lm_quant.Rewriter(model)
     for node in list(model.graph.node):
-        rw.replace(node, Q.fit_grid(rw.weight(node)).codes, Q.Format(4, 0))
+        rw.replace(node, lm_quant.fit_grid(rw.weight(node)).codes, lm_quant.Format(4, 0))
     rw.apply()
     sums = [n for n in model.graph.node if n.op_type == "MatMul" and n.input[0] == "A"]
     assert len(sums) == 1 and sum(n.op_type == "MatMulNBits" for n in model.graph.node) == 3
@@ -221,9 +221,9 @@ def test_matmuls_reading_one_activation_share_its_block_sums():
 def test_a_group_reading_one_activation_becomes_one_matmulnbits_and_a_split():
     k = 64
     model, ws = _qkv_graph(k)
-    rw = Q.Rewriter(model)
+    rw = lm_quant.Rewriter(model)
     nodes = list(model.graph.node)
-    rw.replace_group(nodes, [Q.fit_grid(rw.weight(n)).codes for n in nodes], Q.Format(4, 0))
+    rw.replace_group(nodes, [lm_quant.fit_grid(rw.weight(n)).codes for n in nodes], lm_quant.Format(4, 0))
     rw.apply()
     ops = [n.op_type for n in model.graph.node]
     assert ops == ["MatMul", "MatMulNBits", "MatMul", "Add", "Split"]
@@ -259,15 +259,15 @@ def test_grid_checkpoint_gets_exact_layers_and_an_8bit_head():
     model, modules = two_layers_and_head(grid=True)
     w = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
     x = RNG.normal(size=(1, 3, 64)).astype(np.float32)
-    report = Q.quantize_lm_int4(model, modules, head_format=Q.Format(8, 0, "default"),
-                                grid_format=Q.Format(4, 0, "default"))
+    report = lm_quant.quantize_lm_int4(model, modules, head_format=lm_quant.Format(8, 0, "default"),
+                                grid_format=lm_quant.Format(4, 0, "default"))
     assert report.grid_aware
     assert {r.node: r.group for r in report.weights} == {"n_up": "grid", "n_down": "grid", "n_head": "head"}
     notes = report.notes()
     assert "grid detected: 2/2 layer MatMuls" in notes and "max abs error 0" in notes
     assert "lm_head: 8-bit" in notes and "4-bit exact" in notes
     # exact layers; the head is its blocks' 8-bit min/max grid
-    head8 = Q.minmax_codes(w["Whead"], 8).dequantize().astype(np.float64)
+    head8 = lm_quant.minmax_codes(w["Whead"], 8).dequantize().astype(np.float64)
     expected = x.astype(np.float64) @ w["Wup"] @ w["Wdown"] @ head8
     (got,) = run(model, x=x)
     assert np.abs(got - expected).max() < 1e-5 * np.abs(expected).max()
@@ -275,7 +275,7 @@ def test_grid_checkpoint_gets_exact_layers_and_an_8bit_head():
 
 def test_ordinary_checkpoint_falls_back_to_onnxruntime_4bit_layers_and_an_8bit_head():
     model, modules = two_layers_and_head(grid=False)
-    report = Q.quantize_lm_int4(model, modules, head_format=Q.Format(8, 4, "default"))
+    report = lm_quant.quantize_lm_int4(model, modules, head_format=lm_quant.Format(8, 4, "default"))
     assert not report.grid_aware
     assert {w.group for w in report.weights} == {"ordinary", "head"}
     assert report.notes().startswith("int4: no 4-bit grid in the checkpoint (0/2 layer MatMuls")
@@ -304,7 +304,7 @@ def attention(heads: int = 2, dim: int = 16) -> onnx.ModelProto:
 
 def test_pad_invariant_attention_gives_a_padded_row_the_bits_of_the_unpadded_one():
     plain, model = attention(), attention()
-    assert Q.pad_invariant_attention(model) == 1
+    assert lm_quant.pad_invariant_attention(model) == 1
     assert "Softmax" not in {n.op_type for n in model.graph.node}
     masked = np.finfo(np.float32).min
     for queries in (1, 3):  # decode, prefill

@@ -6,10 +6,10 @@ kiln builds is compared with a saturation-free reference computed in numpy."""
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from export.parity import add_portability
 from export.portability import (
     integer_matmuls,
     matmul_exact,
@@ -18,6 +18,9 @@ from export.portability import (
     u8s8_can_saturate,
     worst_pair_sums,
 )
+from kiln_core.judge import at_most
+from kiln_core.manifest import ParityReport
+from kiln_runtime.ort import open_session
 
 K, N = 64, 24
 
@@ -80,6 +83,23 @@ def test_yesterdays_u8s8_format_is_flagged_as_cpu_dependent_on_any_machine(tmp_p
     assert problems and "saturate" in problems[0]
 
 
+def _passing_report() -> ParityReport:
+    return ParityReport.judged("the fp32 graph", 8, {"ppl_ratio": 1.0}, [at_most("ppl_ratio", 1.1)])
+
+
+def test_a_saturating_graph_fails_its_gate_with_the_count_and_the_fix(tmp_path, weights):
+    from export.variants import quantize_int8_dynamic
+
+    src = _one_matmul(tmp_path / "fp32.onnx", weights)
+    u8s8 = _quantize(src, tmp_path / "u8s8.onnx", "QInt8")
+    failed = add_portability(_passing_report(), u8s8)
+    assert not failed.passed and failed.figures["saturating_int8_matmuls"] == 1.0
+    assert failed.failures == [f"saturating_int8_matmuls = 1, needs <= 0 (off by 1): {portability_problems(u8s8)[0]}"]
+    assert [str(t) for t in failed.limits] == ["ppl_ratio <= 1.1", "saturating_int8_matmuls <= 0"]
+    quantize_int8_dynamic(src, tmp_path / "int8.onnx")
+    assert add_portability(_passing_report(), tmp_path / "int8.onnx").passed
+
+
 def test_kilns_int8_format_is_portable(tmp_path, weights):
     from export.variants import quantize_int8_dynamic
 
@@ -117,7 +137,5 @@ def test_kilns_int8_graph_matches_a_saturation_free_numpy_reference(tmp_path, we
     x[:, ::5] = 8.0  # large activations: uint8 codes near 255
     qa, sa, za = _dynamic_quantize(x)
     reference = ((qa - za) @ (qw - zw)).astype(np.float64) * (np.float64(sa) * sw.astype(np.float64))
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    got = ort.InferenceSession(str(dst), so, providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    got = open_session(str(dst)).run(None, {"x": x})[0]
     np.testing.assert_allclose(got, reference, rtol=1e-4, atol=1e-4 * np.abs(reference).max())
