@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from typing import Callable
+
+import numpy as np
+
 
 def session_options(intra_op_threads: int = 0, allow_spinning: bool = True):
     """ONNX Runtime options for a CPU encoder serving small batches.
@@ -31,3 +35,15 @@ def open_session(path: str, intra_op_threads: int = 0, allow_spinning: bool = Tr
     if gpu_device is not None:
         providers.insert(0, ("CUDAExecutionProvider", {"device_id": gpu_device}))
     return ort.InferenceSession(path, session_options(intra_op_threads, allow_spinning), providers=providers)
+
+
+def session_runner(session) -> Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]:
+    """The generation engine's runner over an ONNX Runtime InferenceSession: every output by
+    name, as ``session.run`` returns them (fresh arrays over ORT's own buffers: nothing is copied)."""
+    names = [o.name for o in session.get_outputs()]
+    run = session.run
+
+    def runner(feeds):
+        return dict(zip(names, run(names, feeds)))
+
+    return runner

@@ -1,4 +1,4 @@
-"""The generation engine (model_repository/python_models/kiln_generate.py) over a real model.
+"""The continuous-batching engine (kiln_runtime/generation/engine.py) over a real model.
 
 The decoder is the tiny Llama driven through the exported graph's interface (explicit KV
 cache in, presents out) by a torch wrapper, so the engine sees exactly what ONNX Runtime
@@ -9,83 +9,17 @@ re-initialise the same architecture with larger weights so greedy text wanders.
 
 from __future__ import annotations
 
-import json
 import queue
 import threading
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 from kiln_runtime.errors import InputError
-from kiln_runtime.generation import engine as kg
-
-PROMPTS = [
-    "The capital of France is", "Hello, how are you today?", "我爱北京天安门。", "Emoji: 🚀🔥🎉",
-    "Triton serves models with dynamic batching. One two three four five six.", "a", "Bonjour, comment ça va ?",
-    "One two",
-]
-
-
-# ----------------------------------------------------------------------------- the model
-class TorchRunner:
-    """runner(feeds) -> outputs with the ONNX graph's names and shapes, over a HF causal LM."""
-
-    def __init__(self, model):
-        self.model = model
-        self.layers = model.config.num_hidden_layers
-
-    def __call__(self, feeds):
-        import torch
-        from transformers.cache_utils import DynamicCache
-
-        cache = DynamicCache(config=self.model.config)
-        if feeds["past_key_values.0.key"].shape[2]:
-            for i in range(self.layers):
-                cache.update(torch.from_numpy(feeds[f"past_key_values.{i}.key"]),
-                             torch.from_numpy(feeds[f"past_key_values.{i}.value"]), i)
-        with torch.no_grad():
-            out = self.model(
-                input_ids=torch.from_numpy(feeds["input_ids"]),
-                attention_mask=torch.from_numpy(feeds["attention_mask"]),
-                position_ids=torch.from_numpy(feeds["position_ids"]),
-                past_key_values=cache, use_cache=True,
-            )
-        res = {"logits": out.logits.numpy()}
-        for i, layer in enumerate(out.past_key_values.layers):
-            res[f"present.{i}.key"] = layer.keys.numpy()
-            res[f"present.{i}.value"] = layer.values.numpy()
-        return res
-
-
-@pytest.fixture(scope="module")
-def lm(tiny_llama):
-    """(model, tokenizers.Tokenizer): the tiny Llama's architecture, weights drawn at std 0.3."""
-    import torch
-    from tokenizers import Tokenizer
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    cfg = LlamaConfig.from_pretrained(tiny_llama)
-    cfg.initializer_range = 0.3
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(cfg).eval()
-    # a model this small runs fastest on one thread, and on a busy 2-core machine two
-    # spinning OpenMP threads slow every call down some twentyfold
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield model, Tokenizer.from_file(str(tiny_llama / "tokenizer.json"))
-    torch.set_num_threads(threads)
-
-
-def make_engine(lm, eos=None, max_concurrent=8, max_context=256, runner=None, max_queue=None):
-    model, tok = lm
-    cfg = model.config
-    return kg.Engine(
-        runner or TorchRunner(model), cfg.num_hidden_layers, cfg.num_key_value_heads,
-        cfg.hidden_size // cfg.num_attention_heads, [cfg.eos_token_id] if eos is None else eos,
-        max_concurrent, max_context, tok, max_queue=max_queue,
-    )
+from kiln_runtime.generation.engine import PROFILE_PHASES, Engine, QueueFull
+from kiln_runtime.generation.params import SamplingParams
+from kiln_testkit import CHAT_PROMPTS, make_engine
 
 
 def drain(engine, results=None):
@@ -106,7 +40,7 @@ def text(events):
 
 
 def greedy(max_tokens, **kw):
-    return kg.SamplingParams(max_tokens=max_tokens, temperature=0, **kw)
+    return SamplingParams(max_tokens=max_tokens, temperature=0, **kw)
 
 
 def alone(lm, prompt_ids, params, **kw):
@@ -115,261 +49,10 @@ def alone(lm, prompt_ids, params, **kw):
     return drain(engine)["solo"]
 
 
-# ----------------------------------------------------------------------------- validation
-@pytest.mark.parametrize(
-    "kw, prompt_tokens, message",
-    [
-        ({"max_tokens": 0}, 10, "max_tokens: must be an integer >= 1"),
-        ({"max_tokens": True}, 10, "max_tokens: must be an integer"),
-        ({"max_tokens": 2.5}, 10, "max_tokens: must be an integer"),
-        ({"max_tokens": 100}, 60, "max_tokens: prompt has 60 tokens, so at most 68 more fit the context of 128"),
-        ({}, 128, "prompt: 128 tokens leave no room in the model's context of 128"),
-        ({}, 300, "prompt: 300 tokens"),
-        ({}, 0, "prompt: empty"),
-        ({"temperature": float("nan")}, 10, "temperature: must be a finite number >= 0"),
-        ({"temperature": -0.5}, 10, "temperature: must be a finite number >= 0"),
-        ({"temperature": "hot"}, 10, "temperature: must be"),
-        ({"top_p": 0.0}, 10, r"top_p: must be a number in \(0, 1\]"),
-        ({"top_p": 1.5}, 10, r"top_p: must be a number in \(0, 1\]"),
-        ({"top_k": -1}, 10, "top_k: must be an integer >= 0"),
-        ({"top_k": 2.5}, 10, "top_k: must be an integer >= 0"),
-        ({"repetition_penalty": 0}, 10, "repetition_penalty: must be a finite number > 0"),
-        ({"repetition_penalty": float("inf")}, 10, "repetition_penalty: must be a finite number > 0"),
-        ({"presence_penalty": 2.5}, 10, r"presence_penalty: must be a finite number in \[-2, 2\]"),
-        ({"presence_penalty": -3}, 10, r"presence_penalty: must be a finite number in \[-2, 2\]"),
-        ({"presence_penalty": "x"}, 10, r"presence_penalty: must be a finite number in \[-2, 2\]"),
-        ({"presence_penalty": float("nan")}, 10, r"presence_penalty: must be a finite number in \[-2, 2\]"),
-        ({"frequency_penalty": 2.5}, 10, r"frequency_penalty: must be a finite number in \[-2, 2\]"),
-        ({"frequency_penalty": -3}, 10, r"frequency_penalty: must be a finite number in \[-2, 2\]"),
-        ({"frequency_penalty": "x"}, 10, r"frequency_penalty: must be a finite number in \[-2, 2\]"),
-        ({"frequency_penalty": float("nan")}, 10, r"frequency_penalty: must be a finite number in \[-2, 2\]"),
-        ({"seed": -1}, 10, "seed: must be an integer in"),
-        ({"stop": [""]}, 10, r"stop\[0\]: must be a non-empty string"),
-        ({"stop": ["a", 3]}, 10, r"stop\[1\]: must be a non-empty string"),
-        ({"stop": ["a"] * 5}, 10, "stop: at most 4 strings"),
-        ({"stop": "END"}, 10, "stop: must be a list of strings"),
-        ({"stop": ["x" * 257]}, 10, r"stop\[0\]: at most 256 characters"),
-    ],
-)
-def test_sampling_params_errors_name_their_field(kw, prompt_tokens, message):
-    with pytest.raises(InputError, match=message):
-        kg.SamplingParams(**kw).validate(prompt_tokens, 128)
-
-
-def test_sampling_params_defaults_fit_the_context():
-    p = kg.SamplingParams().validate(100, 128, default_max_tokens=256)
-    assert p.max_tokens == 28  # the default is cut to what fits
-    assert kg.SamplingParams().validate(10, 128, default_max_tokens=16).max_tokens == 16
-    p = kg.SamplingParams(max_tokens=np.int64(5), temperature=np.float32(0.5), stop=("a",)).validate(10, 128)
-    assert (type(p.max_tokens), type(p.temperature), p.stop) == (int, float, ["a"])
-    p = kg.SamplingParams(presence_penalty=np.float32(-2), frequency_penalty=2).validate(10, 128)  # the bounds are in
-    assert (p.presence_penalty, p.frequency_penalty) == (-2.0, 2.0)
-    assert (type(p.presence_penalty), type(p.frequency_penalty)) == (float, float)
-    with pytest.raises(InputError, match="messages: 130 tokens"):
-        kg.SamplingParams().validate(130, 128, prompt_field="messages")
-
-
-def test_sampling_params_from_dict():
-    p = kg.SamplingParams.from_dict({"max_tokens": 8, "temperature": 0, "stop": "END", "seed": None,
-                                     "frequency_penalty": 0.5, "presence_penalty": None})
-    assert (p.max_tokens, p.temperature, p.stop, p.seed) == (8, 0, ["END"], None)
-    assert (p.frequency_penalty, p.presence_penalty) == (0.5, 0.0)
-    with pytest.raises(InputError, match="parameters: unknown 'logit_bias', 'n'"):
-        kg.SamplingParams.from_dict({"n": 2, "logit_bias": {}})
-
-
-@pytest.mark.parametrize(
-    "raw, message",
-    [
-        ("not json", "messages: not valid JSON"),
-        ('{"role": "user"}', "messages: must be a JSON list"),
-        ("[]", "messages: the list is empty"),
-        ('["hi"]', r"messages\[0\]: must be an object"),
-        ('[{"role": "tool", "content": "x"}]', r"messages\[0\].role: 'tool' is not allowed \(allowed: system, user, assistant\)"),
-        ('[{"role": "user", "content": "a"}, {"content": "b"}]', r"messages\[1\].role: None is not allowed"),
-        ('[{"role": "user", "content": ["x"]}]', r"messages\[0\].content: must be a string"),
-        (b"\xff[]", "messages: not valid UTF-8"),
-    ],
-)
-def test_parse_messages_rejects(raw, message):
-    with pytest.raises(InputError, match=message):
-        kg.parse_messages(raw)
-
-
-def test_parse_messages_keeps_role_and_content():
-    raw = json.dumps([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "我爱 🚀", "name": "x"}])
-    assert kg.parse_messages(raw.encode()) == [
-        {"role": "system", "content": "Be brief."}, {"role": "user", "content": "我爱 🚀"},
-    ]
-
-
-def test_encode_prompt_rejects_empty_and_templateless(lm):
-    _, tok = lm
-    with pytest.raises(InputError, match="prompt: empty"):
-        kg.encode_prompt(tok, prompt="")
-    with pytest.raises(InputError, match="exactly one"):
-        kg.encode_prompt(tok)
-    with pytest.raises(InputError, match="messages: this model has no chat template"):
-        kg.encode_prompt(tok, messages=[{"role": "user", "content": "hi"}])
-    assert kg.encode_prompt(tok, prompt="Hello") == tok.encode("Hello").ids
-
-
-# ----------------------------------------------------------------------------- chat template
-CONVERSATIONS = [
-    [{"role": "user", "content": "Hi"}],
-    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "我爱北京 🚀"},
-     {"role": "assistant", "content": "  ok\n"}, {"role": "user", "content": "{{ not jinja }} <b>&</b>"}],
-]
-# shapes seen on the Hub: raise_exception, loop controls, namespace, tojson, strip, bos_token
-STRICT_TEMPLATE = (
-    "{{ bos_token }}{% set ns = namespace(sys='') %}"
-    "{% for m in messages %}{% if m['role'] == 'system' %}{% set ns.sys = m['content'] %}{% continue %}{% endif %}"
-    "{% if (m['role'] == 'user') != (loop.index0 % 2 == (1 if ns.sys else 0)) %}"
-    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}\n"
-    "    {% if m['role'] == 'user' %}[INST] {{ ns.sys ~ ' ' if ns.sys }}{{ m['content'] | trim }} [/INST]"
-    "{% else %}{{ m['content'] | tojson }}{{ eos_token }}{% endif %}\n"
-    "{% endfor %}"
-)
-
-
-def _tokenizer_with_template(src: Path, template: str, dst: Path) -> Path:
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(src)
-    tok.chat_template = template
-    tok.save_pretrained(dst)
-    return dst
-
-
-@pytest.mark.parametrize("which", ["chatml", "strict"])
-def test_chat_template_renders_like_transformers(tiny_llama, tmp_path, which):
-    from tokenizers import Tokenizer
-    from transformers import AutoTokenizer
-
-    folder = tiny_llama if which == "chatml" else _tokenizer_with_template(tiny_llama, STRICT_TEMPLATE, tmp_path)
-    hf = AutoTokenizer.from_pretrained(folder)
-    ours = kg.ChatTemplate.from_dir(str(folder))
-    tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
-    for conv in CONVERSATIONS:
-        expected = hf.apply_chat_template(conv, tokenize=False, add_generation_prompt=True)
-        assert ours.render(conv) == expected
-        ids = hf.apply_chat_template(conv, tokenize=True, add_generation_prompt=True)
-        ids = ids["input_ids"] if hasattr(ids, "keys") else ids
-        assert kg.encode_prompt(tok, messages=conv, template=ours) == list(ids)
-
-
-def test_chat_template_exception_is_the_clients_error(tiny_llama, tmp_path):
-    import jinja2
-    from transformers import AutoTokenizer
-
-    folder = _tokenizer_with_template(tiny_llama, STRICT_TEMPLATE, tmp_path)
-    bad = [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]
-    with pytest.raises(jinja2.TemplateError, match="must alternate"):
-        AutoTokenizer.from_pretrained(folder).apply_chat_template(bad, tokenize=False)
-    with pytest.raises(InputError, match="messages: the model's chat template rejects them: Conversation roles must alternate"):
-        kg.ChatTemplate.from_dir(str(folder)).render(bad)
-
-
-def test_chat_template_from_older_layouts(tmp_path):
-    """Template inside tokenizer_config.json (a string, or a named list), special tokens
-    only in special_tokens_map.json; no template at all gives None."""
-    tpl = "{{ bos_token }}{% for m in messages %}{{ m['role'] }}:{{ m['content'] }}{% endfor %}"
-    (tmp_path / "special_tokens_map.json").write_text(json.dumps({"bos_token": {"content": "<s>"}}))
-    for stored in (tpl, [{"name": "tool_use", "template": "x"}, {"name": "default", "template": tpl}]):
-        (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": stored, "eos_token": "</s>"}))
-        ours = kg.ChatTemplate.from_dir(str(tmp_path))
-        assert ours.render([{"role": "user", "content": "hi"}]) == "<s>user:hi"
-        assert ours.special_tokens == {"bos_token": "<s>", "eos_token": "</s>"}
-    (tmp_path / "tokenizer_config.json").write_text("{}")
-    assert kg.ChatTemplate.from_dir(str(tmp_path)) is None
-
-
-@pytest.fixture(scope="module")
-def smollm2_tokenizer_dir(tmp_path_factory):
-    """The packaged SmolLM2's tokenizer and chat template, read from its GGUF file (seconds:
-    no weights are dequantized) and saved as transformers saves them."""
-    import warnings
-
-    from transformers import AutoTokenizer
-
-    from kiln_core.sources import gguf_file
-    from kiln_core.spec import load_spec
-
-    path = gguf_file(load_spec("smollm2"))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-    out = tmp_path_factory.mktemp("smollm2-tokenizer")
-    tok.save_pretrained(out)
-    return out
-
-
-def test_chat_template_smollm2_like_transformers(smollm2_tokenizer_dir):
-    from tokenizers import Tokenizer
-    from transformers import AutoTokenizer
-
-    SMOLLM2 = smollm2_tokenizer_dir
-    hf = AutoTokenizer.from_pretrained(SMOLLM2)
-    ours = kg.ChatTemplate.from_dir(str(SMOLLM2))
-    tok = Tokenizer.from_file(str(SMOLLM2 / "tokenizer.json"))
-    for conv in CONVERSATIONS:
-        assert ours.render(conv) == hf.apply_chat_template(conv, tokenize=False, add_generation_prompt=True)
-        ids = hf.apply_chat_template(conv, tokenize=True, add_generation_prompt=True)
-        ids = ids["input_ids"] if hasattr(ids, "keys") else ids
-        assert kg.encode_prompt(tok, messages=conv, template=ours) == list(ids)
-    assert hf.eos_token_id in kg.read_eos_token_ids(str(SMOLLM2), tok)
-
-
-# ----------------------------------------------------------------------------- detokenizer, stops
-def test_detokenizer_never_splits_a_character(lm):
-    _, tok = lm
-    held_back = 0
-    for s in PROMPTS + ["北京🎉 ok 안녕하세요 👩‍👩‍👧 ça"]:
-        ids = tok.encode(s).ids
-        detok = kg.IncrementalDetokenizer(tok)
-        chunks = [detok.push(t) for t in ids] + [detok.flush()]
-        assert not any("\ufffd" in c for c in chunks), (s, chunks)
-        assert "".join(chunks) == tok.decode(ids, skip_special_tokens=True) == s
-        held_back += chunks.count("")
-    assert held_back >= 5  # characters really were split across tokens
-
-
-def test_detokenizer_drops_a_character_cut_off_at_the_end(lm):
-    _, tok = lm
-    ids = tok.encode("我").ids
-    assert len(ids) > 1
-    detok = kg.IncrementalDetokenizer(tok)
-    assert detok.push(ids[0]) == ""  # the first bytes of 我 alone
-    assert tok.decode(ids[:1]) == "\ufffd"
-    assert detok.flush() == ""  # generation ended mid-character: never sent broken
-
-
-def test_detokenizer_skips_special_tokens_and_keeps_prompt_context(lm):
-    _, tok = lm
-    im_end = tok.token_to_id("<|im_end|>")
-    ids = tok.encode("Hello, how are you").ids
-    detok = kg.IncrementalDetokenizer(tok, context_ids=ids[:3])
-    out = "".join(detok.push(t) for t in ids[3:] + [im_end] + tok.encode(" today").ids) + detok.flush()
-    assert out == tok.decode(ids[3:]) + " today"
-
-
-def test_stop_matcher_holds_back_a_possible_start():
-    m = kg.StopMatcher(["END", "\n\n"])
-    assert m.push("abcE") == ("abc", False)
-    assert m.push("N") == ("", False)
-    assert m.push("Dxyz") == ("", True)
-    m = kg.StopMatcher(["END"])
-    assert m.push("abE") == ("ab", False)
-    assert m.push("x") == ("Ex", False)
-    assert m.push("EN") == ("", False)
-    assert m.flush() == "EN"
-    m = kg.StopMatcher(["b\n", "ab"])
-    assert m.push("xab\n") == ("x", True)  # the earliest stop wins
-
-
+# ----------------------------------------------------------------------------- stops, length, EOS
 def test_stop_string_is_cut_and_finishes_with_stop(lm):
     _, tok = lm
-    prompt = tok.encode(PROMPTS[0]).ids
+    prompt = tok.encode(CHAT_PROMPTS[0]).ids
     free = alone(lm, prompt, greedy(30), eos=[])
     full = text(free)
     stop = next(full[i : i + 3] for i in range(4, len(full) - 3) if full[i : i + 3].isascii() and full[i : i + 3].isalpha())
@@ -386,16 +69,16 @@ def test_stop_string_is_cut_and_finishes_with_stop(lm):
 
 def test_max_tokens_finishes_with_length(lm):
     _, tok = lm
-    events = alone(lm, tok.encode(PROMPTS[1]).ids, greedy(7), eos=[])
+    events = alone(lm, tok.encode(CHAT_PROMPTS[1]).ids, greedy(7), eos=[])
     assert len(events) == 7 and [ev.finished for ev in events] == [False] * 6 + [True]
     assert events[-1].finish_reason == "length"
     assert events[-1].completion_tokens == 7 == len(tokens(events))
-    assert events[-1].prompt_tokens == len(tok.encode(PROMPTS[1]).ids)
+    assert events[-1].prompt_tokens == len(tok.encode(CHAT_PROMPTS[1]).ids)
 
 
 def test_eos_finishes_with_stop_and_adds_no_text(lm):
     _, tok = lm
-    prompt = tok.encode(PROMPTS[2]).ids
+    prompt = tok.encode(CHAT_PROMPTS[2]).ids
     free = tokens(alone(lm, prompt, greedy(12), eos=[]))
     k = next(i for i in range(3, 12) if free[i] not in free[:i])  # a token first seen at position k
     events = alone(lm, prompt, greedy(12), eos=[free[k]])
@@ -406,121 +89,23 @@ def test_eos_finishes_with_stop_and_adds_no_text(lm):
 
 def test_context_limit_caps_the_completion(lm):
     _, tok = lm
-    prompt = tok.encode(PROMPTS[4]).ids
+    prompt = tok.encode(CHAT_PROMPTS[4]).ids
     engine = make_engine(lm, eos=[], max_context=len(prompt) + 5)
     with pytest.raises(InputError, match=f"max_tokens: prompt has {len(prompt)} tokens, so at most 5 more"):
         engine.submit("r", prompt, greedy(6))
-    engine.submit("r", prompt, kg.SamplingParams(temperature=0))  # default max_tokens: what fits
+    engine.submit("r", prompt, SamplingParams(temperature=0))  # default max_tokens: what fits
     events = drain(engine)["r"]
     assert (events[-1].finish_reason, events[-1].completion_tokens) == ("length", 5)
 
 
-# ----------------------------------------------------------------------------- sampling
-def _hf_distribution(logits, context, temperature, top_k, top_p, penalty):
-    import torch
-    from transformers.generation.logits_process import (
-        RepetitionPenaltyLogitsProcessor,
-        TemperatureLogitsWarper,
-        TopKLogitsWarper,
-        TopPLogitsWarper,
-    )
-
-    ids = torch.tensor([context])
-    x = torch.from_numpy(logits.copy())[None]
-    x = RepetitionPenaltyLogitsProcessor(penalty)(ids, x)
-    x = TemperatureLogitsWarper(temperature)(ids, x)
-    if top_k:
-        x = TopKLogitsWarper(top_k)(ids, x)
-    if top_p < 1:
-        x = TopPLogitsWarper(top_p)(ids, x)
-    return x.double().softmax(-1)[0].numpy()
-
-
-@pytest.mark.parametrize(
-    "vocab, scale, temperature, top_k, top_p, penalty",
-    [
-        (50, 2.0, 1.0, 0, 1.0, 1.0), (50, 2.0, 0.7, 10, 1.0, 1.3), (50, 2.0, 1.3, 0, 0.8, 1.0),
-        (50, 2.0, 0.9, 20, 0.5, 1.2), (1000, 8.0, 1.0, 0, 0.9, 1.0),  # nucleus inside the first 256
-        (1000, 0.1, 1.0, 0, 0.95, 1.5),  # flat: the nucleus needs the whole vocabulary
-    ],
-)
-def test_sampler_distribution_matches_transformers(vocab, scale, temperature, top_k, top_p, penalty):
-    rng = np.random.default_rng(0)
-    logits = (rng.normal(size=vocab) * scale).astype(np.float32)
-    context = [int(t) for t in rng.integers(0, vocab, 12)]
-    params = kg.SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=penalty)
-    ids, probs = kg.Sampler(params, context).distribution(logits)
-    ours = np.zeros(vocab)
-    ours[ids] = probs
-    np.testing.assert_allclose(ours, _hf_distribution(logits, context, temperature, top_k, top_p, penalty), atol=1e-6)
-
-
-def test_sampler_draws_follow_the_distribution():
-    logits = np.log(np.array([0.5, 0.3, 0.15, 0.05], np.float32))
-    sampler = kg.Sampler(kg.SamplingParams(seed=1))
-    counts = np.bincount([sampler.sample(logits) for _ in range(20000)], minlength=4) / 20000
-    np.testing.assert_allclose(counts, [0.5, 0.3, 0.15, 0.05], atol=0.015)
-
-
-def test_greedy_ties_take_the_lowest_id_and_penalty_applies():
-    logits = np.array([0.0, 3.0, 1.0, 3.0, -2.0], np.float32)
-    assert kg.Sampler(kg.SamplingParams(temperature=0)).sample(logits) == 1
-    s = kg.Sampler(kg.SamplingParams(temperature=0, repetition_penalty=2.0), context_ids=[1, 4])
-    np.testing.assert_array_equal(s.adjusted_logits(logits), [0.0, 1.5, 1.0, 3.0, -4.0])  # / 2, or * 2 below 0
-    assert s.sample(logits) == 3
-    assert s.sample(logits) == 1  # 3 is seen now: 1.5 and 1.5 tie, the lower id wins
-
-
-def test_presence_and_frequency_penalties_count_generated_tokens_only():
-    """OpenAI / vLLM: logits[t] -= frequency * count[t] + presence * (count[t] > 0), count over
-    this request's output; the prompt is never penalised."""
-    logits = np.array([0.0, 5.0, 4.0, 1.0], np.float32)
-
-    def picks(n, context=(), **kw):
-        s = kg.Sampler(kg.SamplingParams(temperature=0, **kw), context_ids=context)
-        return [s.sample(logits) for _ in range(n)]
-
-    assert picks(3) == [1, 1, 1]
-    assert picks(3, frequency_penalty=0.6) == [1, 1, 2]  # 5 - 2 * 0.6 = 3.8 < 4: the runner-up wins
-    assert picks(3, presence_penalty=1.5) == [1, 2, 1]  # 5 - 1.5 = 3.5 once 1 is out, however often
-    assert picks(3, [1, 1, 1, 2], frequency_penalty=0.6) == [1, 1, 2]  # the prompt's 1s cost nothing
-    assert picks(2, [1], presence_penalty=1.5) == [1, 2]
-    # after the repetition penalty (prompt + output), before temperature
-    s = kg.Sampler(kg.SamplingParams(temperature=0, repetition_penalty=2.0, presence_penalty=0.5, frequency_penalty=0.25),
-                   context_ids=[2])
-    for t in (1, 1, 3):
-        s.observe(t)
-    x = np.array([0.0, 3.0, 1.0, -2.0, 0.5], np.float32)
-    np.testing.assert_array_equal(s.adjusted_logits(x), [0.0, 0.5, 0.5, -4.75, 0.5])  # 3/2 - (2*.25 + .5), -2*2 - .75
-    np.testing.assert_array_equal(x, [0.0, 3.0, 1.0, -2.0, 0.5])  # the caller's logits are untouched
-    # sampling draws from the penalised logits too
-    s = kg.Sampler(kg.SamplingParams(temperature=0.5, frequency_penalty=-1.0))  # negative: more repetition
-    s.observe(3)
-    ids, probs = s.distribution(logits)
-    expected = np.exp((logits - [0, 0, 0, -1]) / 0.5)
-    np.testing.assert_allclose(probs, expected / expected.sum(), rtol=1e-6)
-
-
-def test_zero_presence_and_frequency_penalties_change_nothing():
-    rng = np.random.default_rng(3)
-    steps = (rng.normal(size=(20, 50)) * 2).astype(np.float32)
-    for kw in ({"temperature": 0}, {"temperature": 0, "repetition_penalty": 1.3}, {"temperature": 0.8, "seed": 5, "top_p": 0.9}):
-        plain = kg.Sampler(kg.SamplingParams(**kw), context_ids=[1, 2, 3])
-        zero = kg.Sampler(kg.SamplingParams(**kw, presence_penalty=0.0, frequency_penalty=0.0), context_ids=[1, 2, 3])
-        assert [plain.sample(x) for x in steps] == [zero.sample(x) for x in steps]
-        assert not zero._counts  # no bookkeeping
-    s = kg.Sampler(kg.SamplingParams(temperature=0, presence_penalty=0.0, frequency_penalty=0.0))
-    x = steps[0]
-    assert s.adjusted_logits(x) is x  # no copy
-
-
+# ----------------------------------------------------------------------------- sampling in the batch
 def test_engine_frequency_penalty_matches_a_plain_loop(lm):
     """Through the engine (prefill, then batched decode) the penalty counts what this request
     generated, as a full-recompute loop applying the OpenAI formula does."""
     import torch
 
     model, tok = lm
-    prompt = tok.encode(PROMPTS[0]).ids
+    prompt = tok.encode(CHAT_PROMPTS[0]).ids
     freq, pres = 1.5, 0.5
     ids, counts = list(prompt), {}
     for _ in range(20):
@@ -536,19 +121,19 @@ def test_engine_frequency_penalty_matches_a_plain_loop(lm):
     assert expected != free  # the penalty mattered
     engine = make_engine(lm, eos=[])
     engine.submit("pen", prompt, greedy(20, frequency_penalty=freq, presence_penalty=pres))
-    engine.submit("other", tok.encode(PROMPTS[1]).ids, greedy(20))  # shares the decode steps, not the counts
+    engine.submit("other", tok.encode(CHAT_PROMPTS[1]).ids, greedy(20))  # shares the decode steps, not the counts
     results = drain(engine)
     assert tokens(results["pen"]) == expected
-    assert tokens(results["other"]) == tokens(alone(lm, tok.encode(PROMPTS[1]).ids, greedy(20), eos=[]))
+    assert tokens(results["other"]) == tokens(alone(lm, tok.encode(CHAT_PROMPTS[1]).ids, greedy(20), eos=[]))
     assert tokens(alone(lm, prompt, greedy(20, presence_penalty=0.0, frequency_penalty=0.0), eos=[])) == free
 
 
 def test_seeded_sampling_reproduces_and_seeds_differ(lm):
     _, tok = lm
-    prompt = tok.encode(PROMPTS[3]).ids
+    prompt = tok.encode(CHAT_PROMPTS[3]).ids
 
     def sample(seed, **kw):
-        return tokens(alone(lm, prompt, kg.SamplingParams(max_tokens=20, temperature=1.0, seed=seed, **kw), eos=[]))
+        return tokens(alone(lm, prompt, SamplingParams(max_tokens=20, temperature=1.0, seed=seed, **kw), eos=[]))
 
     first = sample(7)
     assert sample(7) == first
@@ -556,9 +141,9 @@ def test_seeded_sampling_reproduces_and_seeds_differ(lm):
     assert sample(7, top_k=5) != first  # the settings matter, not just the seed
     # a seeded request draws the same tokens while others share its batch
     engine = make_engine(lm, eos=[])
-    engine.submit("seeded", prompt, kg.SamplingParams(max_tokens=20, temperature=1.0, seed=7))
-    for i, p in enumerate(PROMPTS[:4]):
-        engine.submit(f"other{i}", tok.encode(p).ids, kg.SamplingParams(max_tokens=20, temperature=1.0))
+    engine.submit("seeded", prompt, SamplingParams(max_tokens=20, temperature=1.0, seed=7))
+    for i, p in enumerate(CHAT_PROMPTS[:4]):
+        engine.submit(f"other{i}", tok.encode(p).ids, SamplingParams(max_tokens=20, temperature=1.0))
     assert tokens(drain(engine)["seeded"]) == first
 
 
@@ -582,7 +167,7 @@ def test_engine_greedy_equals_plain_loop_and_hf_generate(lm):
 
     model, tok = lm
     eos = model.config.eos_token_id
-    for p in PROMPTS[:4]:
+    for p in CHAT_PROMPTS[:4]:
         prompt = tok.encode(p).ids
         events = alone(lm, prompt, greedy(24))
         got = tokens(events)
@@ -604,7 +189,7 @@ def test_greedy_output_does_not_depend_on_batching(lm):
     """8 requests of different lengths, submitted one per step and leaving at different
     times (joins and leaves rebuild the padded batch), give each exactly its solo tokens."""
     _, tok = lm
-    prompts = [tok.encode(p).ids for p in PROMPTS]
+    prompts = [tok.encode(p).ids for p in CHAT_PROMPTS]
     assert len({len(p) for p in prompts}) >= 6
     budgets = [30, 12, 25, 18, 30, 9, 22, 16]
     solo = [tokens(alone(lm, p, greedy(n), eos=[])) for p, n in zip(prompts, budgets)]
@@ -627,7 +212,7 @@ def test_greedy_output_does_not_depend_on_batching(lm):
 
 def test_a_new_request_joins_while_others_run(lm):
     _, tok = lm
-    a, b = tok.encode(PROMPTS[0]).ids, tok.encode(PROMPTS[2]).ids
+    a, b = tok.encode(CHAT_PROMPTS[0]).ids, tok.encode(CHAT_PROMPTS[2]).ids
     engine = make_engine(lm, eos=[])
     engine.submit("a", a, greedy(12))
     results = {}
@@ -649,7 +234,7 @@ def test_cancel_frees_the_slot_at_the_next_step(lm):
     _, tok = lm
     engine = make_engine(lm, eos=[], max_concurrent=2)
     for rid in "abc":
-        engine.submit(rid, tok.encode(PROMPTS[0]).ids, greedy(20))
+        engine.submit(rid, tok.encode(CHAT_PROMPTS[0]).ids, greedy(20))
     first = engine.step()
     assert sorted(ev.request_id for ev in first) == ["a", "b"] and engine.num_waiting == 1
     engine.step()
@@ -659,11 +244,11 @@ def test_cancel_frees_the_slot_at_the_next_step(lm):
     assert step["c"].completion_tokens == 1  # admitted into a's slot in the same step
     assert step["b"].completion_tokens == 3 and engine.num_running == 2
     # a waiting request can be cancelled too; a cancelled id can be used again
-    engine.submit("d", tok.encode(PROMPTS[1]).ids, greedy(5))
+    engine.submit("d", tok.encode(CHAT_PROMPTS[1]).ids, greedy(5))
     engine.cancel("d")
     step = {ev.request_id: ev for ev in engine.step()}
     assert (step["d"].finish_reason, step["d"].completion_tokens) == ("cancelled", 0)
-    engine.submit("a", tok.encode(PROMPTS[1]).ids, greedy(3))
+    engine.submit("a", tok.encode(CHAT_PROMPTS[1]).ids, greedy(3))
     results = drain(engine)
     assert results["a"][-1].finish_reason == "length" and not engine.has_work()
 
@@ -675,7 +260,7 @@ def test_submit_rejects_duplicates_and_bad_params(lm):
     with pytest.raises(ValueError, match="already active"):
         engine.submit("x", tok.encode("a").ids, greedy(3))
     with pytest.raises(InputError, match="top_p"):
-        engine.submit("y", tok.encode("a").ids, kg.SamplingParams(top_p=2))
+        engine.submit("y", tok.encode("a").ids, SamplingParams(top_p=2))
     with pytest.raises(InputError, match="prompt: empty"):
         engine.submit("z", [], greedy(3))
     assert engine.num_waiting == 1
@@ -686,19 +271,19 @@ def test_queue_bound_rejects_at_once_and_frees_up(lm):
     two, three submits fit before any step (one takes the slot at the next step), a fourth is
     rejected with Triton's queue-full phrase, and a drained engine takes new work again."""
     _, tok = lm
-    prompt = tok.encode(PROMPTS[0]).ids
+    prompt = tok.encode(CHAT_PROMPTS[0]).ids
     engine = make_engine(lm, eos=[], max_concurrent=1, max_queue=2)
     for rid in "abc":
         engine.submit(rid, prompt, greedy(3))
-    with pytest.raises(kg.QueueFull) as err:
+    with pytest.raises(QueueFull) as err:
         engine.submit("d", prompt, greedy(3))
     assert str(err.value).startswith("Exceeds maximum queue size")
     assert engine.num_waiting == 3
     with pytest.raises(InputError, match="top_p"):  # a bad request hears about its field, not the queue
-        engine.submit("e", prompt, kg.SamplingParams(top_p=2))
+        engine.submit("e", prompt, SamplingParams(top_p=2))
     engine.step()  # a holds the slot, b and c wait: still full
     assert (engine.num_running, engine.num_waiting) == (1, 2)
-    with pytest.raises(kg.QueueFull):
+    with pytest.raises(QueueFull):
         engine.submit("d", prompt, greedy(3))
     results = drain(engine)
     assert sorted(results) == ["a", "b", "c"] and all(r[-1].finish_reason == "length" for r in results.values())
@@ -726,7 +311,7 @@ def test_driver_thread_streams_events(lm):
     driver = threading.Thread(target=loop, daemon=True)
     driver.start()
     try:
-        for i, p in enumerate(PROMPTS[:3]):
+        for i, p in enumerate(CHAT_PROMPTS[:3]):
             outbox[f"r{i}"] = queue.Queue()
             engine.submit(f"r{i}", tok.encode(p).ids, greedy(10))
         streams = {}
@@ -738,7 +323,7 @@ def test_driver_thread_streams_events(lm):
     finally:
         stop.set()
         driver.join(5)
-    for i, p in enumerate(PROMPTS[:3]):
+    for i, p in enumerate(CHAT_PROMPTS[:3]):
         assert tokens(streams[f"r{i}"]) == tokens(alone(lm, tok.encode(p).ids, greedy(10), eos=[]))
 
 
@@ -749,7 +334,7 @@ def test_decode_steps_per_second_one_vs_eight(lm):
     for n in (1, 8):
         engine = make_engine(lm, eos=[])
         for i in range(n):
-            engine.submit(f"r{i}", tok.encode(PROMPTS[i]).ids, greedy(64))
+            engine.submit(f"r{i}", tok.encode(CHAT_PROMPTS[i]).ids, greedy(64))
         engine.step()  # prefills
         t0, steps = time.perf_counter(), 0
         while engine.has_work():
@@ -761,7 +346,7 @@ def test_decode_steps_per_second_one_vs_eight(lm):
 
 
 # ----------------------------------------------------------------------------- chunked prefill, profile
-LONG = " ".join(PROMPTS[i % 8] for i in range(24))  # ~150 tokens of the tiny tokenizer
+LONG = " ".join(CHAT_PROMPTS[i % 8] for i in range(24))  # ~150 tokens of the tiny tokenizer
 
 
 class CallLog:
@@ -781,8 +366,8 @@ def test_chunked_prefill_equals_unchunked(lm):
     fed one chunk per step on top of its own growing cache (position_ids and attention_mask
     continue where the last chunk ended). With nobody decoding it is prefilled in one call."""
     model, tok = lm
-    companion = tok.encode(PROMPTS[5]).ids
-    prompts = [tok.encode(LONG).ids, tok.encode(PROMPTS[4]).ids]
+    companion = tok.encode(CHAT_PROMPTS[5]).ids
+    prompts = [tok.encode(LONG).ids, tok.encode(CHAT_PROMPTS[4]).ids]
     assert len(prompts[0]) > 100
     for prompt in prompts:
         whole = tokens(alone(lm, prompt, greedy(16), eos=[]))
@@ -808,7 +393,7 @@ def test_chunked_prefill_equals_unchunked(lm):
         engine.submit("solo", prompt, greedy(16))
         assert tokens(drain(engine)["solo"]) == whole and log.calls[0] == (1, len(prompt), 0)  # nobody to stall
     with pytest.raises(ValueError, match="prefill_chunk"):
-        kg.Engine(lambda f: f, 1, 1, 1, [], 1, 8, tok, prefill_chunk=0)
+        Engine(lambda f: f, 1, 1, 1, [], 1, 8, tok, prefill_chunk=0)
 
 
 def test_long_prompt_joins_without_stalling_running_streams(lm):
@@ -817,7 +402,7 @@ def test_long_prompt_joins_without_stalling_running_streams(lm):
     wait behind the long one); a cancel mid-prefill frees the slot. Everyone's tokens are
     their solo tokens."""
     _, tok = lm
-    run_ids, long_ids, short_ids = tok.encode(PROMPTS[0]).ids, tok.encode(LONG).ids, tok.encode(PROMPTS[1]).ids
+    run_ids, long_ids, short_ids = tok.encode(CHAT_PROMPTS[0]).ids, tok.encode(LONG).ids, tok.encode(CHAT_PROMPTS[1]).ids
     chunk = 16
     chunks = -(-len(long_ids) // chunk)
     engine = make_engine(lm, eos=[], max_concurrent=3)
@@ -878,7 +463,7 @@ def test_leaves_compact_the_batch_and_trim_common_padding(lm):
     rest would carry mostly padding, the batch is rebuilt narrower. Tokens stay solo tokens."""
     _, tok = lm
     long_ids = tok.encode(LONG).ids
-    shorts = [tok.encode(p).ids for p in PROMPTS[:4]]
+    shorts = [tok.encode(p).ids for p in CHAT_PROMPTS[:4]]
     engine = make_engine(lm, eos=[])
     log = engine.runner = CallLog(engine.runner)
     engine.submit("long", long_ids, greedy(3))
@@ -925,8 +510,8 @@ def test_profile_splits_the_step_time(lm):
 
     engine.runner = slow
     prof = engine.profile()
-    assert prof["steps"] == 0 and set(prof["phases_ms"]) == set(kg.PROFILE_PHASES)
-    prompts = [tok.encode(p).ids for p in PROMPTS[:3]]
+    assert prof["steps"] == 0 and set(prof["phases_ms"]) == set(PROFILE_PHASES)
+    prompts = [tok.encode(p).ids for p in CHAT_PROMPTS[:3]]
     for i, p in enumerate(prompts):
         engine.submit(f"r{i}", p, greedy(10, stop=["@@"]))
     wall, n = 0.0, 0
@@ -939,7 +524,7 @@ def test_profile_splits_the_step_time(lm):
     assert prof["steps"] == 10 and c["tokens"] == n == 30
     assert (c["prefill_calls"], c["prefill_tokens"]) == (3, sum(map(len, prompts)))
     assert (c["decode_calls"], c["decode_rows"]) == (9, 27)
-    assert set(prof["phases_s"]) == set(kg.PROFILE_PHASES)
+    assert set(prof["phases_s"]) == set(PROFILE_PHASES)
     assert abs(sum(prof["phases_s"].values()) - prof["step_s"]) < 1e-9
     assert prof["step_s"] <= wall and prof["step_s"] > 0.95 * wall  # step() itself, nothing else
     assert prof["phases_s"]["run_decode"] >= 9 * 0.004 and prof["phases_s"]["run_prefill"] >= 3 * 0.006
@@ -951,27 +536,3 @@ def test_profile_splits_the_step_time(lm):
     engine.reset_profile()
     prof = engine.profile()
     assert prof["steps"] == 0 and prof["step_s"] == 0 and not any(prof["counts"].values())
-
-
-def test_bench_profile_reads_the_engine_profile(lm):
-    """kiln/bench_profile.py's in-process half over the tiny engine: decode-only figures, the
-    table, and the served-minus-in-process step time a caller reports."""
-    from rich.console import Console
-
-    from kiln import bench_profile as bp
-
-    _, tok = lm
-    engine = make_engine(lm, eos=[])
-    prompts = [tok.encode(p).ids for p in PROMPTS[:3]]
-    run = bp.timed_decode(engine, prompts, 12)
-    assert run["tokens"] == 3 * 11 and len(run["step_times_ms"]) == 11  # the prefill step is not in it
-    result = bp.summarize(run, variant="fp32", file="x.onnx", threads=1, streams=3, new_tokens=12, prompt_tokens=[])
-    assert result["counts"]["decode_rows"] == 33 and result["counts"]["prefill_calls"] == 0
-    assert result["step_ms"] == pytest.approx(sum(result["phases_ms"].values()))
-    assert result["per_stream_tokens_per_s"] == pytest.approx(1000 / result["step_ms"])
-    console = Console(width=150, record=True)
-    console.print(bp.profile_table([result]))
-    shown = console.export_text()
-    assert all(label in shown for label in bp.PHASE_LABELS.values()) and "3 streams ms/step" in shown
-    gap = bp.served_overhead(result, served_per_stream_tokens_per_s=500 / result["step_ms"])  # served at half the rate
-    assert gap["overhead_ms"] == pytest.approx(result["step_ms"]) and gap["overhead_pct"] == pytest.approx(50)
