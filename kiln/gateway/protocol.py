@@ -17,6 +17,8 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from kiln_runtime import contract
+
 MAX_STOP = 4  # OpenAI allows up to 4 stop sequences
 MAX_EMBEDDING_INPUTS = 2048  # OpenAI's limit on inputs per embeddings request
 
@@ -149,14 +151,15 @@ class _Sampling(_Request):
     def sampling_inputs(self, max_tokens: int | None) -> dict[str, Any]:
         """Triton generation inputs (TensorRT-LLM tensor names) for the sampling fields."""
         out: dict[str, Any] = {
-            "temperature": self.temperature, "top_p": self.top_p, "top_k": self.top_k,
-            "repetition_penalty": self.repetition_penalty, "presence_penalty": self.presence_penalty,
-            "frequency_penalty": self.frequency_penalty, "stream": self.stream, "stop_words": self.stops(),
+            contract.TEMPERATURE: self.temperature, contract.TOP_P: self.top_p, contract.TOP_K: self.top_k,
+            contract.REPETITION_PENALTY: self.repetition_penalty, contract.PRESENCE_PENALTY: self.presence_penalty,
+            contract.FREQUENCY_PENALTY: self.frequency_penalty, contract.STREAM: self.stream,
+            contract.STOP_WORDS: self.stops(),
         }
         if max_tokens is not None:
-            out["max_tokens"] = max_tokens
+            out[contract.MAX_TOKENS] = max_tokens
         if self.seed is not None:
-            out["random_seed"] = self.seed
+            out[contract.RANDOM_SEED] = self.seed
         return out
 
 
@@ -199,11 +202,9 @@ class ChatCompletionRequest(_Sampling):
         return [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in self.messages]
 
     def triton_inputs(self) -> dict[str, Any]:
-        import json
-
         if not any(m.role == "user" for m in self.messages):
             raise bad_request("messages: include at least one message with role 'user'", "messages")
-        return {"messages": json.dumps(self.chat_messages(), ensure_ascii=False),
+        return {contract.MESSAGES: json.dumps(self.chat_messages(), ensure_ascii=False),
                 **self.sampling_inputs(self.completion_budget())}
 
 
@@ -236,7 +237,7 @@ class CompletionRequest(_Sampling):
 
     def triton_inputs(self) -> dict[str, Any]:
         # OpenAI's legacy default for completions is 16 tokens
-        return {"text_input": self.prompt, **self.sampling_inputs(self.max_tokens or 16)}
+        return {contract.TEXT_INPUT: self.prompt, **self.sampling_inputs(self.max_tokens or 16)}
 
 
 # ----------------------------------------------------------------------------- embeddings
