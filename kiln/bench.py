@@ -34,7 +34,6 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-from kiln.server import TritonServer, free_ports
 from kiln_core.machine import flags_line, machine_info
 from kiln_core.manifest import ExportManifest, tool_versions
 from kiln_core.spec import DeploymentSpec, Precision, Task
@@ -292,21 +291,13 @@ def _pytorch_call(spec: DeploymentSpec):
 
 
 def _ort_call(spec: DeploymentSpec, manifest: ExportManifest, precision: str):
-    import onnxruntime as ort
-
     from kiln_runtime.encoder import pool, softmax
+    from kiln_runtime.ort import open_session
     from kiln_runtime.text import load_tokenizer, tokenize
 
     tok = load_tokenizer(str(spec.export_dir / manifest.tokenizer_dir / "tokenizer.json"), manifest.max_length)
     names = [t.name for t in manifest.inputs]
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    threads = spec.instances.intra_op_threads or 0
-    if threads:
-        so.intra_op_num_threads = threads
-    sess = ort.InferenceSession(
-        str(spec.export_dir / manifest.variants[precision].file), so, providers=["CPUExecutionProvider"]
-    )
+    sess = open_session(str(spec.export_dir / manifest.variants[precision].file), spec.instances.intra_op_threads or 0)
 
     def call(texts: list[str]) -> np.ndarray:
         feeds = tokenize(tok, texts, names)
@@ -405,7 +396,6 @@ def _embed_row(path: str, kind: str, precision: str, run) -> BenchRow:
 def run_bench(
     spec: DeploymentSpec,
     console: Console | None = None,
-    server: TritonServer | None = None,
     sentences: int = 32,
     repeats: int = 200,
     seconds: float = 1.5,
@@ -424,13 +414,14 @@ def run_bench(
     MIN_REQUESTS either way); runs: runs per row (the row is their median); concurrency:
     clients for the concurrent single-sentence rows (0 skips them); gateway: the OpenAI
     gateway rows and its overhead against direct gRPC (kiln/bench_gateway.py); fastapi: the
-    FastAPI + PyTorch baseline rows. With no `server`, the repository is written and a Triton
-    is started on free ports; everything started here is always stopped.
+    FastAPI + PyTorch baseline rows. The repository is written and Triton (and the gateway) are
+    started on free ports (kiln.stack); everything started here is always stopped.
     """
     from contextlib import ExitStack
 
     from export.variants import calibration_texts
     from kiln.loadgen import embed_load
+    from kiln.stack import Stack
     from model_repository.writer import write_repository
 
     console = console or Console(stderr=True)
@@ -474,14 +465,14 @@ def run_bench(
     for p in precisions:
         timed(f"ONNX Runtime {p} (in-process, {threads or 'auto'} threads)", ONNXRUNTIME, p, _ort_call(spec, manifest, p))
 
-    with ExitStack() as stack:
-        if server is None:
-            step(f"writing {spec.repository_dir} and starting Triton")
-            write_repository(spec, manifest)
-            server = stack.enter_context(TritonServer(spec.repository_dir, free_ports(), workdir=spec.server_dir))
+    with ExitStack() as cleanup:
+        step(f"writing {spec.repository_dir} and starting Triton")
+        write_repository(spec, manifest)
+        stack = cleanup.enter_context(Stack(spec.repository_dir, spec.server_dir))
+        server = stack.triton
         served_path = f"Triton gRPC {serve} {spec.serving} (direct)"
         call, client = _grpc_call(spec, server.grpc_url)
-        stack.callback(client.close)
+        cleanup.callback(client.close)
         timed(served_path, SERVED, serve, call)
 
         # single-sentence load, the same for every server: name -> one run -> a row
@@ -492,11 +483,10 @@ def run_bench(
                 f"{served_path}, {concurrency} clients", SERVED, serve, 1,
                 *_concurrent(spec, server.grpc_url, pool, concurrency, repeats, seconds), concurrency)
         if gateway and embeddings:
-            from kiln.bench_gateway import gateway_process
+            from kiln.bench_gateway import gateway_options
 
             step("starting the OpenAI gateway")
-            gw = stack.enter_context(gateway_process(server, server.repositories, spec.root / "bench-gateway.log"))
-            gw.wait_ready()
+            gw = stack.start_gateway(gateway_options(spec.root / "bench-gateway.log"))
             embed_load(gw.url, spec.name, pool, max(clients), 1.0, repeats)  # warm-up, not kept
             for n in clients:
                 name = f"kiln gateway -> Triton {serve}, OpenAI API, {n} client{'s' if n > 1 else ''}"
@@ -507,7 +497,7 @@ def run_bench(
             from kiln_core.sources import checkpoint_dir
 
             step("starting the FastAPI + PyTorch baseline server")
-            fa = stack.enter_context(fastapi_process(checkpoint_dir(spec), spec.name, spec.root / "bench-fastapi.log",
+            fa = cleanup.enter_context(fastapi_process(checkpoint_dir(spec), spec.name, spec.root / "bench-fastapi.log",
                                                      spec.max_length))
             # warm-up, not kept: PyTorch's first calls at each new shape are several times slower
             embed_load(fa.url, spec.name, pool, max(clients), 1.0, repeats)
@@ -525,8 +515,7 @@ def run_bench(
         if gateway and embeddings:
             from kiln.bench_gateway import run_gateway_bench
 
-            gateway_result = run_gateway_bench(server, server.repositories, spec.name, console, "embedding", pool,
-                                               spec.root / "bench-gateway.log", rounds=repeats, gateway_url=gw.url)
+            gateway_result = run_gateway_bench(stack, spec.name, console, "embedding", pool, rounds=repeats)
 
     rows = add_ratios(rows, serve)
     targets = evaluate_targets(rows, serve, batch=max(batches), concurrency=concurrency)

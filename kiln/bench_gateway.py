@@ -21,6 +21,9 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
+from kiln.gateway.config import GatewayConfig
+from kiln.stack import GatewayOptions, Stack
+
 MAX_ADDED_P50_MS = 2.0
 
 
@@ -206,32 +209,20 @@ def target_row(rows: Sequence[OverheadRow], path_prefix: str = "gateway, HTTP ke
     return None, None
 
 
-def gateway_process(server, repositories: list[Path], log_file: Path):
-    """The gateway in front of `server` on a free port, open (no keys): a context manager."""
-    from kiln.gateway.config import GatewayConfig
-    from kiln.gateway.runner import GatewayProcess
-    from kiln.server import free_port
-
-    cfg = GatewayConfig(port=free_port(), triton_grpc=server.grpc_url, repositories=list(repositories),
-                        log_level="warning")
-    return GatewayProcess(cfg, log_file=log_file, env={"KILN_API_KEYS": ""})
+def gateway_options(log_file: Path) -> GatewayOptions:
+    """The gateway a bench puts in front of its Triton: a child process, open (no keys), quiet."""
+    return GatewayOptions(GatewayConfig(port=0, log_level="warning"), keys="", log_file=log_file)
 
 
-def run_gateway_bench(server, repositories: list[Path], model: str, console: Console, kind: str,
-                      texts: Sequence[str], log_file: Path, rounds: int = 200, gateway_url: str | None = None) -> dict:
-    """Measure the gateway against direct gRPC, print; the result goes to bench.json. With no
-    `gateway_url` a gateway is started in front of `server` (and stopped)."""
-    if gateway_url is None:
-        gw = gateway_process(server, repositories, log_file)
-        console.print(f"[bold cyan]bench[/] gateway overhead: starting the gateway on port {gw.config.port}")
-        with gw:
-            gw.wait_ready()
-            return run_gateway_bench(server, repositories, model, console, kind, texts, log_file, rounds, gw.url)
+def run_gateway_bench(stack: Stack, model: str, console: Console, kind: str, texts: Sequence[str],
+                      rounds: int = 200) -> dict:
+    """Measure the stack's gateway against direct gRPC to its Triton, print; the result goes
+    to bench.json."""
     console.print(f"[bold cyan]bench[/] gateway overhead ({kind}) against direct gRPC")
     if kind == "embedding":
-        rows = embedding_overhead(server.grpc_url, gateway_url, model, texts, rounds)
+        rows = embedding_overhead(stack.triton.grpc_url, stack.gateway_url, model, texts, rounds)
     else:
-        rows = generation_overhead(server.grpc_url, gateway_url, model, texts, rounds=max(rounds // 10, 10))
+        rows = generation_overhead(stack.triton.grpc_url, stack.gateway_url, model, texts, rounds=max(rounds // 10, 10))
     console.print(overhead_table(f"gateway overhead: {model}", rows))
     result = {"rows": [asdict(r) for r in rows]}
     if kind == "embedding":

@@ -143,23 +143,16 @@ def _hf_runs(checkpoint: Path, new_tokens: int, runs: int, console: Console) -> 
 
 def _engine_runs(spec: DeploymentSpec, manifest, new_tokens: int, runs: int, console: Console) -> list[ChatRun]:
     """The generation engine in this process over ONNX Runtime: the served code minus Triton."""
-    import onnxruntime as ort
     from tokenizers import Tokenizer
 
-    from kiln_runtime.generation.engine import (
-        ChatTemplate,
-        Engine,
-        SamplingParams,
-        encode_prompt,
-    )
+    from kiln_runtime.generation.chat_template import ChatTemplate, encode_prompt
+    from kiln_runtime.generation.engine import Engine
+    from kiln_runtime.generation.params import SamplingParams
+    from kiln_runtime.ort import open_session
 
     d = manifest.decoder
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    if spec.instances.intra_op_threads:
-        so.intra_op_num_threads = spec.instances.intra_op_threads
     variant = manifest.usable_variant(spec.serve_precision.value)
-    sess = ort.InferenceSession(str(spec.export_dir / variant.file), so, providers=["CPUExecutionProvider"])
+    sess = open_session(str(spec.export_dir / variant.file), spec.instances.intra_op_threads or 0)
     names = [o.name for o in sess.get_outputs()]
     tok_dir = spec.export_dir / manifest.tokenizer_dir
     tok = Tokenizer.from_file(str(tok_dir / "tokenizer.json"))
@@ -185,6 +178,8 @@ def _engine_runs(spec: DeploymentSpec, manifest, new_tokens: int, runs: int, con
 # ----------------------------------------------------------------------------- Triton direct
 def _triton_stream(url: str, model: str, prompt: str, new_tokens: int) -> StreamTiming:
     """One Triton generate_stream call (HTTP SSE, no gateway), timed per event."""
+    from kiln_runtime.contract import TEXT_OUTPUT
+
     body = json.dumps({"messages": json.dumps([{"role": "user", "content": prompt}]), "max_tokens": new_tokens,
                        "temperature": 0.0, "stream": True}).encode()
     req = urllib.request.Request(f"http://{url}/v2/models/{model}/generate_stream", body,
@@ -196,7 +191,7 @@ def _triton_stream(url: str, model: str, prompt: str, new_tokens: int) -> Stream
             if not line.startswith("data:"):
                 continue
             ev = json.loads(line[5:])
-            if ev.get("text_output"):
+            if ev.get(TEXT_OUTPUT):
                 stamps.append(time.perf_counter())
             tokens = int(ev.get("completion_tokens", tokens) or tokens)
     return StreamTiming(t0, tuple(stamps), time.perf_counter(), tokens)
@@ -218,9 +213,10 @@ def run_lm_bench(spec: DeploymentSpec, console: Console | None = None, new_token
                  streams: Sequence[int] = STREAMS, llama: bool = True) -> tuple[list[LMRow], dict[str, Target]]:
     from contextlib import ExitStack
 
-    from kiln.baselines import llamacpp_server as L
-    from kiln.bench_gateway import gateway_process, run_gateway_bench
-    from kiln.server import TritonServer, free_port, free_ports
+    from kiln.baselines import llamacpp_server as llamacpp
+    from kiln.bench_gateway import gateway_options, run_gateway_bench
+    from kiln.server import free_port
+    from kiln.stack import Stack
     from kiln_core.machine import flags_line, machine_info
     from kiln_core.manifest import ExportManifest
     from kiln_core.sources import gguf_file
@@ -239,7 +235,7 @@ def run_lm_bench(spec: DeploymentSpec, console: Console | None = None, new_token
     rows = [lm_row("transformers generate (PyTorch eager fp32)", HF, _hf_runs(Path(manifest.checkpoint), new_tokens, runs, console)),
             lm_row(f"ONNX Runtime {serve} engine (in-process)", ENGINE, _engine_runs(spec, manifest, new_tokens, runs, console))]
 
-    llama_reason = L.unavailable() if llama else "skipped (llama=False)"
+    llama_reason = llamacpp.unavailable() if llama else "skipped (llama=False)"
     gguf = None
     if llama_reason is None:
         try:
@@ -253,16 +249,17 @@ def run_lm_bench(spec: DeploymentSpec, console: Console | None = None, new_token
     gateway_result = None
     # name -> (base url, model name, extra request fields): every server gets the same waves
     servers: dict[str, tuple[str, str, dict | None]] = {}
-    with ExitStack() as stack:
+    with ExitStack() as cleanup:
         step("starting Triton and the gateway" + ("" if llama_reason else " and llama.cpp's server"))
-        server = stack.enter_context(TritonServer(spec.repository_dir, free_ports(), workdir=spec.server_dir))
-        gw = stack.enter_context(gateway_process(server, server.repositories, spec.root / "bench-gateway.log"))
-        gw.wait_ready()
-        servers[GATEWAY] = (gw.url, spec.name, None)
+        stack = cleanup.enter_context(Stack(spec.repository_dir, spec.server_dir,
+                                            gateway=gateway_options(spec.root / "bench-gateway.log")))
+        server = stack.triton
+        servers[GATEWAY] = (stack.gateway_url, spec.name, None)
         if gguf is not None:
             try:
-                proc = stack.enter_context(L.llama_process(gguf, free_port(), threads, spec.root / "bench-llama-cpp.log"))
-                servers[LLAMA] = (proc.url, gguf.stem, L.GREEDY_EXTRA)
+                proc = cleanup.enter_context(llamacpp.llama_process(gguf, free_port(), threads,
+                                                                    spec.root / "bench-llama-cpp.log"))
+                servers[LLAMA] = (proc.url, gguf.stem, llamacpp.GREEDY_EXTRA)
             except RuntimeError as err:  # reported, and the rest of the bench still runs
                 llama_reason, gguf = f"its server did not start: {err}", None
                 console.print(f"  [yellow]llama.cpp rows skipped[/]: {llama_reason}")
@@ -279,10 +276,10 @@ def run_lm_bench(spec: DeploymentSpec, console: Console | None = None, new_token
                     step(f"{name}, {n} stream(s), run {r + 1}: {run.tokens} tokens in {run.wall_s:.2f}s")
                 if n == 1:
                     waves.setdefault((TRITON, 1), []).append(_triton_wave(server.http_url, spec.name, _prompts(1, r), new_tokens))
-        gateway_result = run_gateway_bench(server, server.repositories, spec.name, console, "generation", PROMPTS,
-                                           spec.root / "bench-gateway.log", rounds=100, gateway_url=gw.url)
+        gateway_result = run_gateway_bench(stack, spec.name, console, "generation", PROMPTS, rounds=100)
 
-    llama_note = f"llama-cpp-python {L.version()}, {gguf.name}, {threads} threads; {L.SERIALIZES}" if gguf else ""
+    llama_note = (f"llama-cpp-python {llamacpp.version()}, {gguf.name}, {threads} threads; {llamacpp.SERIALIZES}"
+                  if gguf else "")
     for n in streams:
         rows.append(lm_row(f"kiln gateway -> Triton ({serve}), OpenAI SSE", GATEWAY, waves[(GATEWAY, n)]))
         if (LLAMA, n) in waves:
@@ -319,8 +316,8 @@ def run_lm_bench(spec: DeploymentSpec, console: Console | None = None, new_token
     if llama_reason:
         console.print(f"  note: llama.cpp not measured: {llama_reason}")
     else:
-        console.print(f"  note: llama.cpp's server {L.SERIALIZES}; it also reuses the previous prompt's matching "
-                      "KV prefix, kiln does not")
+        console.print(f"  note: llama.cpp's server {llamacpp.SERIALIZES}; it also reuses the previous prompt's "
+                      "matching KV prefix, kiln does not")
     if load_before > 0.5 * (os.cpu_count() or 1):
         console.print(f"  [yellow]note[/]: the machine was busy before the bench began (1-minute load {load_before:.1f} "
                       f"on {os.cpu_count()} cores): figures are noisy, ratios less so")

@@ -1,6 +1,6 @@
 """Where a decode step's time goes in the generation engine, in this process (no Triton).
 
-``profile_decode`` runs the served engine code (model_repository/python_models/kiln_generate.py)
+``profile_decode`` runs the served engine code (kiln_runtime/generation/engine.py)
 over ONNX Runtime on the served variant, with the served session settings, for N concurrent
 greedy chat streams, and returns the engine's per-step split (runner, KV handling, sampling,
 detokenizing, bookkeeping) in ms and % of the step. Triton's share (IPC between the server and
@@ -24,7 +24,7 @@ from rich.table import Table
 
 from kiln_core.spec import DeploymentSpec
 
-PHASE_LABELS = {  # what each of kiln_generate.PROFILE_PHASES covers
+PHASE_LABELS = {  # what each of the engine's PROFILE_PHASES covers
     "run_decode": "ORT run: decode",
     "run_prefill": "ORT run: prefill",
     "kv": "KV: feeds/batch/mask",
@@ -37,15 +37,11 @@ PHASE_LABELS = {  # what each of kiln_generate.PROFILE_PHASES covers
 # ----------------------------------------------------------------------------- building the engine
 def served_session(spec: DeploymentSpec, manifest):
     """(ONNX Runtime session, variant) as the generation model opens it: the served variant,
-    CPU provider, intra_op_threads from the spec, warnings off."""
-    import onnxruntime as ort
+    CPU provider, intra_op_threads from the spec, warnings off (kiln_runtime.ort, as served)."""
+    from kiln_runtime.ort import open_session
 
     variant = manifest.usable_variant(manifest.served_precision(spec.serve_precision))
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    if spec.instances.intra_op_threads:
-        so.intra_op_num_threads = spec.instances.intra_op_threads
-    return ort.InferenceSession(str(spec.export_dir / variant.file), so, providers=["CPUExecutionProvider"]), variant
+    return open_session(str(spec.export_dir / variant.file), spec.instances.intra_op_threads or 0), variant
 
 
 def make_engine(spec: DeploymentSpec, manifest, session, *, max_concurrent: int, prefill_chunk: int | None = None,
@@ -55,22 +51,24 @@ def make_engine(spec: DeploymentSpec, manifest, session, *, max_concurrent: int,
     (an older copy, to compare)."""
     from tokenizers import Tokenizer
 
-    from kiln_runtime.generation import engine as kg
+    from kiln_runtime.generation.chat_template import ChatTemplate
+    from kiln_runtime.generation.engine import Engine
+    from kiln_runtime.ort import session_runner
 
     d = manifest.decoder
     tok_dir = spec.export_dir / manifest.tokenizer_dir
     tok = Tokenizer.from_file(str(tok_dir / "tokenizer.json"))
-    template = kg.ChatTemplate.from_dir(str(tok_dir))
+    template = ChatTemplate.from_dir(str(tok_dir))
     kw = {"prefill_chunk": prefill_chunk} if prefill_chunk is not None else {}
-    engine = (engine_cls or kg.Engine)(
-        kg.session_runner(session), d["num_layers"], d["num_kv_heads"], d["head_dim"],
+    engine = (engine_cls or Engine)(
+        session_runner(session), d["num_layers"], d["num_kv_heads"], d["head_dim"],
         [] if ignore_eos else d["eos_token_ids"], max_concurrent, d["max_context"], tok, **kw)
     return engine, tok, template
 
 
 def chat_prompts(tok, template, n: int) -> list[list[int]]:
     from kiln.bench_lm import PROMPTS
-    from kiln_runtime.generation.engine import encode_prompt
+    from kiln_runtime.generation.chat_template import encode_prompt
 
     return [encode_prompt(tok, messages=[{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}], template=template)
             for i in range(n)]
@@ -80,7 +78,7 @@ def timed_decode(engine, prompts: Sequence[Sequence[int]], new_tokens: int | Seq
     """Submit every prompt (greedy; new_tokens: one budget for all, or one each), step once
     (their prefills), then reset the profile and step until all are done: decode-only figures,
     the join of the batch (and any leaves) included."""
-    from kiln_runtime.generation.engine import SamplingParams
+    from kiln_runtime.generation.params import SamplingParams
 
     budgets = [new_tokens] * len(prompts) if isinstance(new_tokens, int) else list(new_tokens)
     for i, (p, n) in enumerate(zip(prompts, budgets, strict=True)):
@@ -110,7 +108,7 @@ def profile_decode(spec: DeploymentSpec, manifest, streams: int, new_tokens: int
     Returns: variant, file, threads, streams, new_tokens, prompt_tokens, prefill_ms (the step
     that prefilled them all), steps, step_ms (mean decode step), step_p50_ms, step_p90_ms,
     tokens_per_s (all streams), per_stream_tokens_per_s, phases_ms / phases_pct (per step, for
-    each of kiln_generate.PROFILE_PHASES), counts, profile (Engine.profile() as it was)."""
+    each of the engine's PROFILE_PHASES), counts, profile (Engine.profile() as it was)."""
     if session is None:
         session, variant = served_session(spec, manifest)
     else:
@@ -193,7 +191,7 @@ def join_stall(spec: DeploymentSpec, manifest, prefill_chunk: int | None, *, pro
     inter-token gaps: before (undisturbed, before the join), median / p99 / max over the whole
     stream, the same over the window from the join to the long prompt's first token, the long
     prompt's time to first token, and the prefill calls it took."""
-    from kiln_runtime.generation.engine import SamplingParams
+    from kiln_runtime.generation.params import SamplingParams
 
     if session is None:
         session, _ = served_session(spec, manifest)
@@ -203,6 +201,7 @@ def join_stall(spec: DeploymentSpec, manifest, prefill_chunk: int | None, *, pro
     engine.submit("run", run, SamplingParams(max_tokens=new_tokens, temperature=0.0))
     stamps: list[float] = []  # when each of the running stream's tokens came out
     joined = first_long = None  # stamps indices: the join, the long prompt's first token
+    join_time = 0.0  # when the long prompt was submitted
     while engine.has_work():
         events = engine.step()
         now = time.perf_counter()

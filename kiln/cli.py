@@ -16,15 +16,14 @@ from __future__ import annotations
 import signal
 import sys
 import threading
-import time
 from pathlib import Path
 from typing import Optional
 
 import typer
 from rich.console import Console
-from rich.table import Table
 
 from export.reuse import ensure_export
+from kiln.gateway.config import KEYS_ENV
 from kiln_core.card import RepositoryCard
 from kiln_core.spec import DeploymentSpec, SpecError, load_spec
 
@@ -122,7 +121,7 @@ def _check_names(specs: list[DeploymentSpec]) -> None:
 GatewayPortOpt = typer.Option(9000, "--gateway-port", help="port of the OpenAI-compatible gateway")
 RpmOpt = typer.Option(None, help="default requests per minute per key")
 TpmOpt = typer.Option(None, help="default tokens per minute per key")
-KeysFileOpt = typer.Option(None, "--keys-file", help="YAML list of API keys (see README); also env KILN_API_KEYS")
+KeysFileOpt = typer.Option(None, "--keys-file", help=f"YAML list of API keys (see README); also env {KEYS_ENV}")
 
 
 @app.command()
@@ -140,70 +139,53 @@ def serve(
     tpm: Optional[int] = TpmOpt,
 ):
     """Start Triton on the specs' repositories and the OpenAI gateway in front; Ctrl-C stops both."""
-    from kiln.server import ServerError, TritonServer
+    from kiln.gateway.config import GatewayConfig, Limits
+    from kiln.server import ServerError
+    from kiln.stack import GatewayOptions, Stack
 
     loaded = [_spec(x, workdir, ports=_ports(http_port, grpc_port, metrics_port)) for x in (specs or ["minilm"])]
     _check_names(loaded)
     repos, loaded = _prepare(loaded)
     first = loaded[0]
     server_dir = first.server_dir if len(loaded) == 1 else first.workdir / "serve"
-    server = TritonServer(repos, first.ports, workdir=server_dir)
-    gw_server = None
-    if not no_gateway:
-        from kiln.gateway.config import GatewayConfig, GatewayError, Limits
-        from kiln.gateway.runner import uvicorn_server
-
-        try:
-            cfg = GatewayConfig(host=gateway_host, port=gateway_port, triton_grpc=server.grpc_url, repositories=repos,
-                                keys_file=keys_file, limits=Limits(rpm=rpm, tpm=tpm))
-            gw_server = uvicorn_server(cfg)  # fails here, before Triton starts, on a bad key file
-        except (GatewayError, ValueError) as err:
-            console.print(f"[red]gateway config error[/]: {err}")
-            raise typer.Exit(2)
-    stop = threading.Event()
-
-    def on_signal(*_):
-        stop.set()
-        if gw_server is not None:
-            gw_server.should_exit = True
-
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, on_signal)
     try:
-        console.print(f"[bold cyan]serve[/] starting Triton on {', '.join(map(str, repos))} (log: {server.log_file})")
-        server.start()
+        gateway = None if no_gateway else GatewayOptions(
+            GatewayConfig(host=gateway_host, port=gateway_port, keys_file=keys_file, limits=Limits(rpm=rpm, tpm=tpm)),
+            in_process=True)
+        stack = Stack(repos, server_dir, first.ports, gateway)  # builds the gateway: a bad key file fails before Triton starts
+    except ValueError as err:  # GatewayError, or a limit pydantic refuses
+        console.print(f"[red]gateway config error[/]: {err}")
+        raise typer.Exit(2)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    triton = stack.triton
+    console.print(f"[bold cyan]serve[/] starting Triton on {', '.join(map(str, repos))} (log: {triton.log_file})")
+    try:
+        stack.start()
     except ServerError as err:
         console.print(f"[red]Triton failed to start[/]: {err}")
         raise typer.Exit(1)
-    lines = [f"[green]ready[/]  Triton HTTP http://{server.http_url}  gRPC {server.grpc_url}  metrics {server.metrics_url}"]
+    except RuntimeError as err:
+        console.print(f"[red]the gateway failed to start[/]: {err}")
+        raise typer.Exit(1)
+    lines = [f"[green]ready[/]  Triton HTTP http://{triton.http_url}  gRPC {triton.grpc_url}  metrics {triton.metrics_url}"]
     for s in loaded:
-        lines.append(f"       model {s.name!r} ({s.task.value}): POST http://{server.http_url}/v2/models/{s.name}/infer")
-    if gw_server is not None:
-        lines.append(f"       OpenAI API http://{gateway_host}:{gateway_port}/v1  (chat/completions, completions, "
+        lines.append(f"       model {s.name!r} ({s.task.value}): POST http://{triton.http_url}/v2/models/{s.name}/infer")
+    if stack.gateway is not None:
+        lines.append(f"       OpenAI API {stack.gateway_url}/v1  (chat/completions, completions, "
                      f"embeddings, models; /health /ready /metrics)")
     console.print("\n".join(lines) + "\n       Ctrl-C stops everything")
-
-    def watch_triton():  # Triton dying on its own takes the gateway down with it
-        while not stop.is_set() and server.process.poll() is None:
+    try:
+        while not stop.is_set() and stack.alive():  # Triton dying on its own takes the gateway down with it
             stop.wait(0.5)
-        if gw_server is not None:
-            gw_server.should_exit = True
-
-    watcher = threading.Thread(target=watch_triton, daemon=True)
-    watcher.start()
-    if gw_server is not None:
-        gw_server.install_signal_handlers = lambda: None  # ours above stop both
-        gw_server.run()
-    else:
-        while not stop.is_set() and server.process.poll() is None:
-            stop.wait(0.5)
-    died = server.process.poll() is not None and not stop.is_set()
-    stop.set()
-    code = server.stop()
+        died = triton.process.poll() is not None and not stop.is_set()
+    finally:
+        code = stack.stop()
     if died:
-        console.print(f"[red]Triton exited on its own[/] (code {code}); see {server.log_file}")
+        console.print(f"[red]Triton exited on its own[/] (code {code}); see {triton.log_file}")
         raise typer.Exit(1)
-    console.print(f"[bold cyan]serve[/] {'gateway and ' if gw_server else ''}Triton stopped (exit {code})")
+    console.print(f"[bold cyan]serve[/] {'gateway and ' if stack.gateway else ''}Triton stopped (exit {code})")
 
 
 @app.command()
@@ -325,7 +307,8 @@ def loadtest(
     overrides = {**overrides, "shape": {**overrides.get("shape", {}), **shape_over}}
     s = _spec(spec, workdir, loadtest=overrides)
 
-    from kiln.server import ServerError, TritonServer, free_port, free_ports
+    from kiln.server import ServerError
+    from kiln.stack import GatewayOptions, Stack
     from kiln_runtime.contract import EMBEDDING, SCORES
     from loadtest.runner import OPENAI_TASKS, Endpoint, run_loadtest
 
@@ -336,53 +319,35 @@ def loadtest(
         raise typer.Exit(2)
     output = SCORES if s.task.value == "text-classification" else EMBEDDING
     reports = out_dir or s.loadtest_dir
-    server = gateway = None
+    stack = None
     try:
         if url is None:
             from model_repository.writer import write_repository
 
             ensure_export(s)
-            repo_dir = write_repository(s)
-            server = TritonServer(s.repository_dir, free_ports(), workdir=s.server_dir)
+            stack = Stack(write_repository(s), s.server_dir)
             console.print(f"[bold cyan]load[/] starting Triton for {s.name}")
-            server.start()
-            url = server.grpc_url if s.loadtest.shape.protocol == "grpc" else server.http_url
+            stack.start()
+            url = stack.triton.grpc_url if s.loadtest.shape.protocol == "grpc" else stack.triton.http_url
             if via_gateway:
-                from kiln.gateway.config import GatewayConfig
-                from kiln.gateway.runner import GatewayProcess
-
-                cfg = GatewayConfig(port=free_port(), triton_grpc=server.grpc_url, repositories=[repo_dir])
                 # the gateway started here accepts exactly the key the users send ("none": no keys)
-                gateway = GatewayProcess(cfg, log_file=reports / "gateway.log",
-                                         env={cfg.keys_env: "" if api_key == "none" else api_key})
-                console.print(f"[bold cyan]load[/] starting the OpenAI gateway for {s.name} (log {gateway.log_file})")
+                options = GatewayOptions(keys="" if api_key == "none" else api_key, log_file=reports / "gateway.log")
+                console.print(f"[bold cyan]load[/] starting the OpenAI gateway for {s.name} (log {options.log_file})")
                 try:
-                    gateway.start()
-                    gateway.wait_ready()
+                    gateway = stack.start_gateway(options)
                 except RuntimeError as err:  # exited, or never answered /health or /ready
                     console.print(f"[red]the gateway failed to start[/]: {err}")
                     raise typer.Exit(1)
-                url = f"{cfg.host}:{cfg.port}"
+                url = f"{gateway.config.host}:{gateway.config.port}"
         ep = Endpoint(url, s.name, output, task=s.task.value, api_key=api_key)
         summary = run_loadtest(s.loadtest.shape, s.loadtest.targets, ep, reports, console)
     except ServerError as err:
         console.print(f"[red]Triton failed to start[/]: {err}")
         raise typer.Exit(1)
     finally:
-        if gateway is not None:
-            gateway.stop()
-        if server is not None:
-            server.stop()
+        if stack is not None:
+            stack.stop()
     raise typer.Exit(summary["exit_code"])
-
-
-DEMO_SENTENCES = [
-    "A man is playing a guitar.",
-    "Someone is strumming a guitar on stage.",
-    "The stock market fell sharply today.",
-    "Share prices dropped after the announcement.",
-    "我喜欢弹吉他。",
-]
 
 
 @app.command()
@@ -393,218 +358,17 @@ def demo(
 ):
     """Export, write the repositories, start Triton, send real requests (similarity matrix,
     streamed chat answer), then the same through the OpenAI-compatible gateway with curl."""
-    from kiln.server import ServerError, TritonServer, free_ports
+    from kiln.demo import run_demo
+    from kiln.server import ServerError
 
     loaded = [_spec(x, workdir) for x in (specs or ["minilm"])]
     _check_names(loaded)
     repos, loaded = _prepare(loaded)
-    ports = free_ports()
-    first = loaded[0]
-    server = TritonServer(repos, ports, workdir=first.server_dir if len(loaded) == 1 else first.workdir / "demo")
-    console.print(f"[bold cyan]demo[/] starting Triton (HTTP {ports.http}, gRPC {ports.grpc}) with "
-                  f"{', '.join(s.name for s in loaded)}")
     try:
-        with server:
-            for s in loaded:
-                _demo_direct(server, s)
-            if not no_gateway:
-                _demo_gateway(server, loaded, repos)
+        run_demo(loaded, repos, console, out, gateway=not no_gateway)
     except ServerError as err:
         console.print(f"[red]Triton failed to start[/]: {err}")
         raise typer.Exit(1)
-    console.print("[bold cyan]demo[/] Triton shut down")
-
-
-def _demo_direct(server, s: DeploymentSpec) -> None:
-    """Triton's own protocols: a similarity matrix, labels, or a streamed chat answer."""
-    import numpy as np
-    import tritonclient.grpc as grpcclient
-    import tritonclient.http as httpclient
-
-    client = grpcclient.InferenceServerClient(server.grpc_url)
-    meta = client.get_model_metadata(s.name, as_json=True)
-    console.print(f"[bold cyan]demo[/] serving {meta['name']}: inputs {[(i['name'], i['datatype'], i['shape']) for i in meta['inputs']]}")
-    if s.task.value == "text-generation":
-        _demo_chat(server, s)
-        return
-    if s.task.value != "feature-extraction":
-        _demo_classify(server, s, DEMO_SENTENCES)
-        return
-    emb, latencies = None, []
-    for _ in range(20):
-        t0 = time.perf_counter()
-        emb = embed_grpc(client, s.name, DEMO_SENTENCES)
-        latencies.append((time.perf_counter() - t0) * 1000)
-    one = []
-    for text in DEMO_SENTENCES * 4:
-        t0 = time.perf_counter()
-        embed_grpc(client, s.name, [text])
-        one.append((time.perf_counter() - t0) * 1000)
-    http = httpclient.InferenceServerClient(server.http_url)
-    via_http = embed_http(http, s.name, DEMO_SENTENCES)
-    agree = float(np.min((via_http * emb).sum(-1)))
-    out.print(similarity_table(DEMO_SENTENCES, emb @ emb.T))
-    out.print(
-        f"embedding dim {emb.shape[1]} ({s.serve_precision.value}, {s.runtime.value}); "
-        f"gRPC batch of {len(DEMO_SENTENCES)}: p50 {np.median(latencies):.1f} ms; "
-        f"single sentence: p50 {np.median(one):.1f} ms; HTTP vs gRPC cosine >= {agree:.6f}"
-    )
-
-
-def _curl(url: str, path: str, body: dict, stream: bool = False) -> list[str]:
-    import json
-
-    return ["curl", "-sS", *(["-N"] if stream else []), f"{url}{path}", "-H", "Authorization: Bearer $KILN_API_KEY",
-            "-H", "Content-Type: application/json", "-d", json.dumps(body, ensure_ascii=False)]
-
-
-def _show(cmd: list[str]) -> str:
-    import shlex
-
-    return " ".join(shlex.quote(c) if not c.startswith("Authorization") else f'"{c}"' for c in cmd)
-
-
-def _demo_gateway(server, specs: list[DeploymentSpec], repos: list[Path]) -> None:
-    """The OpenAI-compatible gateway in front of the same Triton, driven with curl."""
-    import json
-    import os
-    import shutil
-    import subprocess
-
-    import numpy as np
-
-    from kiln.gateway.auth import new_key
-    from kiln.gateway.config import GatewayConfig
-    from kiln.gateway.runner import GatewayProcess
-    from kiln.server import free_port
-
-    if shutil.which("curl") is None:
-        console.print("[yellow]demo[/] curl is not installed: skipping the gateway part")
-        return
-    key = new_key()
-    cfg = GatewayConfig(port=free_port(), triton_grpc=server.grpc_url, repositories=repos)
-    log = specs[0].workdir / "demo-gateway.log"
-    console.print(f"[bold cyan]demo[/] starting the OpenAI-compatible gateway on {cfg.host}:{cfg.port} (one API key)")
-    with GatewayProcess(cfg, log_file=log, env={"KILN_API_KEYS": key}) as gw:
-        gw.wait_ready()
-        env = {**os.environ, "KILN_API_KEY": key}
-
-        def run(cmd: list[str]) -> str:
-            out.print(f"[dim]$ {_show(cmd)}[/]")
-            real = [c.replace("$KILN_API_KEY", key) for c in cmd]
-            return subprocess.run(real, capture_output=True, text=True, env=env, timeout=600).stdout
-
-        for s in specs:
-            if s.task.value == "feature-extraction":
-                texts = DEMO_SENTENCES[:2]
-                body = json.loads(run(_curl(gw.url, "/v1/embeddings", {"model": s.name, "input": texts})))
-                vecs = np.array([d["embedding"] for d in body["data"]])
-                head = ", ".join(f"{x:.4f}" for x in vecs[0][:4])
-                out.print(f"  -> {len(vecs)} embeddings of {vecs.shape[1]} floats, first [{head}, ...]; "
-                          f"usage {body['usage']}; cosine(0, 1) = {float(vecs[0] @ vecs[1]):.3f}")
-            elif s.task.value == "text-generation":
-                cmd = _curl(gw.url, "/v1/chat/completions", {
-                    "model": s.name, "messages": [{"role": "user", "content": DEMO_QUESTION}], "max_tokens": 64,
-                    "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}, stream=True)
-                out.print(f"[dim]$ {_show(cmd)}[/]")
-                real = [c.replace("$KILN_API_KEY", key) for c in cmd]
-                t0, first, usage = time.perf_counter(), None, None
-                out.print("[bold]assistant[/] (via the gateway, streamed): ", end="")
-                with subprocess.Popen(real, stdout=subprocess.PIPE, text=True, env=env) as proc:
-                    for line in proc.stdout:
-                        if not line.startswith("data: ") or line.strip() == "data: [DONE]":
-                            continue
-                        chunk = json.loads(line[6:])
-                        usage = chunk.get("usage") or usage
-                        for choice in chunk.get("choices", []):
-                            text = choice["delta"].get("content") or ""
-                            if text:
-                                first = first or time.perf_counter()
-                                out.print(text, end="")
-                out.print(f"\n[dim]usage {usage}; time to first token {((first or t0) - t0) * 1000:.0f} ms "
-                          "(curl start included)[/]")
-        status, ready = gw.get("/ready")
-        out.print(f"[dim]$ curl {gw.url}/ready -> {status} {json.dumps(ready)}[/]")
-    console.print("[bold cyan]demo[/] gateway stopped")
-
-
-# A question SmolLM2-135M answers right in fp32, in kiln's 4-bit variant and in llama.cpp on the
-# same GGUF ("The capital of Japan is Tokyo."). The France question is a near tie for its first
-# token in fp32 (logits 25.33 "The" vs 25.24 "L"): 4-bit activations tip it, in llama.cpp too.
-DEMO_QUESTION = "What is the capital of Japan?"
-
-
-def _demo_chat(server, s: DeploymentSpec) -> None:
-    """Stream a chat answer through Triton's generate_stream, token by token."""
-    import json
-    import urllib.request
-
-    body = json.dumps({"messages": json.dumps([{"role": "user", "content": DEMO_QUESTION}]), "max_tokens": 64,
-                       "stream": True}).encode()
-    req = urllib.request.Request(f"http://{server.http_url}/v2/models/{s.name}/generate_stream", body,
-                                 {"Content-Type": "application/json"})
-    out.print(f"[bold]user[/]: {DEMO_QUESTION}\n[bold]assistant[/] (streamed): ", end="")
-    t0, first, last = time.perf_counter(), None, {}
-    with urllib.request.urlopen(req, timeout=600) as r:
-        for raw in r:
-            line = raw.decode().strip()
-            if line.startswith("data:"):
-                last = json.loads(line[5:])
-                first = first or time.perf_counter()
-                out.print(last.get("text_output", ""), end="")
-    total = time.perf_counter() - t0
-    n = int(last.get("completion_tokens", 0))
-    out.print(
-        f"\n[dim]{n} tokens, finish {last.get('finish_reason')!r}; time to first token "
-        f"{((first or t0) - t0) * 1000:.0f} ms; {max(n - 1, 0) / max(total - ((first or t0) - t0), 1e-9):.1f} tokens/s "
-        f"({s.serve_precision.value}, one stream)[/]"
-    )
-
-
-def _demo_classify(server, s: DeploymentSpec, texts: list[str]) -> None:
-    import tritonclient.grpc as grpcclient
-
-    client = grpcclient.InferenceServerClient(server.grpc_url)
-    inp = _text_input(grpcclient, texts)
-    res = client.infer(s.name, [inp])
-    for text, label, scores in zip(texts, res.as_numpy("label").reshape(-1), res.as_numpy("scores")):
-        out.print(f"{label.decode():>12}  {scores.max():.3f}  {text}")
-
-
-def _text_input(module, texts: list[str]):
-    import numpy as np
-
-    arr = np.array([t.encode("utf-8") for t in texts], dtype=object).reshape(-1, 1)
-    inp = module.InferInput("text", list(arr.shape), "BYTES")
-    inp.set_data_from_numpy(arr)
-    return inp
-
-
-def embed_grpc(client, model: str, texts: list[str]):
-    import tritonclient.grpc as grpcclient
-
-    return client.infer(model, [_text_input(grpcclient, texts)]).as_numpy("embedding")
-
-
-def embed_http(client, model: str, texts: list[str]):
-    import tritonclient.http as httpclient
-
-    return client.infer(model, [_text_input(httpclient, texts)]).as_numpy("embedding")
-
-
-def similarity_table(texts: list[str], sim) -> Table:
-    table = Table(title="cosine similarity (served embeddings)")
-    table.add_column("")
-    for i in range(len(texts)):
-        table.add_column(f"[{i}]", justify="right")
-    for i, text in enumerate(texts):
-        cells = []
-        for j in range(len(texts)):
-            v = float(sim[i, j])
-            style = "bold green" if i != j and v > 0.5 else ("dim" if i == j else "")
-            cells.append(f"[{style}]{v:.2f}[/]" if style else f"{v:.2f}")
-        table.add_row(f"[{i}] {text}", *cells)
-    return table
 
 
 def main() -> None:  # pragma: no cover

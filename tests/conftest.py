@@ -56,9 +56,8 @@ def minilm_int8_server(minilm_export, tmp_path_factory):
     spec, manifest = minilm_export
     spec = spec.with_precision("int8")
     repo = write_repository(spec, manifest, spec.root / "repo-int8")
-    server = serve(spec, repo, tmp_path_factory.mktemp("srv-int8"))
-    yield spec, server
-    server.stop()
+    with serve(repo, tmp_path_factory.mktemp("srv-int8")) as stack:
+        yield spec, stack.triton
 
 
 @pytest.fixture(scope="session")
@@ -68,11 +67,29 @@ def minilm_fp32_server(minilm_export, tmp_path_factory):
     spec, manifest = minilm_export
     fp32 = spec.model_copy(update={"serve_precision": spec.precisions[0]})
     repo = write_repository(fp32, manifest, spec.root / "repo-fp32")
-    server = serve(fp32, repo, tmp_path_factory.mktemp("srv-fp32"))
-    yield fp32, server
-    server.stop()
+    with serve(repo, tmp_path_factory.mktemp("srv-fp32")) as stack:
+        yield fp32, stack.triton
 
 
 @pytest.fixture(scope="session")
 def tiny_llama(tmp_path_factory) -> Path:
     return build_tiny_llama(tmp_path_factory.mktemp("ckpt") / "tiny-llama")
+
+
+@pytest.fixture(scope="module")
+def lm(tiny_llama):
+    """(model, tokenizers.Tokenizer): the tiny Llama's architecture, weights drawn at std 0.3."""
+    import torch
+    from tokenizers import Tokenizer
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig.from_pretrained(tiny_llama)
+    cfg.initializer_range = 0.3
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(cfg).eval()
+    # a model this small runs fastest on one thread, and on a busy 2-core machine two
+    # spinning OpenMP threads slow every call down some twentyfold
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield model, Tokenizer.from_file(str(tiny_llama / "tokenizer.json"))
+    torch.set_num_threads(threads)

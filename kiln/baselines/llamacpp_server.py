@@ -35,9 +35,9 @@ def unavailable() -> str | None:
 
 
 def version() -> str:
-    from importlib.metadata import version as v
+    from importlib import metadata
 
-    return v("llama-cpp-python")
+    return metadata.version("llama-cpp-python")
 
 
 def server_command(gguf: Path, port: int, threads: int, n_ctx: int = 2048, host: str = "127.0.0.1") -> list[str]:

@@ -14,7 +14,7 @@ import tritonclient.grpc as grpcclient
 
 from export.pipeline import run_export
 from kiln.server import ServerError, TritonServer, free_port, free_ports
-from kiln_testkit import KILN, tiny_spec
+from kiln_testkit import KILN, serve, tiny_spec
 from model_repository.writer import write_repository
 
 
@@ -34,8 +34,8 @@ def test_classifier_served_end_to_end(tiny_classifier, tmp_path):
     spec = tiny_spec(tiny_classifier, tmp_path, task="text-classification", name="sentiment")
     run_export(spec)
     repo = write_repository(spec)
-    with TritonServer(repo, free_ports(), workdir=tmp_path / "srv") as server:
-        client = grpcclient.InferenceServerClient(server.grpc_url)
+    with serve(repo, tmp_path / "srv") as stack:
+        client = grpcclient.InferenceServerClient(stack.triton.grpc_url)
         arr = np.array([[b"hello world"], [b"the man is playing"], [""]], dtype=object)
         inp = grpcclient.InferInput("text", [3, 1], "BYTES")
         inp.set_data_from_numpy(arr)

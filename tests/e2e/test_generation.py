@@ -23,9 +23,8 @@ def tiny_chat(tiny_llama, tmp_path_factory):
                      serve_precision="fp32", max_length=512,
                      generation={"max_context": 512, "default_max_tokens": 32, "max_concurrent": 4,
                                  "parity_prompts": 2, "parity_new_tokens": 8, "parity_decode_steps": 4})
-    server = export_and_serve(spec, work / "srv")
-    yield spec, server
-    server.stop()
+    with export_and_serve(spec, work / "srv") as stack:
+        yield spec, stack.triton
 
 
 def test_generate_answers_once_with_finish_reason_and_counts(tiny_chat):

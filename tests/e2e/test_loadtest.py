@@ -10,8 +10,8 @@ import numpy as np
 import tritonclient.grpc as grpcclient
 import yaml
 
-from kiln.server import TritonServer, free_port, free_ports
-from kiln_testkit import KILN
+from kiln.server import free_port
+from kiln_testkit import KILN, serve
 from model_repository.writer import write_repository
 
 
@@ -85,7 +85,8 @@ def test_overload_is_shed_by_the_bounded_queue_and_server_recovers(minilm_export
     spec, manifest = minilm_export
     tight = spec.model_copy(update={"batching": spec.batching.model_copy(update={"max_queue_size": 2})})
     repo = write_repository(tight, manifest, tmp_path / "repo")
-    with TritonServer(repo, free_ports(), workdir=tmp_path / "srv") as server:
+    with serve(repo, tmp_path / "srv") as stack:
+        server = stack.triton
         cfg = {"shape": {"kind": "rate", "rate": 400, "run_time_s": 4, "max_in_flight": 512}}
         r, summary, _ = loadtest(tmp_path, server.grpc_url, cfg, workdir=spec.workdir)
         m = summary["measured"]
@@ -137,7 +138,8 @@ def test_streaming_user_reports_ttft_inter_token_and_tokens_per_second(tmp_path)
     (repo / "echo_stream" / "1" / "model.py").write_text(ECHO_MODEL)
     (repo / "echo_stream" / "config.pbtxt").write_text(ECHO_CONFIG)
     (repo / "kiln.json").write_text("{}")
-    with TritonServer(repo, free_ports(), workdir=tmp_path / "srv") as server:
+    with serve(repo, tmp_path / "srv") as stack:
+        server = stack.triton
         slo = tmp_path / "slo.yaml"
         slo.write_text(yaml.safe_dump({"loadtest": {"shape": {"protocol": "stream", "users": 2, "run_time_s": 4},
                                                      "targets": {"min_qps": 0.5}}}))

@@ -54,11 +54,8 @@ def served(minilm_export, tmp_path_factory):
             s.export_dir.symlink_to(spec.export_dir.resolve(), target_is_directory=True)
             repos[name] = write_repository(s, manifest, tmp / f"repo-{name}")
         names[variant] = (fused_name, ens_name)
-    server = serve(spec, list(repos.values()), tmp_path_factory.mktemp("srv-fused"))
-    try:
-        yield server, names, repos
-    finally:
-        server.stop()
+    with serve(list(repos.values()), tmp_path_factory.mktemp("srv-fused")) as stack:
+        yield stack.triton, names, repos
 
 
 # ----------------------------------------------------------------------------- same answers
@@ -191,11 +188,8 @@ def test_missing_unknown_and_non_string_inputs_are_rejected(served):
 def fused_classifier(tiny_classifier, tmp_path_factory):
     workdir = tmp_path_factory.mktemp("cls-fused")
     spec = tiny_spec(tiny_classifier, workdir, name="tiny-cls", task="text-classification", serving="fused")
-    server = export_and_serve(spec, workdir / "srv")
-    try:
-        yield spec, server
-    finally:
-        server.stop()
+    with export_and_serve(spec, workdir / "srv") as stack:
+        yield spec, stack.triton
 
 
 def test_fused_classifier_answers_label_and_scores_like_pytorch(fused_classifier, tiny_classifier):

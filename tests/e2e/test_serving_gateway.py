@@ -27,8 +27,8 @@ def stack(minilm_export, tiny_llama, tmp_path_factory):
     """Triton with both repositories, and the gateway with three keys in front."""
     from kiln.gateway.auth import digest
     from kiln.gateway.config import GatewayConfig
-    from kiln.gateway.runner import GatewayProcess
-    from kiln.server import TritonServer, free_port, free_ports
+    from kiln.stack import GatewayOptions
+    from kiln_testkit import serve
     from model_repository.writer import write_repository
 
     work = tmp_path_factory.mktemp("gateway")
@@ -42,23 +42,16 @@ def stack(minilm_export, tiny_llama, tmp_path_factory):
 
     run_export(chat)
     chat_repo = write_repository(chat)
-    server = TritonServer([emb_repo, chat_repo], free_ports(), workdir=work / "triton").start()
     keys = work / "keys.yaml"
     keys.write_text(
         f"- name: main\n  sha256: {digest(KEY)}\n"  # stored hashed
         f"- name: limited\n  key: {LIMITED_KEY}\n  rpm: 2\n"
         f"- name: small\n  key: {TPM_KEY}\n  tpm: 40\n"
     )
-    cfg = GatewayConfig(port=free_port(), triton_grpc=server.grpc_url, repositories=[emb_repo, chat_repo],
-                        keys_file=keys, max_body_bytes=64 * 1024)
-    gw = GatewayProcess(cfg, log_file=work / "gateway.log", env={"KILN_API_KEYS": ""})
-    try:
-        gw.start()
-        gw.wait_ready()
-        yield {"gw": gw, "server": server, "minilm": minilm, "chat": chat}
-    finally:
-        gw.stop()
-        server.stop()
+    gateway = GatewayOptions(GatewayConfig(port=0, keys_file=keys, max_body_bytes=64 * 1024), keys="",
+                             log_file=work / "gateway.log")
+    with serve([emb_repo, chat_repo], work / "triton", gateway) as stack:
+        yield {"gw": stack.gateway, "server": stack.triton, "minilm": minilm, "chat": chat}
 
 
 def client(stack, key=KEY) -> openai.OpenAI:
@@ -340,7 +333,7 @@ def test_triton_down_is_503_and_health_stays_live(stack, tmp_path):
 
     cfg = GatewayConfig(port=free_port(), triton_grpc=f"127.0.0.1:{free_port()}",
                         repositories=stack["gw"].config.repositories)
-    with GatewayProcess(cfg, log_file=tmp_path / "gw.log", env={"KILN_API_KEYS": ""}) as gw:
+    with GatewayProcess(cfg, log_file=tmp_path / "gw.log", env={cfg.keys_env: ""}) as gw:
         assert gw.get("/health")[0] == 200
         status, body = gw.get("/ready")
         assert status == 503 and body["triton"] is False

@@ -157,13 +157,12 @@ def test_metrics_endpoint_counts_inferences(minilm_int8_server):
 def minilm_default_server(minilm_export, tmp_path_factory):
     """The packaged spec as shipped: serve_precision auto, resolved by the export."""
     from kiln_testkit import serve
-
     from model_repository.writer import write_repository
 
     spec, manifest = minilm_export
-    server = serve(spec, write_repository(spec, manifest, spec.root / "repo-default"), tmp_path_factory.mktemp("srv-def"))
-    yield spec, manifest, server
-    server.stop()
+    repo = write_repository(spec, manifest, spec.root / "repo-default")
+    with serve(repo, tmp_path_factory.mktemp("srv-def")) as stack:
+        yield spec, manifest, stack.triton
 
 
 def test_the_served_default_gives_each_text_the_same_embedding_alone_or_co_batched(minilm_default_server):

@@ -17,9 +17,8 @@ def smollm2(tmp_path_factory):
 
     spec, manifest = packaged_export("smollm2")
     work = tmp_path_factory.mktemp("smollm2")
-    server = serve(spec, write_repository(spec, manifest, work / "repo"), work / "srv")
-    yield spec, server
-    server.stop()
+    with serve(write_repository(spec, manifest, work / "repo"), work / "srv") as stack:
+        yield spec, stack.triton
 
 
 def _chat(question, **kw):

@@ -1,5 +1,5 @@
 """Helpers the tests share (pytest puts tests/support on sys.path; the repo root never is):
-tiny random checkpoints, tiny specs, the packaged exports in build/, a started Triton."""
+tiny random checkpoints, tiny specs, the packaged exports in build/, a started stack."""
 
 from __future__ import annotations
 
@@ -93,21 +93,23 @@ def packaged_export(name: str):
     return spec, ensure_export(spec, Console(stderr=True))
 
 
-def serve(spec, repo: Path, workdir: Path):
-    from kiln.server import TritonServer, free_ports
+def serve(repositories, workdir: Path, gateway=None):
+    """A started kiln.stack.Stack: Triton on free ports serving `repositories` (one path or
+    several), and the gateway in front when `gateway` (GatewayOptions) is given. A fixture
+    uses it as `with serve(...) as stack:`, which stops everything on the way out."""
+    from kiln.stack import Stack
 
-    server = TritonServer(repo, free_ports(), workdir=workdir)
-    server.start()
-    return server
+    return Stack(repositories, workdir, gateway=gateway).start()
 
 
 def export_and_serve(spec, workdir: Path):
-    """The whole path for a fixture: export, write the spec's repository, start Triton."""
+    """The whole path for a fixture: export, write the spec's repository, start Triton (a
+    started Stack)."""
     from export.pipeline import run_export
     from model_repository.writer import write_repository
 
     run_export(spec)
-    return serve(spec, write_repository(spec), workdir)
+    return serve(write_repository(spec), workdir)
 
 
 CHATML = (
@@ -166,3 +168,53 @@ def post(server, model, payload, stream=False):
         return status, json.loads(body)
     events = [json.loads(l[5:]) for l in body.splitlines() if l.startswith("data:")]
     return status, events
+
+
+# chat prompts for the tiny Llama: with its byte-level tokenizer, CJK and emoji split across tokens
+CHAT_PROMPTS = [
+    "The capital of France is", "Hello, how are you today?", "我爱北京天安门。", "Emoji: 🚀🔥🎉",
+    "Triton serves models with dynamic batching. One two three four five six.", "a", "Bonjour, comment ça va ?",
+    "One two",
+]
+
+
+class TorchRunner:
+    """runner(feeds) -> outputs with the ONNX graph's names and shapes, over a HF causal LM."""
+
+    def __init__(self, model):
+        self.model = model
+        self.layers = model.config.num_hidden_layers
+
+    def __call__(self, feeds):
+        import torch
+        from transformers.cache_utils import DynamicCache
+
+        cache = DynamicCache(config=self.model.config)
+        if feeds["past_key_values.0.key"].shape[2]:
+            for i in range(self.layers):
+                cache.update(torch.from_numpy(feeds[f"past_key_values.{i}.key"]),
+                             torch.from_numpy(feeds[f"past_key_values.{i}.value"]), i)
+        with torch.no_grad():
+            out = self.model(
+                input_ids=torch.from_numpy(feeds["input_ids"]),
+                attention_mask=torch.from_numpy(feeds["attention_mask"]),
+                position_ids=torch.from_numpy(feeds["position_ids"]),
+                past_key_values=cache, use_cache=True,
+            )
+        res = {"logits": out.logits.numpy()}
+        for i, layer in enumerate(out.past_key_values.layers):
+            res[f"present.{i}.key"] = layer.keys.numpy()
+            res[f"present.{i}.value"] = layer.values.numpy()
+        return res
+
+
+def make_engine(lm, eos=None, max_concurrent=8, max_context=256, runner=None, max_queue=None):
+    model, tok = lm
+    cfg = model.config
+    from kiln_runtime.generation.engine import Engine
+
+    return Engine(
+        runner or TorchRunner(model), cfg.num_hidden_layers, cfg.num_key_value_heads,
+        cfg.hidden_size // cfg.num_attention_heads, [cfg.eos_token_id] if eos is None else eos,
+        max_concurrent, max_context, tok, max_queue=max_queue,
+    )

@@ -289,14 +289,14 @@ def test_every_server_gets_the_same_prompts_and_each_run_starts_elsewhere():
 
 
 def test_llama_cpp_server_command_keeps_streams_whole_and_greedy(tmp_path):
-    from kiln.baselines import llamacpp_server as L
+    from kiln.baselines import llamacpp_server
 
-    cmd = L.server_command(tmp_path / "m.Q4_1.gguf", 8123, 2)
+    cmd = llamacpp_server.server_command(tmp_path / "m.Q4_1.gguf", 8123, 2)
     args = dict(zip(cmd[3::2], cmd[4::2]))  # after: python -m llama_cpp.server
     assert cmd[1:3] == ["-m", "llama_cpp.server"]
     assert args["--interrupt_requests"] == "false"  # the default lets a new request cut a running stream
     assert (args["--n_threads"], args["--n_ctx"], args["--host"], args["--port"]) == ("2", "2048", "127.0.0.1", "8123")
-    assert L.GREEDY_EXTRA == {"repeat_penalty": 1.0}
+    assert llamacpp_server.GREEDY_EXTRA == {"repeat_penalty": 1.0}
 
 
 def test_fastapi_baseline_answers_openai_embeddings(tmp_path):

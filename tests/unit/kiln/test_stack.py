@@ -1,0 +1,189 @@
+"""kiln.stack.Stack with fake Triton and gateway classes: what starts in which order, and that
+whatever started is stopped however the stack ends. No server runs here."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from kiln.gateway.config import GatewayConfig, GatewayError
+from kiln.gateway.runner import GatewayProcess
+from kiln.server import ServerError
+from kiln.stack import GatewayOptions, Stack, _make_gateway
+from kiln_core.spec import Ports
+
+
+class FakeProcess:
+    def __init__(self):
+        self.returncode = None
+
+    def poll(self):
+        return self.returncode
+
+
+class FakeTriton:
+    """Records its calls in `log`; `fail_start` makes start raise as a Triton that does not load."""
+
+    def __init__(self, log: list, fail_start: bool = False):
+        self.log, self.fail_start = log, fail_start
+
+    def __call__(self, repositories, ports: Ports, workdir: Path) -> "FakeTriton":
+        self.repositories, self.ports, self.workdir, self.process = repositories, ports, workdir, None
+        return self
+
+    @property
+    def grpc_url(self) -> str:
+        return f"127.0.0.1:{self.ports.grpc}"
+
+    def start(self, timeout: float) -> None:
+        self.log.append(("triton start", self.ports))
+        if self.fail_start:
+            raise ServerError("tritonserver exited with code 1")
+        self.process = FakeProcess()
+
+    def ready(self) -> bool:
+        return self.process is not None and self.process.returncode is None
+
+    def stop(self) -> int | None:
+        self.log.append(("triton stop", self.ports))
+        if self.process is not None and self.process.returncode is None:
+            self.process.returncode = 0
+        return self.process.returncode if self.process else None
+
+
+class FakeGateway:
+    def __init__(self, log: list, options: GatewayOptions, config: GatewayConfig, workdir: Path,
+                 fail: str | None = None):
+        self.log, self.options, self.config, self.workdir, self.fail = log, options, config, workdir, fail
+        self.up = False
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.config.host}:{self.config.port}"
+
+    def start(self) -> None:
+        self.log.append("gateway start")
+        if self.fail == "start":
+            raise RuntimeError("the gateway exited with code 2")
+        self.up = True
+
+    def wait_ready(self) -> dict:
+        self.log.append("gateway ready")
+        if self.fail == "ready":
+            raise RuntimeError("the gateway's /ready did not turn 200")
+        return {}
+
+    def running(self) -> bool:
+        return self.up
+
+    def get(self, path: str) -> tuple[int, dict]:
+        return (200 if self.up else 0), {}
+
+    def stop(self) -> None:
+        self.log.append("gateway stop")
+        self.up = False
+
+
+def stack(tmp_path, log, gateway: GatewayOptions | None = None, fail_triton=False, fail_gateway=None, **kw) -> Stack:
+    return Stack([tmp_path / "repo"], tmp_path / "srv", gateway=gateway, triton_class=FakeTriton(log, fail_triton),
+                 gateway_class=lambda o, c, w: FakeGateway(log, o, c, w, fail_gateway), **kw)
+
+
+def names(log) -> list[str]:
+    return [e if isinstance(e, str) else e[0] for e in log]
+
+
+def test_triton_starts_before_the_gateway_and_stops_after_it(tmp_path):
+    log = []
+    with stack(tmp_path, log, GatewayOptions()) as s:
+        assert s.ready() and s.alive()
+        assert s.gateway_url == s.gateway.url
+    assert names(log) == ["triton start", "gateway start", "gateway ready", "gateway stop", "triton stop"]
+    assert not s.started
+
+
+def test_the_gateway_is_pointed_at_the_stacks_triton_on_a_free_port(tmp_path):
+    log = []
+    s = stack(tmp_path, log, GatewayOptions(GatewayConfig(port=0, max_body_bytes=4096)))
+    cfg = s.gateway.config
+    assert cfg.triton_grpc == s.triton.grpc_url and cfg.repositories == [tmp_path / "repo"]
+    assert cfg.port > 0 and cfg.max_body_bytes == 4096
+    assert len({cfg.port, s.triton.ports.http, s.triton.ports.grpc, s.triton.ports.metrics}) == 4
+    fixed = stack(tmp_path, log, GatewayOptions(GatewayConfig(port=9123)), ports=Ports(http=1, grpc=2, metrics=3))
+    assert fixed.gateway.config.port == 9123 and fixed.triton.ports == Ports(http=1, grpc=2, metrics=3)
+    assert log == []  # nothing starts before start()
+
+
+def test_triton_failing_to_start_is_raised_and_the_gateway_never_starts(tmp_path):
+    log = []
+    with pytest.raises(ServerError, match="exited with code 1"):
+        stack(tmp_path, log, GatewayOptions(), fail_triton=True).start()
+    assert "gateway start" not in names(log) and names(log)[-1] == "triton stop"
+
+
+@pytest.mark.parametrize("fail", ["start", "ready"])
+def test_a_gateway_that_fails_to_come_up_takes_triton_down(tmp_path, fail):
+    log = []
+    with pytest.raises(RuntimeError, match="gateway"):
+        with stack(tmp_path, log, GatewayOptions(), fail_gateway=fail):
+            pytest.fail("the with-block must not run")
+    assert names(log)[-2:] == ["gateway stop", "triton stop"]
+
+
+def test_ctrl_c_inside_the_stack_stops_everything(tmp_path):
+    log = []
+    with pytest.raises(KeyboardInterrupt):
+        with stack(tmp_path, log, GatewayOptions()):
+            raise KeyboardInterrupt
+    assert names(log)[-2:] == ["gateway stop", "triton stop"]
+
+
+def test_restart_keeps_the_ports_and_the_gateway(tmp_path):
+    log = []
+    with stack(tmp_path, log, GatewayOptions()) as s:
+        gateway, ports = s.gateway, s.triton.ports
+        del log[:]
+        s.restart_triton()
+        assert s.gateway is gateway and gateway.running() and s.ready()
+    assert log[:4] == [("triton stop", ports), ("triton start", ports), "gateway ready", "gateway stop"]
+
+
+def test_a_gateway_started_later_is_stopped_with_the_stack(tmp_path):
+    log = []
+    with stack(tmp_path, log) as s:
+        assert s.gateway is None and s.gateway_url is None and s.ready()
+        gw = s.start_gateway(GatewayOptions())
+        assert s.gateway is gw and gw.config.triton_grpc == s.triton.grpc_url
+        with pytest.raises(RuntimeError, match="already has a gateway"):
+            s.start_gateway(GatewayOptions())
+    assert names(log) == ["triton start", "gateway start", "gateway ready", "gateway stop", "triton stop"]
+
+
+def test_triton_dying_on_its_own_shows_in_alive(tmp_path):
+    with stack(tmp_path, []) as s:
+        s.triton.process.returncode = 6
+        assert not s.alive() and not s.ready()
+        assert s.stop() == 6
+
+
+def test_a_child_gateway_gets_exactly_the_keys_it_is_given(tmp_path):
+    cfg = GatewayConfig(port=9999)
+    gw = _make_gateway(GatewayOptions(keys="sk-one"), cfg, tmp_path)
+    assert isinstance(gw, GatewayProcess)
+    assert gw.env == {cfg.keys_env: "sk-one"} and gw.log_file == tmp_path / "gateway.log"
+    inherit = _make_gateway(GatewayOptions(log_file=tmp_path / "gw.log"), cfg, tmp_path)
+    assert inherit.env == {} and inherit.log_file == tmp_path / "gw.log"
+
+
+def test_in_process_options_refuse_what_only_a_child_process_takes(tmp_path):
+    with pytest.raises(ValueError, match="child process"):
+        GatewayOptions(in_process=True, keys="")
+
+
+def test_an_in_process_gateway_with_a_bad_repository_fails_before_triton_starts(tmp_path):
+    log = []
+    with pytest.raises(GatewayError):
+        Stack([tmp_path / "not-a-repository"], tmp_path / "srv", gateway=GatewayOptions(in_process=True),
+              triton_class=FakeTriton(log))
+    assert log == []
