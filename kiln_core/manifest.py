@@ -19,8 +19,9 @@ from kiln_core.judge import Direction, Threshold, judge
 
 MANIFEST_NAME = "manifest.json"
 # bumped when a variant's format changes, so an older export is rebuilt rather than reused
-# (2: U8U8 int8, portability + batch-invariance checks, speed for serve_precision auto, grid-aware int4)
-EXPORT_FORMAT = 2
+# (2: U8U8 int8, portability + batch-invariance checks, speed for serve_precision auto, grid-aware int4;
+#  3: each gate threshold's direction stored beside it)
+EXPORT_FORMAT = 3
 
 
 class TensorSpec(BaseModel):
