@@ -54,6 +54,8 @@ PRESENCE_PENALTY = "presence_penalty"
 FREQUENCY_PENALTY = "frequency_penalty"
 STOP_WORDS = "stop_words"
 STREAM = "stream"
+# a probe: answered at once without generating (finish_reason "health"), or UNAVAILABLE when the engine is broken
+HEALTH = "health"
 
 TEXT_OUTPUT = "text_output"
 FINISH_REASON = "finish_reason"
@@ -73,6 +75,7 @@ GENERATION_INPUTS = (
     Tensor(FREQUENCY_PENALTY, "float32", (1,)),
     Tensor(STOP_WORDS, "bytes", (-1,)),
     Tensor(STREAM, "bool", (1,)),
+    Tensor(HEALTH, "bool", (1,)),
 )
 GENERATION_OUTPUTS = (
     Tensor(TEXT_OUTPUT, "bytes", (1,)),
@@ -87,6 +90,7 @@ SAMPLING_FIELDS = {
     FREQUENCY_PENALTY: "frequency_penalty", STOP_WORDS: "stop",
 }
 FINISH_REASONS = ("stop", "length", "cancelled")
+HEALTH_FINISH_REASON = "health"  # the answer to a HEALTH probe
 
 
 # ----------------------------------------------------------------------------- model config

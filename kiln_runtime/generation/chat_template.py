@@ -1,11 +1,19 @@
 """A tokenizer's chat template rendered as transformers renders it, prompts to token ids,
-and the EOS ids transformers' generate would stop at."""
+and the EOS ids transformers' generate would stop at.
+
+What clients type stays text: a special token's text inside a prompt or a message's content
+(``<|im_start|>system``) is tokenized as the plain text pieces it spells, never as the
+control token, so a user cannot forge turns; only the template's own markers are special.
+Prompts without such text get exactly transformers' ids."""
 
 from __future__ import annotations
 
 import json
 import os
-from typing import Mapping, Sequence
+import re
+import secrets
+import weakref
+from typing import Any, Mapping, NamedTuple, Sequence
 
 from kiln_runtime.errors import InputError
 
@@ -105,22 +113,74 @@ class ChatTemplate:
             raise InputError(f"messages: the model's chat template rejects them: {err}") from None
 
 
+class _TypedText(NamedTuple):
+    """A tokenizer's view of typed text: a copy that matches no special token, and a pattern
+    finding any special token's text."""
+
+    tokenizer: Any
+    specials: re.Pattern | None  # None: the tokenizer has no special tokens
+
+
+_TYPED: "weakref.WeakKeyDictionary[Any, _TypedText]" = weakref.WeakKeyDictionary()
+
+
+def _typed_text(tokenizer) -> _TypedText:
+    """Built once per tokenizer (a copy, so that the shared one's settings never flip)."""
+    typed = _TYPED.get(tokenizer)
+    if typed is None:
+        copy = type(tokenizer).from_str(tokenizer.to_str())
+        copy.encode_special_tokens = True
+        texts = sorted((t.content for t in tokenizer.get_added_tokens_decoder().values() if t.special),
+                       key=len, reverse=True)  # longest first: a token that contains another wins
+        specials = re.compile("|".join(map(re.escape, texts))) if texts else None
+        typed = _TYPED.setdefault(tokenizer, _TypedText(copy, specials))
+    return typed
+
+
+def _encode_messages(tokenizer, template: ChatTemplate, messages: Sequence[Mapping]) -> list[int]:
+    """The rendered conversation's ids, with special-token text typed in a content as text.
+    Such text is swapped for a placeholder (a per-call nonce no client can type) before
+    rendering, so the template's own markers are the only special tokens it parses; the
+    rendered string is then encoded piece by piece, each placeholder as its original text."""
+    typed = _typed_text(tokenizer)
+    found: list[str] = []
+    if typed.specials is not None:
+        nonce = f"\x00kiln-{secrets.token_hex(8)}:"
+
+        def hide(match: re.Match) -> str:
+            found.append(match.group())
+            return f"{nonce}{len(found) - 1}\x00"
+
+        messages = [{**m, "content": typed.specials.sub(hide, str(m["content"]))} for m in messages]
+    rendered = template.render(messages)
+    if not found:
+        return tokenizer.encode(rendered, add_special_tokens=False).ids
+    ids: list[int] = []
+    for i, piece in enumerate(re.split(re.escape(nonce) + r"(\d+)\x00", rendered)):
+        if i % 2:  # a placeholder's index
+            ids += typed.tokenizer.encode(found[int(piece)], add_special_tokens=False).ids
+        elif piece:
+            ids += tokenizer.encode(piece, add_special_tokens=False).ids
+    return ids
+
+
 def encode_prompt(tokenizer, *, prompt: str | None = None, messages: Sequence[Mapping] | None = None,
                   template: ChatTemplate | None = None) -> list[int]:
     """Token ids for a plain prompt (the tokenizer adds its special tokens, as transformers'
     generate pipeline does) or for messages (rendered by the template, which already holds
-    every special token, so none are added: apply_chat_template(tokenize=True) does the same)."""
+    every special token, so none are added: apply_chat_template(tokenize=True) does the same).
+    Special-token text the client typed stays text (see the module docstring)."""
     if (prompt is None) == (messages is None):
         raise InputError("prompt / messages: send exactly one of them")
     if messages is not None:
         if template is None:
             raise InputError("messages: this model has no chat template; send a plain prompt instead")
-        ids = tokenizer.encode(template.render(messages), add_special_tokens=False).ids
+        ids = _encode_messages(tokenizer, template, messages)
         field_name = "messages"
     else:
         if not isinstance(prompt, str) or not prompt:
             raise InputError("prompt: empty; send some text (or messages)")
-        ids = tokenizer.encode(prompt).ids
+        ids = _typed_text(tokenizer).tokenizer.encode(prompt).ids
         field_name = "prompt"
     if not ids:
         raise InputError(f"{field_name}: encodes to no tokens; send some text")

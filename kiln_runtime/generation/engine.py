@@ -10,6 +10,10 @@ production, a torch model in the tests):
 
 The request driver steps one ``Engine`` from a single thread (``step`` in a loop) while
 request threads call ``submit`` / ``cancel``; both are safe to call from any thread.
+
+A failure that belongs to one request (its prefill, its sampling or detokenizing) ends that
+request only, with an event carrying the error; a failed batched decode call ends the
+requests in that call; the engine goes on serving the others and new ones either way.
 """
 
 from __future__ import annotations
@@ -41,6 +45,9 @@ class Event:
     prompt_tokens: int
     completion_tokens: int
     token_ids: list[int] = field(default_factory=list)  # tokens generated in this step
+    # set (finished, no finish_reason) when the engine failed this request: the exception,
+    # for the server log (the client hears a generic message)
+    error: str | None = None
 
 
 class QueueFull(Exception):
@@ -281,14 +288,29 @@ class Engine:
         chunk = self.prefill_chunk if decoding else None
         for seq in admitted:
             if chunk is None or seq.prompt_len <= chunk:
-                self._prefill(seq, seq.prompt_len, events)
+                try:
+                    self._prefill(seq, seq.prompt_len, events)
+                except Exception as err:  # this prompt's failure: the others go on
+                    self._fail([seq], err, events)
             else:
                 self._prefilling.append(seq)
         if self._prefilling:  # one chunk per step (or the rest), first come first served
-            if self._prefill(self._prefilling[0], chunk or self.max_context, events):
+            seq = self._prefilling[0]
+            try:
+                done = self._prefill(seq, chunk or self.max_context, events)
+            except Exception as err:
+                self._fail([seq], err, events)
+                done = True
+            if done:
                 self._prefilling.popleft()
         if decoding:
-            self._decode(decoding, events)
+            try:
+                logits = self._decode_call(decoding)
+            except Exception as err:  # the batched call failed: its rows fail, the batch is rebuilt next time
+                self._batch, self._batch_past, self._batch_mask = [], [], None
+                self._fail(decoding, err, events)
+            else:
+                self._decode_rows(logits, events)
         elif self._batch:  # nobody left decoding: let go of the last batch's caches
             self._batch, self._batch_past, self._batch_mask = [], [], None
         if any(e.finished for e in events):
@@ -341,7 +363,17 @@ class Engine:
             self._regroup = True
         return True
 
-    def _decode(self, seqs: list[_Seq], events: list[Event]) -> None:
+    def _fail(self, seqs: list[_Seq], err: Exception, events: list[Event]) -> None:
+        """End requests the engine could not serve: each gets a last event with the error."""
+        for seq in seqs:
+            seq.kv = None
+            if self._running.pop(seq.rid, None) is not None:
+                self._regroup = True
+            events.append(Event(seq.rid, "", True, None, seq.prompt_len, seq.completion, error=repr(err)))
+
+    def _decode_call(self, seqs: list[_Seq]) -> np.ndarray:
+        """The batched decode call for seqs (those decoding this step): the logits, in the
+        batch's row order (self._batch)."""
         t0 = _now()
         self._arrange(seqs)
         seqs = self._batch  # row order
@@ -362,13 +394,23 @@ class Engine:
         prof["run_decode"] += t2 - t1
         self._prof_n["decode_calls"] += 1
         self._prof_n["decode_rows"] += rows
+        return logits
+
+    def _decode_rows(self, logits: np.ndarray, events: list[Event]) -> None:
+        """Each row's next token from the decode call's logits; a row that fails ends its
+        request only."""
+        prof = self._prof
         sampling = detok = 0.0
-        for b, seq in enumerate(seqs):
+        for b, seq in enumerate(self._batch):
             seq.length += 1
             t = _now()
-            token = seq.sampler.sample(logits[b, -1])
-            u = _now()
-            ended = self._advance(seq, token, events)
+            try:
+                token = seq.sampler.sample(logits[b, -1])
+                u = _now()
+                ended = self._advance(seq, token, events)
+            except Exception as err:
+                self._fail([seq], err, events)  # its row is dropped by the next call
+                continue
             sampling += u - t
             detok += _now() - u
             if ended:

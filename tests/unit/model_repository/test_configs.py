@@ -120,7 +120,7 @@ def test_generation_config_uses_trtllm_names_and_is_decoupled():
     assert cfg.model_transaction_policy.decoupled and cfg.max_batch_size == 0
     names = {i.name: i for i in cfg.input}
     assert {"text_input", "max_tokens", "temperature", "top_p", "top_k", "random_seed", "repetition_penalty",
-            "presence_penalty", "frequency_penalty", "stop_words", "stream", "messages"} == set(names)
+            "presence_penalty", "frequency_penalty", "stop_words", "stream", "messages", "health"} == set(names)
     assert all(i.optional for i in cfg.input)
     assert names["random_seed"].data_type == mc.TYPE_UINT64 and names["stop_words"].dims == [-1]
     for name in ("presence_penalty", "frequency_penalty"):

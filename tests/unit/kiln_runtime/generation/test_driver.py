@@ -16,6 +16,8 @@ import pytest
 
 from kiln_runtime.contract import (
     GENERATION_INPUTS,
+    HEALTH,
+    HEALTH_FINISH_REASON,
     MAX_TOKENS,
     MESSAGES,
     PRESENCE_PENALTY,
@@ -29,7 +31,7 @@ from kiln_runtime.contract import (
 )
 from kiln_runtime.errors import InputError
 from kiln_runtime.generation.chat_template import ChatTemplate, encode_prompt
-from kiln_runtime.generation.driver import Driver, request_from_inputs
+from kiln_runtime.generation.driver import Driver, FaultPlan, request_from_inputs
 from kiln_runtime.generation.engine import Engine
 
 PROMPT = "Hello, who are you?"
@@ -285,7 +287,7 @@ def test_a_full_queue_is_unavailable_and_the_queued_requests_still_finish(served
     assert [o.sent[0][:3] for o in queued] == [("final", SCRIPT, "length")] * 2
 
 
-def test_a_failed_step_fails_the_requests_in_flight_and_serving_goes_on(served, tokenizer):
+def test_a_failed_decode_call_fails_its_batch_and_serving_goes_on(served, tokenizer):
     driver, runner, log = served()
     n = script_len(tokenizer)
     streaming, collecting = Outbox(), Outbox()
@@ -294,12 +296,211 @@ def test_a_failed_step_fails_the_requests_in_flight_and_serving_goes_on(served, 
     driver.step()
     runner.broken = True
     driver.step()
-    generic = ("error", "internal", "generation failed; see the server log")
-    assert streaming.sent[-1] == generic and collecting.sent == [generic]  # no internals for the client
-    assert log.lines == [("error", "kiln generate: engine step failed: RuntimeError('the decoder broke')")]
-    assert driver.num_pending == 0 and not driver.engine.has_work()
+    assert streaming.sent[-1] == GENERIC and collecting.sent == [GENERIC]  # no internals for the client
+    assert failures_logged(log) == ["RuntimeError('the decoder broke')"] * 2
+    assert driver.num_pending == 0 and not driver.engine.has_work() and driver.healthy
     runner.broken = False
     after = Outbox()
     driver.submit(inputs({TEXT_INPUT: PROMPT, MAX_TOKENS: n}), after, never)
     run_until_idle(driver)
     assert after.sent == [("final", SCRIPT, "length", len(tokenizer.encode(PROMPT).ids), n)]
+
+
+# ----------------------------------------------------------------------------- faults
+GENERIC = ("error", "internal", "generation failed for this request; see the server log")
+
+
+def failures_logged(log: Log) -> list[str]:
+    """The exceptions of the per-request failures in the log, in order."""
+    found = [re.fullmatch(r"kiln generate: request \w+ failed in [\w ]+: (.+)", line) for _, line in log.lines]
+    return [m.group(1) for m in found if m]
+
+
+class PoisonRunner(ScriptedRunner):
+    """The scripted decoder, except that a call fed the poison token raises."""
+
+    def __init__(self, inner: ScriptedRunner, poison: int):
+        self.__dict__.update(inner.__dict__)
+        self.poison = poison
+
+    def __call__(self, feeds):
+        if self.poison in feeds["input_ids"]:
+            raise RuntimeError("poisoned prompt")
+        return super().__call__(feeds)
+
+
+@pytest.mark.parametrize("prefill_chunk", [None, 4])
+def test_a_prompt_whose_prefill_fails_fails_alone(served, tokenizer, template, prefill_chunk):
+    driver, runner, log = served()
+    bad_prompt = "Zebra quartz!"
+    [poison, *_] = set(tokenizer.encode(bad_prompt).ids) - set(tokenizer.encode(PROMPT + SCRIPT).ids)
+    driver.engine.runner = PoisonRunner(runner, poison)
+    driver.engine.prefill_chunk = prefill_chunk  # 4: every prompt is prefilled in chunks while others decode
+    n = script_len(tokenizer)
+    first, bad, second = Outbox(), Outbox(), Outbox()
+    driver.submit(inputs({TEXT_INPUT: PROMPT, MAX_TOKENS: n, STREAM: True}), first, never)
+    driver.step()  # the first decodes from now on
+    driver.submit(inputs({TEXT_INPUT: bad_prompt}), bad, never)
+    driver.submit(inputs({TEXT_INPUT: PROMPT, MAX_TOKENS: n}), second, never)
+    run_until_idle(driver)
+    assert bad.sent == [GENERIC]
+    assert first.streamed + first.sent[-1][1] == SCRIPT and second.sent[0][:2] == ("final", SCRIPT)
+    assert failures_logged(log) == ["RuntimeError('poisoned prompt')"] and driver.healthy
+
+
+def test_a_row_whose_sampling_fails_fails_alone(served, tokenizer):
+    driver, _, log = served()
+    n = script_len(tokenizer)
+    good, bad = Outbox(), Outbox()
+    driver.submit(inputs({TEXT_INPUT: PROMPT, MAX_TOKENS: n}), good, never)
+    driver.submit(inputs({TEXT_INPUT: PROMPT, MAX_TOKENS: n, STREAM: True}), bad, never)
+    driver.step()
+    driver.step()  # both decode in one batch now
+    bad_id = list(driver.engine._running)[1]  # admitted in submission order
+
+    class Broken:
+        def sample(self, logits):
+            raise FloatingPointError("no distribution")
+
+    driver.engine._running[bad_id].sampler = Broken()  # a fake: the real sampler has no known failure
+    run_until_idle(driver)
+    assert bad.sent[-1] == GENERIC and {s[0] for s in bad.sent[:-1]} == {"text"}
+    assert good.sent == [("final", SCRIPT, "length", len(tokenizer.encode(PROMPT).ids), n)]
+    assert log.lines == [("error", f"kiln generate: request {bad_id} failed in the engine: "
+                                   "FloatingPointError('no distribution')")]
+
+
+def test_a_failed_send_fails_that_request_only_and_frees_its_slot(served, tokenizer, template):
+    _, runner, _ = served()
+    log = Log()
+    driver = Driver(Engine(runner, 1, 1, 1, [], 1, 128, tokenizer), tokenizer, template, log,
+                    faults=FaultPlan(send=2))
+    n = script_len(tokenizer)
+    streamed, waiting = Outbox(), Outbox()
+    driver.submit(inputs({TEXT_INPUT: PROMPT, MAX_TOKENS: n, STREAM: True}), streamed, never)
+    driver.submit(inputs({TEXT_INPUT: PROMPT, MAX_TOKENS: n}), waiting, never)  # waits for the only slot
+    run_until_idle(driver)
+    assert streamed.sent[-1] == GENERIC and len(streamed.sent) == 2  # one chunk, then the second send failed
+    assert waiting.sent == [("final", SCRIPT, "length", len(tokenizer.encode(PROMPT).ids), n)]
+    assert failures_logged(log) == ["InjectedFault('injected send failure')"]
+    assert driver.num_pending == 0 and driver.healthy
+
+
+def test_a_failing_cancellation_check_fails_that_request_only(served, tokenizer):
+    driver, _, log = served()
+    n = script_len(tokenizer)
+    calls = iter(range(100))
+
+    def flaky() -> bool:
+        if next(calls) == 2:
+            raise ConnectionError("client state unknown")
+        return False
+
+    doomed, fine = Outbox(), Outbox()
+    driver.submit(inputs({TEXT_INPUT: PROMPT, MAX_TOKENS: n}), doomed, flaky)
+    driver.submit(inputs({TEXT_INPUT: PROMPT, MAX_TOKENS: n}), fine, never)
+    run_until_idle(driver)
+    assert doomed.sent == [GENERIC] and fine.sent[0][:2] == ("final", SCRIPT)
+    assert failures_logged(log) == ["ConnectionError('client state unknown')"]
+    assert driver.num_pending == 0 and not driver.engine.has_work()
+
+
+def test_an_injected_step_failure_fails_the_step_and_serving_goes_on(served, tokenizer, template):
+    _, runner, _ = served()
+    log = Log()
+    driver = Driver(Engine(runner, 1, 1, 1, [], 4, 128, tokenizer), tokenizer, template, log,
+                    faults=FaultPlan.parse("step:2"))
+    n = script_len(tokenizer)
+    hit = [Outbox(), Outbox()]
+    for outbox in hit:
+        driver.submit(inputs({TEXT_INPUT: PROMPT, MAX_TOKENS: n, STREAM: True}), outbox, never)
+    driver.step()
+    driver.step()
+    assert [o.sent[-1] for o in hit] == [GENERIC, GENERIC]
+    assert ("error", "kiln generate: engine step failed: InjectedFault('injected engine step failure'); "
+                     "2 requests in flight failed") in log.lines
+    after = Outbox()
+    driver.submit(inputs({TEXT_INPUT: PROMPT, MAX_TOKENS: n}), after, never)
+    run_until_idle(driver)
+    assert after.sent[0][:2] == ("final", SCRIPT) and driver.healthy
+
+
+BROKEN = ("error", "unavailable", "the generation engine is broken: 3 engine steps in a row failed, the last with "
+                                  "RuntimeError('the decoder broke'); restart the model / server")
+
+
+def test_failing_steps_in_a_row_break_the_engine_and_new_requests_are_refused_at_once(served, tokenizer):
+    driver, runner, _ = served()
+
+    def one_request(broken: bool) -> Outbox:
+        runner.broken = broken
+        outbox = Outbox()
+        driver.submit(inputs({TEXT_INPUT: PROMPT, MAX_TOKENS: 2}), outbox, never)
+        run_until_idle(driver)
+        return outbox
+
+    assert [one_request(b).sent[-1][0] for b in (True, True, False, True, True)] == ["error", "error", "final",
+                                                                                     "error", "error"]
+    assert driver.healthy  # a success in between: never three failures in a row
+    assert one_request(True).sent == [GENERIC] and not driver.healthy
+    runner.broken = False
+    refused, probe = Outbox(), Outbox()
+    driver.submit(inputs({TEXT_INPUT: PROMPT}), refused, never)
+    driver.submit(inputs({HEALTH: True}), probe, never)
+    assert refused.sent == [BROKEN] and probe.sent == [BROKEN]  # answered inside submit: nothing waits
+    assert driver.num_pending == 0 and not driver.engine.has_work()
+
+
+def test_a_dead_stepping_thread_fails_its_requests_and_refuses_new_ones_at_once(served, tokenizer, template):
+    _, runner, _ = served()
+    log = Log()
+    driver = Driver(Engine(runner, 1, 1, 1, [], 4, 128, tokenizer), tokenizer, template, log,
+                    faults=FaultPlan.parse("loop:3"))
+    in_flight = Outbox()
+    driver.start()
+    try:
+        driver.submit(inputs({TEXT_INPUT: PROMPT, MAX_TOKENS: 50, STREAM: True}), in_flight, never)
+        assert in_flight.done.wait(30), "the request in flight was never answered"
+        driver._thread.join(30)
+        assert not driver._thread.is_alive()
+    finally:
+        driver.stop()
+    message = ("the generation engine is broken: its stepping thread died (InjectedFault('injected stepping-thread "
+               "death')); restart the model / server")
+    assert in_flight.sent[-1] == ("error", "unavailable", message) and in_flight.streamed
+    assert not driver.healthy and driver.broken_reason in message
+    late, probe = Outbox(), Outbox()
+    driver.submit(inputs({MESSAGES: json.dumps([{"role": "user", "content": "hi"}])}), late, never)
+    driver.submit(inputs({HEALTH: True}), probe, never)
+    assert late.sent == probe.sent == [("error", "unavailable", message)]
+    assert any("the stepping thread died" in line for _, line in log.lines)
+
+
+def test_a_health_probe_is_answered_at_once_without_work(served):
+    driver, _, _ = served()
+    probe = Outbox()
+    driver.submit(inputs({HEALTH: True}), probe, never)
+    assert probe.sent == [("final", "", HEALTH_FINISH_REASON, 0, 0)]
+    assert driver.num_pending == 0 and not driver.engine.has_work()
+
+
+def test_a_bug_while_submitting_fails_that_request_only(served, tokenizer):
+    driver, _, log = served()
+
+    def get(name):
+        raise KeyError(name)
+
+    broken, fine = Outbox(), Outbox()
+    driver.submit(get, broken, never)
+    driver.submit(inputs({TEXT_INPUT: PROMPT, MAX_TOKENS: 3}), fine, never)
+    run_until_idle(driver)
+    assert broken.sent == [GENERIC] and fine.sent[0][0] == "final"
+    assert failures_logged(log) == ["KeyError('health')"] and driver.num_pending == 0
+
+
+def test_fault_plans_parse_and_bad_ones_name_the_entry():
+    assert FaultPlan.parse("step:3, send:2,loop") == FaultPlan(step=3, send=2, loop=1)
+    assert FaultPlan.parse(None) is None and FaultPlan.parse("") is None
+    for bad in ("step", "step:0", "kill:1", "loop:x", "send:-1"):
+        with pytest.raises(ValueError, match=re.escape(f"KILN_FAULT_INJECT: {bad!r} is not one of")):
+            FaultPlan.parse(f"loop,{bad}")
