@@ -9,7 +9,8 @@
     GET  /metrics               Prometheus
 
 Every answer carries ``x-request-id`` (the client's, when it sent a sane one); errors use
-OpenAI's envelope. This module only wires the parts: the HTTP edges (``http.py``), the
+OpenAI's envelope. Without keys the gateway listens on loopback only (unless
+``allow_unauthenticated``), and every client shares the anonymous principal's limits. This module only wires the parts: the HTTP edges (``http.py``), the
 endpoints' logic (``endpoints.py``), the API surface (``protocol.py``), keys
 (``auth.py``), rate limits (``limits.py``) and Triton (``backend.py``).
 """
@@ -39,15 +40,16 @@ def request_schema(model) -> dict:
 
 
 def build_app(config: GatewayConfig, backend: TritonBackend | None = None) -> FastAPI:
-    """Reads repositories, tokenizers and keys now, so a bad config fails at start-up."""
+    """Reads repositories, tokenizers and keys now, so a bad config (or no keys on a public
+    address) fails at start-up."""
     gateway = Gateway(config, RateLimiter(),
                       backend or TritonBackend(config.triton_grpc, config.request_timeout_s))
 
     @asynccontextmanager
     async def lifespan(app):
         if not gateway.keys.enabled:
-            log.warning("no API keys configured: the gateway accepts every request (set %s or --keys-file)",
-                        config.keys_env)
+            log.warning("no API keys configured: the gateway on %s accepts every request, all sharing one "
+                        "anonymous limit (set %s or --keys-file)", config.host, config.keys_env)
         yield
         await gateway.backend.close()
 
@@ -73,5 +75,6 @@ def build_app(config: GatewayConfig, backend: TritonBackend | None = None) -> Fa
         return Response(gateway.metrics.render(), media_type=gateway.metrics.content_type)
 
     app.add_exception_handler(HTTPException, http_exception_response)
-    app.add_middleware(Edge, metrics=gateway.metrics, max_body=config.max_body_bytes)
+    app.add_middleware(Edge, metrics=gateway.metrics, max_body=config.max_body_bytes,
+                       max_in_flight=config.max_in_flight)
     return app

@@ -30,16 +30,18 @@ class Principal:
     limits: Limits
 
 
-ANONYMOUS = Principal("anonymous", Limits())
+ANONYMOUS = "anonymous"
 
 
 class KeyStore:
     """Digest -> principal. ``check`` hashes the presented key and compares it with every
     stored digest (hmac.compare_digest, no early exit), so timing reveals neither the key
-    nor which entry matched."""
+    nor which entry matched. Without keys every request is the one anonymous principal,
+    which has the default limits: all clients share its buckets."""
 
-    def __init__(self, entries: list[tuple[str, Principal]]):
+    def __init__(self, entries: list[tuple[str, Principal]], defaults: Limits = Limits()):
         self._entries = [(bytes.fromhex(d), p) for d, p in entries]
+        self.anonymous = Principal(ANONYMOUS, defaults)
 
     @property
     def enabled(self) -> bool:
@@ -50,7 +52,7 @@ class KeyStore:
 
     def check(self, presented: str | None) -> Principal | None:
         if not self._entries:
-            return ANONYMOUS
+            return self.anonymous
         if not presented:
             return None
         d = hashlib.sha256(presented.encode("utf-8", "surrogateescape")).digest()
@@ -67,7 +69,7 @@ class KeyStore:
             entries.append((digest(key), Principal(f"env-{i}", defaults)))
         if keys_file is not None:
             entries += _read_keys_file(Path(keys_file), defaults)
-        return cls(entries)
+        return cls(entries, defaults)
 
 
 def _read_keys_file(path: Path, defaults: Limits) -> list[tuple[str, Principal]]:

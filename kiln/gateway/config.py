@@ -8,6 +8,7 @@ Which models exist, their task and limits come from each repository's ``kiln.jso
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,10 +38,26 @@ class GatewayConfig(BaseModel):
     repositories: list[Path] = Field(default_factory=list, description="kiln model repositories Triton serves")
     keys_file: Path | None = None
     keys_env: str = KEYS_ENV
-    limits: Limits = Limits()  # default per-key limits (a key's own entry overrides)
+    limits: Limits = Limits()  # default per-key limits (a key's own entry overrides; keyless: the shared one)
+    allow_unauthenticated: bool = Field(False, description="serve without keys on a non-loopback host (anyone "
+                                                           "who reaches the port may use the models)")
     max_body_bytes: int = Field(1 << 20, ge=1024, description="larger request bodies get 413")
+    max_in_flight: int = Field(256, ge=1, description="API requests answered at once by this process; more get "
+                                                      "503 with Retry-After at once")
+    embeddings_deadline_s: float = Field(30.0, gt=0, description="an embeddings request past it: 504, cancelled")
+    generation_deadline_s: float = Field(600.0, gt=0, description="a generation past it: 504, cancelled in Triton")
     request_timeout_s: float = Field(600.0, gt=0)
     log_level: str = "info"
+
+
+def is_loopback(host: str) -> bool:
+    """Only this machine can reach ``host`` (a name other than localhost may resolve anywhere)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 @dataclass(frozen=True)

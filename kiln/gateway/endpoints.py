@@ -1,15 +1,22 @@
-"""What each endpoint does, with the checks in the order a client must fix things: key,
-body (size, JSON, fields), model, limits, then Triton.
+"""What each endpoint does, with the checks in the order a client must fix things and
+cheapest first: key and requests per minute, body (size, JSON, fields), model, tokens
+(counted off the event loop), token limits, then Triton under the route's deadline.
 
 Rate limits are reached through the ``Limiter`` interface only: a request reserves its
-expected tokens before Triton sees it and settles the reservation with the real usage.
+expected tokens before Triton sees it and every path ends that reservation explicitly.
+Before the first generated token only a client that leaves pays it (a refusal or a
+failure costs nothing); once output exists the real usage settles it, or, when the
+request ends any other way (the client left, a failure half-way), the whole reservation
+stays charged, so a limit cannot be dodged by disconnecting.
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator
 
+import anyio
 from pydantic import ValidationError
 from starlette.requests import Request
 from starlette.responses import Response
@@ -18,9 +25,23 @@ from tokenizers import Tokenizer
 from kiln.gateway import protocol
 from kiln.gateway.auth import KeyStore, Principal
 from kiln.gateway.backend import Chunk, TritonBackend
-from kiln.gateway.config import GatewayConfig, ServedModel, environ_keys, read_models
-from kiln.gateway.http import FastJSON, SSEResponse, sse, until_disconnect
-from kiln.gateway.limits import Limiter, RateLimited, TokenReservation
+from kiln.gateway.config import (
+    GatewayConfig,
+    GatewayError,
+    ServedModel,
+    environ_keys,
+    is_loopback,
+    read_models,
+)
+from kiln.gateway.http import (
+    CLIENT_GONE,
+    Deadline,
+    FastJSON,
+    SSEResponse,
+    sse,
+    until_disconnect,
+)
+from kiln.gateway.limits import Limiter, RateLimited, TokenReservation, TooLarge
 from kiln.gateway.metrics import Metrics
 from kiln.gateway.protocol import APIError
 from kiln_runtime import contract
@@ -51,12 +72,23 @@ class Gateway:
         self.config = config
         self.models: dict[str, ServedModel] = read_models(config.repositories)
         self.keys = KeyStore.load(config.keys_file, environ_keys(config), config.limits)
+        if not self.keys.enabled and not is_loopback(config.host) and not config.allow_unauthenticated:
+            raise GatewayError(
+                f"refusing to listen on {config.host} without API keys: anyone who reaches it could use the models. "
+                f"Configure keys (--keys-file or ${config.keys_env}), listen on 127.0.0.1, or pass "
+                "--allow-unauthenticated to serve everyone on purpose")
         self.limiter = limiter
         self.metrics = Metrics()
         self.backend = backend
         self.counters = token_counters(self.models)
 
     # --- checks, in the order a client must fix things
+    def admit(self, request: Request) -> Principal:
+        """The key, then one request of its per-minute budget: both before the body is read."""
+        who = self.principal(request)
+        self.check_request(who)
+        return who
+
     def principal(self, request: Request) -> Principal:
         header = request.headers.get("authorization")
         key = None
@@ -116,15 +148,28 @@ class Gateway:
         except RateLimited as err:
             raise self._rate_limited(err) from None
 
-    def reserve(self, who: Principal, tokens: int) -> TokenReservation:
+    def reserve(self, who: Principal, tokens: int, param: str) -> TokenReservation:
+        """Reserve ``tokens``; one that can never fit the key's budget is the client's to fix (400)."""
         try:
             return self.limiter.reserve(who, tokens)
         except RateLimited as err:
             raise self._rate_limited(err) from None
+        except TooLarge as err:
+            raise APIError(400, f"{param}: request too large: {err} for key {who.name!r}, so it can never be "
+                                "admitted; send less input or ask for fewer tokens.", param,
+                           "request_too_large") from None
 
     def _rate_limited(self, err: RateLimited) -> APIError:
         self.metrics.rate_limited.labels("tokens" if "token" in str(err) else "requests").inc()
         return APIError(429, str(err), None, "rate_limit_exceeded", retry_after=err.retry_after)
+
+    def check_budget(self, m: ServedModel, budget: int | None, field: str) -> None:
+        """A completion budget that can never fit the model's context (a prompt takes a token at least) is a 400."""
+        room = m.max_input_tokens - 1
+        if budget is not None and budget > room:
+            raise APIError(400, f"{field}: at most {room} tokens fit model {m.name!r}'s context of "
+                                f"{m.max_input_tokens} tokens (prompt + completion) (got {budget})", field,
+                           "context_length_exceeded")
 
     def count_tokens(self, m: ServedModel, texts: list[str]) -> list[int]:
         tok = self.counters[m.name]
@@ -142,65 +187,96 @@ class Gateway:
 
     # --- endpoints
     async def embeddings(self, request: Request) -> Response:
-        who = self.principal(request)
+        deadline = Deadline.after(self.config.embeddings_deadline_s)
+        who = self.admit(request)
         req = await self.body(request, protocol.EmbeddingRequest)
         m = self.model(req.model, "embedding", "/v1/embeddings")
         texts = req.texts()
         if req.dimensions is not None and m.dim and req.dimensions != m.dim:
             raise protocol.bad_request(f"dimensions: model {m.name!r} gives {m.dim}-dimensional embeddings and "
                                        f"cannot shorten them (got {req.dimensions}); leave it out", "dimensions")
-        used = sum(self.count_tokens(m, texts))  # counted exactly: the reservation is the usage
-        with self.reserve(who, used) as reservation:
-            try:
-                vectors = await self.backend.embed(m.name, texts, m.max_batch_size, request.state.request_id)
-            except APIError as err:
-                self._queue_rejected(err, m.name)
-                reservation.release()
-                raise
+        counts = await anyio.to_thread.run_sync(self.count_tokens, m, texts)  # a long batch must not stall the loop
+        used = sum(counts)  # counted exactly: the reservation is the usage
+        reservation = self.reserve(who, used, "input")
+        try:
+            vectors = await until_disconnect(
+                request, self.backend.embed(m.name, texts, m.max_batch_size, request.state.request_id), deadline)
+        except APIError as err:
+            self._queue_rejected(err, m.name)
+            reservation.settle(used if err.code == CLIENT_GONE else 0)  # a client that left pays; a refusal does not
+            raise
+        except BaseException:
+            reservation.release()  # a bug: the client is not charged for it
+            raise
+        reservation.settle(used)
         self.metrics.tokens.labels(m.name, "prompt").inc(used)
         return FastJSON(protocol.embeddings_response(m.name, vectors, req.encoding_format, used))
 
     async def chat(self, request: Request) -> Response:
-        who = self.principal(request)
+        deadline = Deadline.after(self.config.generation_deadline_s)
+        who = self.admit(request)
         req = await self.body(request, protocol.ChatCompletionRequest)
         m = self.model(req.model, "chat", "/v1/chat/completions")
         values = req.triton_inputs()
         prompt_chars = sum(len(x["content"]) for x in req.chat_messages())
-        return await self._generate(request, who, m, req, values, prompt_chars, chat=True)
+        return await self._generate(request, deadline, who, m, req, values, prompt_chars, chat=True)
 
     async def completions(self, request: Request) -> Response:
-        who = self.principal(request)
+        deadline = Deadline.after(self.config.generation_deadline_s)
+        who = self.admit(request)
         req = await self.body(request, protocol.CompletionRequest)
         m = self.model(req.model, "chat", "/v1/completions")
-        return await self._generate(request, who, m, req, req.triton_inputs(), len(req.prompt), chat=False)
+        return await self._generate(request, deadline, who, m, req, req.triton_inputs(), len(req.prompt), chat=False)
 
-    async def _generate(self, request: Request, who: Principal, m: ServedModel, req, values: dict, prompt_chars: int,
-                        chat: bool) -> Response:
-        reservation = self.reserve(who, generation_estimate(values.get(contract.MAX_TOKENS), prompt_chars))
+    def _reserve_generation(self, who: Principal, budget: int | None, field: str, prompt_chars: int,
+                            prompt_field: str) -> TokenReservation:
+        need = generation_estimate(budget, prompt_chars)
+        if budget is None and who.limits.tpm:
+            need = min(need, who.limits.tpm)  # our own guess at the length must not make a request unfittable
+        param = field if (budget or 0) >= prompt_chars // CHARS_PER_TOKEN else prompt_field
+        return self.reserve(who, need, param)
+
+    async def _generate(self, request: Request, deadline: Deadline, who: Principal, m: ServedModel, req, values: dict,
+                        prompt_chars: int, chat: bool) -> Response:
+        budget = values.get(contract.MAX_TOKENS)
+        self.check_budget(m, budget, req.budget_field())
+        reservation = self._reserve_generation(who, budget, req.budget_field(), prompt_chars,
+                                               "messages" if chat else "prompt")
         rid = request.state.request_id
         start = time.perf_counter()
         gen = self.backend.generate(m.name, values, rid)
+        metrics = self.metrics
 
         def account(last: Chunk | None) -> dict:
-            """Settle the reservation once: real usage when the generation ended, the whole
-            reservation when it did not (a client cannot dodge its limit by disconnecting)."""
+            """Settle the reservation once: the real usage when the generation ended, else the
+            whole reservation (the client left, or it failed half-way)."""
             use = protocol.usage(last.prompt_tokens, last.completion_tokens) if last else protocol.usage(0, 0)
             if not reservation.settled:
                 reservation.settle(use["total_tokens"] if last else reservation.tokens)
-                self.metrics.tokens.labels(m.name, "prompt").inc(use["prompt_tokens"])
-                self.metrics.tokens.labels(m.name, "completion").inc(use["completion_tokens"])
+                metrics.tokens.labels(m.name, "prompt").inc(use["prompt_tokens"])
+                metrics.tokens.labels(m.name, "completion").inc(use["completion_tokens"])
             return use
 
-        try:
-            first = await gen.__anext__()  # errors before the first token still get a proper status
-        except APIError as err:
-            self._queue_rejected(err, m.name)
-            reservation.release()  # refused before any work: nothing used
+        def gone(err: BaseException) -> bool:
+            left = isinstance(err, APIError) and err.code == CLIENT_GONE
+            if left:
+                metrics.cancelled.labels(m.name).inc()
+            return left
+
+        try:  # errors before the first token still get a proper status
+            first = await until_disconnect(request, anext(gen, None), deadline)
+            if first is None:
+                raise APIError(500, "The server had an error while processing your request.", None, "internal_error")
+        except BaseException as err:
+            if isinstance(err, APIError):
+                self._queue_rejected(err, m.name)
+            if gone(err):
+                account(None)  # it left while Triton worked on it: it pays, as it would have later
+            else:
+                reservation.release()  # refused or failed before any output: nothing used
+            await gen.aclose()
             raise
-        except StopAsyncIteration:
-            account(None)
-            raise APIError(500, "The server had an error while processing your request.", None, "internal_error")
-        self.metrics.ttft.labels(m.name).observe(time.perf_counter() - start)
+        metrics.ttft.labels(m.name).observe(time.perf_counter() - start)
         created, oid = protocol.now(), protocol.new_id("chatcmpl" if chat else "cmpl")
 
         if not req.stream:
@@ -212,7 +288,13 @@ class Gateway:
                 return "".join(parts), last
 
             try:
-                text, last = await until_disconnect(request, collect())
+                text, last = await until_disconnect(request, collect(), deadline)
+            except BaseException as err:
+                if isinstance(err, APIError):
+                    self._queue_rejected(err, m.name)
+                gone(err)
+                account(None)
+                raise
             finally:
                 await gen.aclose()
             use = account(last)
@@ -222,7 +304,6 @@ class Gateway:
             return FastJSON(body)
 
         include_usage = req.include_usage()
-        metrics = self.metrics
 
         def chunk(text: str | None, reason: str | None = None, use: dict | None = None, role: bool = False) -> bytes:
             if chat:
@@ -232,8 +313,15 @@ class Gateway:
             return sse(protocol.text_completion(oid, m.name, created, text, reason, use, chunk=True,
                                                 with_usage_field=include_usage))
 
+        async def next_chunk() -> Chunk:
+            try:
+                async with asyncio.timeout_at(deadline.at):
+                    return await gen.__anext__()
+            except TimeoutError:
+                raise deadline.expired() from None
+
         async def events() -> AsyncIterator[bytes]:
-            last, stamp, ended = first, time.perf_counter(), False
+            last, stamp = first, time.perf_counter()
             try:
                 if chat:
                     yield chunk("", role=True)
@@ -242,7 +330,7 @@ class Gateway:
                         yield chunk(last.text)
                     if last.final:
                         break
-                    last = await gen.__anext__()
+                    last = await next_chunk()
                     tick = time.perf_counter()
                     metrics.itl.labels(m.name).observe(tick - stamp)
                     stamp = tick
@@ -250,23 +338,25 @@ class Gateway:
                 yield chunk("", protocol.finish_reason(last.finish_reason))
                 if include_usage:
                     yield chunk(None, use=use)
-                ended = True
             except APIError as err:  # after the first token: reported in-band, as OpenAI does
                 self._queue_rejected(err, m.name)
                 account(None)
-                yield sse(err.body())
-                ended = True
-            finally:
-                if not ended:
-                    metrics.cancelled.labels(m.name).inc()
-                    account(None)
                 await gen.aclose()
+                yield sse(err.body())
             yield sse("[DONE]")
 
-        return SSEResponse(events(), headers={"cache-control": "no-cache", "x-accel-buffering": "no"})
+        async def close() -> None:
+            """Whatever ended the stream (its end, an error, the client leaving before or
+            during it): the reservation is settled and the Triton request closed."""
+            if not reservation.settled:
+                metrics.cancelled.labels(m.name).inc()
+                account(None)
+            await gen.aclose()
+
+        return SSEResponse(events(), on_close=close, headers={"cache-control": "no-cache", "x-accel-buffering": "no"})
 
     async def list_models(self, request: Request) -> Response:
-        self.check_request(self.principal(request))  # counts against the key's requests per minute
+        self.admit(request)  # counts against the key's requests per minute
         data = [protocol.model_card(m.name, m.created, task=m.task, max_input_tokens=m.max_input_tokens)
                 for m in self.models.values()]
         return FastJSON({"object": "list", "data": data})

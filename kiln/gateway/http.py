@@ -1,9 +1,11 @@
 """The gateway's HTTP edges: what every request passes through before and after an endpoint.
 
 The ``Edge`` middleware gives each request its id (the client's ``x-request-id`` when it
-is sane), refuses an oversized body from its Content-Length before reading it, and counts
-requests by route. Errors leave in OpenAI's envelope; streams are server-sent events that
-end the generation as soon as the client goes away.
+is sane), refuses an oversized body from its Content-Length before reading it, turns away
+API requests beyond the in-flight cap at once (503, Retry-After), and counts requests by
+route. Errors leave in OpenAI's envelope. Work waits for Triton under ``until_disconnect``
+with the route's ``Deadline``: a client that leaves or a deadline that passes cancels it
+(and with it the Triton request); streams are server-sent events that do the same.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import re
 import time
 import uuid
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 
 import anyio
 import orjson
@@ -29,13 +32,17 @@ log = logging.getLogger("kiln.gateway")
 
 ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/models", "/health", "/ready", "/metrics")
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+RETRY_AFTER_BUSY_S = 1.0
+CLIENT_GONE = "client_closed_request"
 
 
 class Edge:
-    """Pure ASGI middleware: request id, early 413 on Content-Length, metrics by route."""
+    """Pure ASGI middleware: request id, early 413 on Content-Length, the in-flight cap on
+    the API routes (health, readiness and metrics stay answerable), metrics by route."""
 
-    def __init__(self, app, metrics: Metrics, max_body: int):
-        self.app, self.metrics, self.max_body = app, metrics, max_body
+    def __init__(self, app, metrics: Metrics, max_body: int, max_in_flight: int):
+        self.app, self.metrics, self.max_body, self.max_in_flight = app, metrics, max_body, max_in_flight
+        self.busy = 0  # API requests being answered (one event loop: no lock needed)
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -62,15 +69,23 @@ class Edge:
 
         metrics = self.metrics
         start = time.perf_counter()
+        capped = route.startswith("/v1/")
         metrics.in_flight.inc()
         try:
-            if length is not None and length.isdigit() and int(length) > self.max_body:
+            if capped and self.busy >= self.max_in_flight:
+                capped = False  # not counted in: it is answered now
+                err = APIError(503, f"The gateway is answering its limit of {self.max_in_flight} requests at once; "
+                                    "retry shortly.", None, "overloaded", retry_after=RETRY_AFTER_BUSY_S)
+                await error_response(err).__call__(scope, receive, send_with_id)
+            elif length is not None and length.isdigit() and int(length) > self.max_body:
                 err = APIError(413, f"Request body is {int(length)} bytes; this server accepts at most "
                                     f"{self.max_body} bytes. Send fewer or shorter inputs.", None, "request_too_large")
                 await error_response(err).__call__(scope, receive, send_with_id)
             else:
+                self.busy += capped
                 await self.app(scope, receive, send_with_id)
         finally:
+            self.busy -= capped
             metrics.in_flight.dec()
             metrics.requests.labels(route, str(status[0])).inc()
             metrics.latency.labels(route).observe(time.perf_counter() - start)
@@ -106,9 +121,15 @@ class FastJSON(JSONResponse):
 class SSEResponse(StreamingResponse):
     """Server-sent events that stop the generation the moment the client goes away:
     the stream runs beside a listener for ``http.disconnect``; whichever ends first ends
-    both, and the body iterator is always closed (which cancels the Triton request)."""
+    both. The body iterator is always closed and ``on_close`` always runs, even when the
+    client left before the first event (a body never started runs no ``finally``): that is
+    where the Triton request is cancelled and the reservation settled."""
 
     media_type = "text/event-stream"
+
+    def __init__(self, content, on_close: Callable[[], Awaitable[None]], **kw):
+        super().__init__(content, **kw)
+        self.on_close = on_close
 
     async def __call__(self, scope, receive, send):
         try:
@@ -124,7 +145,10 @@ class SSEResponse(StreamingResponse):
                 await self.listen_for_disconnect(receive)
                 tg.cancel_scope.cancel()
         finally:
-            await self.body_iterator.aclose()
+            try:
+                await self.body_iterator.aclose()
+            finally:
+                await self.on_close()
 
 
 def sse(obj: dict | str) -> bytes:
@@ -132,9 +156,29 @@ def sse(obj: dict | str) -> bytes:
     return b"data: " + data + b"\n\n"
 
 
-async def until_disconnect(request: Request, work: Awaitable):
-    """Run ``work``; if the client disconnects first, cancel it (its generator closes and
-    the Triton request is cancelled) and answer nothing."""
+@dataclass(frozen=True)
+class Deadline:
+    """A route's time budget for one request, on the event loop's clock."""
+
+    seconds: float
+    at: float
+
+    @classmethod
+    def after(cls, seconds: float) -> "Deadline":
+        return cls(seconds, asyncio.get_running_loop().time() + seconds)
+
+    def left(self) -> float:
+        return max(0.0, self.at - asyncio.get_running_loop().time())
+
+    def expired(self) -> APIError:
+        return APIError(504, f"The request did not finish within its deadline of {self.seconds:g} s and was "
+                             "cancelled; retry later, or ask for less work.", None, "deadline_exceeded")
+
+
+async def until_disconnect(request: Request, work: Awaitable, deadline: Deadline):
+    """Run ``work`` until it ends, the client disconnects (499, nobody reads it) or the
+    deadline passes (504). In the last two cases it is cancelled: a generator waiting on
+    Triton closes, which cancels the Triton request. Cancelled itself, it cancels ``work``."""
     task = asyncio.ensure_future(work)
 
     async def gone():
@@ -142,18 +186,26 @@ async def until_disconnect(request: Request, work: Awaitable):
             pass
 
     watcher = asyncio.ensure_future(gone())
+    stopped = False
     try:
-        done, _ = await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait({task, watcher}, timeout=deadline.left(), return_when=asyncio.FIRST_COMPLETED)
     finally:
         watcher.cancel()
-    if task in done:
+        if not task.done():
+            stopped = True
+            task.cancel()
+            try:
+                await task
+            except (asyncio.CancelledError, Exception):
+                pass
+    if not stopped:
         return task.result()
-    task.cancel()
-    try:
-        await task
-    except (asyncio.CancelledError, Exception):
-        pass
-    raise APIError(499, "client closed the request", None, "client_closed_request")
+    if watcher.done() and not watcher.cancelled():
+        raise APIError(499, "client closed the request", None, CLIENT_GONE)
+    raise deadline.expired()
+
+
+QUIET_CODES = ("triton_unavailable", "shutting_down", "overloaded")
 
 
 def guarded(handler: Callable[[Request], Awaitable[Response]]):
@@ -164,7 +216,8 @@ def guarded(handler: Callable[[Request], Awaitable[Response]]):
         try:
             return await handler(request)
         except APIError as err:
-            if err.status >= 500:
+            # an outage is logged once by the backend ("unreachable" / "back"), not per refused request
+            if err.status >= 500 and err.code not in QUIET_CODES:
                 log.warning("request %s: %s %s", request.state.request_id, err.status, err.message)
             return error_response(err)
         except Exception:

@@ -1,10 +1,12 @@
 """Per-key rate limits: the interface the endpoints use, and its in-memory implementation.
 
 Limits are token buckets that refill continuously (OpenAI describes its own limits this
-way): ``rpm`` requests and ``tpm`` tokens per minute. A request takes one request token
-and reserves its expected tokens up front (a ``TokenReservation``); once the real usage
-is known the reservation is settled, so a key may briefly go into debt and then waits
-until the bucket refills. Endpoints depend on ``Limiter`` only, so a limiter shared by
+way): ``rpm`` requests and ``tpm`` tokens per minute. A request is admitted first (one
+request token: cheap, before its body is read or tokenized), then reserves its expected
+tokens (a ``TokenReservation``); once the real usage is known the reservation is settled,
+so a key may briefly go into debt and then waits until the bucket refills. A request
+larger than the whole bucket can never be admitted: ``TooLarge`` (a 400, since a client
+retries a 429 forever). Endpoints depend on ``Limiter`` only, so a limiter shared by
 several gateway processes (Redis) can replace ``RateLimiter`` without touching them.
 """
 
@@ -25,14 +27,23 @@ class RateLimited(Exception):
         self.retry_after = retry_after
 
 
+class TooLarge(Exception):
+    """A request that needs more tokens than the key's whole per-minute budget: waiting never helps."""
+
+    def __init__(self, tokens: int, tpm: int):
+        super().__init__(f"it needs about {tokens} tokens, more than the limit of {tpm} tokens per minute")
+        self.tokens, self.tpm = tokens, tpm
+
+
 class Limiter(Protocol):
     """What the endpoints need from a rate limiter."""
 
     def check_request(self, principal: Principal) -> None:
-        """Take one request (no tokens); raise RateLimited with the wait."""
+        """Take one request (no tokens; a key in token debt waits too); raise RateLimited with the wait."""
 
     def reserve(self, principal: Principal, tokens: int) -> TokenReservation:
-        """Take one request and reserve ``tokens`` in one step; raise RateLimited with the wait."""
+        """Reserve ``tokens`` for a request already admitted by ``check_request``; raise
+        RateLimited with the wait, or TooLarge when no wait would do."""
 
     def refund(self, principal: Principal, tokens: int) -> None:
         """Give ``tokens`` back to the key's budget (negative: charge them as debt)."""
@@ -96,39 +107,41 @@ class RateLimiter:
         self._lock = threading.Lock()
         self._buckets: dict[tuple[str, str], Bucket] = {}
 
-    def _bucket(self, who: str, kind: str, per_minute: int) -> Bucket:
+    def _bucket(self, who: str, kind: str, per_minute: int, now: float) -> Bucket:
+        """The principal's bucket of ``kind``, refilled to ``now`` (call with the lock held)."""
         b = self._buckets.get((who, kind))
         if b is None or b.capacity != per_minute:
             b = self._buckets[(who, kind)] = Bucket(per_minute, per_minute / 60.0)
+        b.refill(now)
         return b
 
     def check_request(self, principal: Principal) -> None:
         """A key in token debt waits too: even a request without tokens needs one in the bucket."""
-        self.reserve(principal, 0)
-
-    def reserve(self, principal: Principal, tokens: int) -> TokenReservation:
         lim = principal.limits
         with self._lock:
             now = self._clock()
-            req = self._bucket(principal.name, "requests", lim.rpm) if lim.rpm else None
-            tok = self._bucket(principal.name, "tokens", lim.tpm) if lim.tpm else None
-            for b in (req, tok):
-                if b is not None:
-                    b.refill(now)
+            req = self._bucket(principal.name, "requests", lim.rpm, now) if lim.rpm else None
+            tok = self._bucket(principal.name, "tokens", lim.tpm, now) if lim.tpm else None
             if req is not None and req.level < 1:
                 raise RateLimited(f"Rate limit reached: {lim.rpm} requests per minute for key {principal.name!r}",
                                   req.wait_for(1))
-            if tok is not None:
-                if tokens > tok.capacity:
-                    raise RateLimited(
-                        f"Request too large: it needs about {tokens} tokens, over the limit of {lim.tpm} tokens per "
-                        f"minute for key {principal.name!r}; send less input or lower max_tokens", 60.0)
+            if tok is not None and tok.level < 1:
+                raise RateLimited(f"Rate limit reached: {lim.tpm} tokens per minute for key {principal.name!r}",
+                                  tok.wait_for(1))
+            if req is not None:
+                req.level -= 1
+
+    def reserve(self, principal: Principal, tokens: int) -> TokenReservation:
+        lim = principal.limits
+        if lim.tpm:
+            if tokens > lim.tpm:
+                raise TooLarge(tokens, lim.tpm)
+            with self._lock:
+                tok = self._bucket(principal.name, "tokens", lim.tpm, self._clock())
                 if tok.level < max(tokens, 1):
                     raise RateLimited(f"Rate limit reached: {lim.tpm} tokens per minute for key {principal.name!r}",
                                       tok.wait_for(max(tokens, 1)))
                 tok.level -= tokens
-            if req is not None:
-                req.level -= 1
         return TokenReservation(self, principal, tokens)
 
     def refund(self, principal: Principal, tokens: int) -> None:
@@ -136,6 +149,5 @@ class RateLimiter:
         if not lim.tpm:
             return
         with self._lock:
-            b = self._bucket(principal.name, "tokens", lim.tpm)
-            b.refill(self._clock())
+            b = self._bucket(principal.name, "tokens", lim.tpm, self._clock())
             b.level = min(b.capacity, b.level + tokens)

@@ -4,12 +4,15 @@ OpenAI's API reference documents them, and each request's conversion to Triton i
 Every field OpenAI defines is either honoured or answered with a 400 that says what is
 supported: nothing is silently ignored. Unknown fields are a 400 too, as OpenAI does
 ("Unrecognized request argument"). Extras beyond OpenAI (vLLM's names) are marked.
+Numbers are checked here against what their Triton tensor can hold (an int32 would wrap
+2**32 + 5 to 5) and what the model accepts; NaN and infinities are refused.
 """
 
 from __future__ import annotations
 
 import base64
 import json
+import re
 import time
 import uuid
 from typing import Any, Literal
@@ -21,6 +24,18 @@ from kiln_runtime import contract
 
 MAX_STOP = 4  # OpenAI allows up to 4 stop sequences
 MAX_EMBEDDING_INPUTS = 2048  # OpenAI's limit on inputs per embeddings request
+SEED_LIMIT = 2**63  # the generation model takes seeds in [0, 2**63) (kiln_runtime.generation.params)
+
+
+def tensor_max(name: str) -> int | float:
+    """The largest value a generation input's tensor holds: a larger one would wrap or overflow."""
+    dtype = next(t.dtype for t in contract.GENERATION_INPUTS if t.name == name)
+    if np.issubdtype(dtype, np.integer):
+        return int(np.iinfo(dtype).max)
+    return float(np.finfo(dtype).max)
+
+
+MAX_TOKENS_LIMIT = tensor_max(contract.MAX_TOKENS)
 
 
 class APIError(Exception):
@@ -28,7 +43,8 @@ class APIError(Exception):
     internals (the cause is logged with the request id)."""
 
     TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
-             413: "invalid_request_error", 429: "rate_limit_error", 503: "service_unavailable", 500: "server_error"}
+             413: "invalid_request_error", 429: "rate_limit_error", 503: "service_unavailable", 500: "server_error",
+             504: "server_error"}
 
     def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
                  retry_after: float | None = None, headers: dict[str, str] | None = None):
@@ -60,14 +76,33 @@ def _refuse(message: str, allowed=(None, False, 0, "", [], {})):
 
 class _Request(BaseModel):
     # OpenAI rejects unknown arguments; so do we (a typo must not silently change nothing)
-    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
+
+
+_UNION_TAG = re.compile(r"^(str|int|float|bool)$|\[")  # pydantic names the member of a union it tried
+
+
+def _fields(loc: tuple) -> tuple:
+    return tuple(p for p in loc if isinstance(p, int) or not _UNION_TAG.search(p))
+
+
+def field_path(loc: tuple) -> str:
+    """pydantic's location as a client reads it: ``messages[0].content`` (union members left out)."""
+    out = ""
+    for part in _fields(loc):
+        out += f"[{part}]" if isinstance(part, int) else f".{part}" if out else part
+    return out
 
 
 def validation_error(err: ValidationError) -> APIError:
-    """The first pydantic error as OpenAI's 400: param is the dotted field path."""
-    e = err.errors()[0]
-    loc = ".".join(str(p) for p in e["loc"])
-    if e["type"] == "extra_forbidden":
+    """The first field's error as OpenAI's 400: param is the field's path. Of the tries of a
+    union (a string, or a list of parts) the one that got deepest says what is wrong."""
+    errors = err.errors()
+    first = _fields(errors[0]["loc"])
+    e = max((x for x in errors if _fields(x["loc"])[:len(first)] == first), key=lambda x: len(_fields(x["loc"])))
+    loc = field_path(e["loc"])
+    if e["type"] == "extra_forbidden":  # the unknown name itself, whatever it looks like
+        loc = ".".join(filter(None, (field_path(e["loc"][:-1]), str(e["loc"][-1]))))
         return APIError(400, f"Unrecognized request argument supplied: {loc}", loc, "unknown_parameter")
     if e["type"] == "missing":
         return APIError(400, f"Missing required parameter: '{loc}'.", loc, "missing_required_parameter")
@@ -107,10 +142,10 @@ class _Sampling(_Request):
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     logit_bias: dict[str, float] | None = None
     logprobs: bool | int | None = None
-    max_tokens: int | None = Field(None, ge=1)
+    max_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS_LIMIT)
     n: int = 1
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
-    seed: int | None = Field(None, ge=0, lt=2**63)
+    seed: int | None = Field(None, ge=0, le=min(SEED_LIMIT - 1, tensor_max(contract.RANDOM_SEED)))
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -118,8 +153,8 @@ class _Sampling(_Request):
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     user: str | None = None
     # extras (vLLM's names), not in OpenAI's API
-    top_k: int = Field(0, ge=0)
-    repetition_penalty: float = Field(1.0, gt=0.0)
+    top_k: int = Field(0, ge=0, le=tensor_max(contract.TOP_K))
+    repetition_penalty: float = Field(1.0, gt=0.0, le=tensor_max(contract.REPETITION_PENALTY))
 
     @field_validator("n")
     @classmethod
@@ -145,6 +180,10 @@ class _Sampling(_Request):
     def stops(self) -> list[str]:
         return list(self.stop or [])
 
+    def budget_field(self) -> str:
+        """The field a client set its completion budget with (named in errors about it)."""
+        return "max_tokens"
+
     def include_usage(self) -> bool:
         return bool(self.stream and self.stream_options and self.stream_options.include_usage)
 
@@ -165,7 +204,7 @@ class _Sampling(_Request):
 
 class ChatCompletionRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS_LIMIT)
     response_format: dict | None = None
     tools: list | None = None
     tool_choice: Any = None
@@ -191,6 +230,9 @@ class ChatCompletionRequest(_Sampling):
             raise ValueError("tool_choice is not supported (no tools); leave it out")
         return v
 
+    def budget_field(self) -> str:
+        return "max_completion_tokens" if self.max_completion_tokens is not None else "max_tokens"
+
     def completion_budget(self) -> int | None:
         if self.max_completion_tokens is not None and self.max_tokens is not None \
                 and self.max_completion_tokens != self.max_tokens:
@@ -202,6 +244,10 @@ class ChatCompletionRequest(_Sampling):
         return [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in self.messages]
 
     def triton_inputs(self) -> dict[str, Any]:
+        for i, m in enumerate(self.messages):
+            if m.content is None and m.role != "assistant":  # only an assistant turn may be empty (OpenAI's rule)
+                raise bad_request(f"messages[{i}].content: a {m.role} message needs content (a string or text "
+                                  "parts)", f"messages[{i}].content", "missing_required_parameter")
         if not any(m.role == "user" for m in self.messages):
             raise bad_request("messages: include at least one message with role 'user'", "messages")
         return {contract.MESSAGES: json.dumps(self.chat_messages(), ensure_ascii=False),
@@ -245,7 +291,7 @@ class EmbeddingRequest(_Request):
     input: str | list[str] | list[int] | list[list[int]]
     model: str
     encoding_format: Literal["float", "base64"] = "float"
-    dimensions: int | None = Field(None, ge=1)
+    dimensions: int | None = Field(None, ge=1, le=MAX_TOKENS_LIMIT)
     user: str | None = None
 
     def texts(self) -> list[str]:

@@ -1,11 +1,13 @@
-"""The assembled app: a bug anywhere behind a route is a generic 500, logged with the request id."""
+"""The assembled app: a bug anywhere behind a route is a generic 500, logged with the
+request id; without keys it refuses to start on an address others can reach."""
 
 from __future__ import annotations
 
+import pytest
 from starlette.testclient import TestClient
 
 from kiln.gateway.app import build_app
-from kiln.gateway.config import GatewayConfig
+from kiln.gateway.config import GatewayConfig, GatewayError
 
 
 class _BrokenBackend:
@@ -27,3 +29,23 @@ def test_a_bug_is_a_generic_500_logged_with_the_request_id(make_repository, capl
     err = r.json()["error"]
     assert err["type"] == "server_error" and "bug-1" in err["message"] and "secret" not in r.text
     assert any("bug-1" in rec.getMessage() and rec.exc_info for rec in caplog.records)
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "::", "192.168.1.5", "gateway.example"])
+def test_without_keys_a_public_address_needs_allow_unauthenticated(make_repository, host):
+    repo = make_repository("emb", "feature-extraction")
+    with pytest.raises(GatewayError, match="--allow-unauthenticated"):
+        build_app(GatewayConfig(host=host, repositories=[repo], keys_env="KILN_TEST_NO_KEYS"))
+    build_app(GatewayConfig(host=host, repositories=[repo], keys_env="KILN_TEST_NO_KEYS", allow_unauthenticated=True))
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "127.0.0.2", "::1", "localhost"])
+def test_without_keys_loopback_serves(make_repository, host):
+    build_app(GatewayConfig(host=host, repositories=[make_repository("emb", "feature-extraction")],
+                            keys_env="KILN_TEST_NO_KEYS"))
+
+
+def test_with_keys_a_public_address_serves(make_repository, monkeypatch):
+    monkeypatch.setenv("KILN_TEST_APP_KEYS", "sk-a")
+    build_app(GatewayConfig(host="0.0.0.0", repositories=[make_repository("emb", "feature-extraction")],
+                            keys_env="KILN_TEST_APP_KEYS"))

@@ -24,3 +24,11 @@ def test_no_keys_means_open_and_bad_key_files_fail_at_start(tmp_path):
         (tmp_path / "k.yaml").write_text(text)
         with pytest.raises(GatewayError):
             KeyStore.load(tmp_path / "k.yaml", [], Limits())
+
+
+def test_without_keys_every_client_shares_the_anonymous_limits(make_gateway):
+    client = make_gateway(limits={"rpm": 2})
+    assert client.get("/v1/models").status_code == 200
+    assert client.get("/v1/models", headers={"authorization": "Bearer anything"}).status_code == 200
+    r = client.get("/v1/models", headers={"authorization": "Bearer something-else"})  # another client, same bucket
+    assert r.status_code == 429 and "'anonymous'" in r.json()["error"]["message"] and r.headers["retry-after"]

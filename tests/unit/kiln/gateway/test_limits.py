@@ -9,7 +9,7 @@ import pytest
 
 from kiln.gateway.auth import Principal
 from kiln.gateway.config import Limits
-from kiln.gateway.limits import RateLimited, RateLimiter
+from kiln.gateway.limits import RateLimited, RateLimiter, TooLarge
 
 
 class Clock:
@@ -42,8 +42,18 @@ def test_tokens_per_minute_reserve_and_settle():
     assert err.value.retry_after > 10
     clock.t += 60
     rl.reserve(who, 10)
-    with pytest.raises(RateLimited, match="Request too large"):
+    with pytest.raises(TooLarge):  # more than the whole bucket: no wait would ever do
         rl.reserve(who, 601)
+
+
+def test_admission_takes_the_request_and_the_reservation_only_tokens():
+    """A request is counted once, when it is admitted (before its body is read or tokenized)."""
+    rl, who = RateLimiter(Clock()), Principal("k", Limits(rpm=1, tpm=600))
+    rl.check_request(who)
+    for _ in range(3):
+        rl.reserve(who, 10).settle(10)
+    with pytest.raises(RateLimited, match="1 requests per minute"):
+        rl.check_request(who)
 
 
 def test_limits_are_per_key():

@@ -12,6 +12,7 @@ from pydantic import ValidationError
 
 from kiln.gateway import protocol
 from kiln.gateway.backend import GEN_INPUTS, generation_inputs
+from kiln_runtime.contract import GENERATION_INPUTS
 
 
 def chat(**kw):
@@ -63,7 +64,9 @@ def test_openai_defaults_apply():
         ({"response_format": {"type": "json_object"}}, "response_format"),
         ({"max_tokens": 0}, "max_tokens"),
         ({"messages": []}, "messages"),
-        ({"messages": [{"role": "tool", "content": "x"}]}, "messages.0.role"),
+        ({"messages": [{"role": "tool", "content": "x"}]}, "messages[0].role"),
+        ({"messages": [{"role": "user", "content": [{"type": "image_url", "text": "x"}]}]},
+         "messages[0].content[0].type"),
         ({"mystery": 1}, "mystery"),
         ({"stream": "yes"}, "stream"),
     ],
@@ -100,3 +103,62 @@ def test_stream_chunks_carry_usage_field_only_when_asked():
     assert "usage" not in c and c["object"] == "chat.completion.chunk"
     last = protocol.chat_chunk("id", "m", 1, None, use=protocol.usage(3, 2), with_usage_field=True)
     assert last["choices"] == [] and last["usage"]["total_tokens"] == 5
+
+
+def raw_chat(fields: str):
+    """A chat body with raw JSON ``fields`` spliced in (NaN and Infinity are not JSON, so no json.dumps)."""
+    return protocol.ChatCompletionRequest.model_validate_json(
+        '{"model": "m", "messages": [{"role": "user", "content": "hi"}], ' + fields + "}")
+
+
+@pytest.mark.parametrize(
+    "fields, param",
+    [
+        ('"max_tokens": 4294967301', "max_tokens"),  # 2**32 + 5: would wrap to 5 in int32
+        ('"max_tokens": 9223372036854775808', "max_tokens"),  # 2**63
+        ('"max_tokens": 18446744073709551616', "max_tokens"),  # 2**64
+        ('"max_completion_tokens": 2147483648', "max_completion_tokens"),
+        ('"top_k": 4294967296', "top_k"),  # 2**32: would wrap to 0 (off)
+        ('"seed": 18446744073709551616', "seed"),  # past uint64
+        ('"seed": 9223372036854775808', "seed"),  # uint64, but past what the model accepts
+        ('"seed": -1', "seed"),
+        ('"temperature": NaN', "temperature"),
+        ('"top_p": Infinity', "top_p"),
+        ('"repetition_penalty": Infinity', "repetition_penalty"),
+        ('"repetition_penalty": 1e39', "repetition_penalty"),  # past float32: would arrive as inf
+        ('"presence_penalty": -Infinity', "presence_penalty"),
+        ('"frequency_penalty": 1e999', "frequency_penalty"),
+    ],
+)
+def test_numbers_beyond_their_tensor_or_the_model_name_their_field(fields, param):
+    err = error_of(lambda: raw_chat(fields))
+    assert err.status == 400 and err.param == param, (err.param, err.message)
+
+
+def test_the_largest_accepted_numbers_reach_triton_unchanged():
+    """Bounds come from the contract's dtypes: what the protocol admits, the tensor holds exactly."""
+    values = chat(max_tokens=2**31 - 1, top_k=2**31 - 1, seed=2**63 - 1, repetition_penalty=3e38).triton_inputs()
+    dtypes = {t.name: t.dtype for t in GENERATION_INPUTS}
+    for name in ("max_tokens", "top_k", "random_seed", "repetition_penalty"):
+        held = np.array([values[name]], dtype=dtypes[name])[0]
+        assert np.isfinite(held) and held.item() == pytest.approx(values[name], rel=1e-6), name
+
+
+@pytest.mark.parametrize("message", [{"role": "user"}, {"role": "user", "content": None},
+                                     {"role": "system", "content": None}])
+def test_a_message_without_content_names_it(message):
+    req = chat(messages=[{"role": "user", "content": "first"}, message])
+    err = error_of(req.triton_inputs)
+    assert err.status == 400 and err.param == "messages[1].content", err.message
+    assert err.message.startswith("messages[1].content")
+
+
+def test_an_assistant_turn_may_be_empty():
+    req = chat(messages=[{"role": "user", "content": "hi"}, {"role": "assistant", "content": None},
+                         {"role": "user", "content": "again"}])
+    assert json.loads(req.triton_inputs()["messages"])[1] == {"role": "assistant", "content": ""}
+
+
+def test_union_members_are_left_out_of_the_param():
+    err = error_of(lambda: protocol.EmbeddingRequest.model_validate_json('{"model": "m", "input": 5}'))
+    assert err.param == "input", err.param
