@@ -122,6 +122,15 @@ GatewayPortOpt = typer.Option(9000, "--gateway-port", help="port of the OpenAI-c
 RpmOpt = typer.Option(None, help="default requests per minute per key")
 TpmOpt = typer.Option(None, help="default tokens per minute per key")
 KeysFileOpt = typer.Option(None, "--keys-file", help=f"YAML list of API keys (see README); also env {KEYS_ENV}")
+AllowUnauthenticatedOpt = typer.Option(False, "--allow-unauthenticated",
+                                       help="serve a non-loopback address without API keys (anyone who can reach it)")
+
+
+def _auth_option(allow_unauthenticated: bool | None) -> dict:
+    """GatewayConfig's allow_unauthenticated, where this version of the config has it (None: the config file's)."""
+    from kiln.gateway.config import GatewayConfig
+
+    return {"allow_unauthenticated": allow_unauthenticated} if "allow_unauthenticated" in GatewayConfig.model_fields else {}
 
 
 @app.command()
@@ -137,11 +146,18 @@ def serve(
     keys_file: Optional[Path] = KeysFileOpt,
     rpm: Optional[int] = RpmOpt,
     tpm: Optional[int] = TpmOpt,
+    allow_unauthenticated: bool = AllowUnauthenticatedOpt,
+    max_restarts: int = typer.Option(5, min=0, help="restart Triton when it dies, at most this often in 5 minutes "
+                                                    "(waiting 1, 2, 4 ... 30 s); 0: exit 1 when it dies"),
+    drain_timeout: float = typer.Option(30.0, min=0, help="on Ctrl-C / SIGTERM: seconds in-flight requests may "
+                                                          "finish (new ones get 503) before Triton stops"),
 ):
-    """Start Triton on the specs' repositories and the OpenAI gateway in front; Ctrl-C stops both."""
+    """Start Triton on the specs' repositories and the OpenAI gateway in front; Triton is
+    restarted when it dies; Ctrl-C / SIGTERM drains the gateway, then stops both."""
     from kiln.gateway.config import GatewayConfig, Limits
     from kiln.server import ServerError
     from kiln.stack import GatewayOptions, Stack
+    from kiln.supervisor import Backoff, GaveUp, Supervisor
 
     loaded = [_spec(x, workdir, ports=_ports(http_port, grpc_port, metrics_port)) for x in (specs or ["minilm"])]
     _check_names(loaded)
@@ -150,8 +166,9 @@ def serve(
     server_dir = first.server_dir if len(loaded) == 1 else first.workdir / "serve"
     try:
         gateway = None if no_gateway else GatewayOptions(
-            GatewayConfig(host=gateway_host, port=gateway_port, keys_file=keys_file, limits=Limits(rpm=rpm, tpm=tpm)),
-            in_process=True)
+            GatewayConfig(host=gateway_host, port=gateway_port, keys_file=keys_file, limits=Limits(rpm=rpm, tpm=tpm),
+                          **_auth_option(allow_unauthenticated)),
+            in_process=True, drain_s=drain_timeout)
         stack = Stack(repos, server_dir, first.ports, gateway)  # builds the gateway: a bad key file fails before Triton starts
     except ValueError as err:  # GatewayError, or a limit pydantic refuses
         console.print(f"[red]gateway config error[/]: {err}")
@@ -176,14 +193,21 @@ def serve(
         lines.append(f"       OpenAI API {stack.gateway_url}/v1  (chat/completions, completions, "
                      f"embeddings, models; /health /ready /metrics)")
     console.print("\n".join(lines) + "\n       Ctrl-C stops everything")
+    supervisor = Supervisor(stack, Backoff(max_failures=max_restarts),
+                            say=lambda msg: console.print(f"[yellow]supervisor[/] {msg}", highlight=False))
+    failure = None
     try:
-        while not stop.is_set() and stack.alive():  # Triton dying on its own takes the gateway down with it
-            stop.wait(0.5)
-        died = triton.process.poll() is not None and not stop.is_set()
+        supervisor.watch(stop)
+        if not stop.is_set():
+            failure = "the gateway stopped on its own (see above)"
+    except GaveUp as err:
+        failure = str(err) if max_restarts else f"Triton exited on its own ({triton.exit_report()})"
     finally:
+        if stop.is_set() and stack.gateway is not None:
+            console.print(f"[bold cyan]serve[/] draining the gateway (up to {drain_timeout:.0f}s), then stopping Triton")
         code = stack.stop()
-    if died:
-        console.print(f"[red]Triton exited on its own[/] (code {code}); see {triton.log_file}")
+    if failure:
+        console.print(f"[red]{failure}[/]; see {triton.log_file}")
         raise typer.Exit(1)
     console.print(f"[bold cyan]serve[/] {'gateway and ' if stack.gateway else ''}Triton stopped (exit {code})")
 
@@ -198,6 +222,7 @@ def gateway(
     rpm: Optional[int] = RpmOpt,
     tpm: Optional[int] = TpmOpt,
     max_body_bytes: Optional[int] = typer.Option(None, help="larger bodies get 413 (default 1 MiB)"),
+    allow_unauthenticated: bool = AllowUnauthenticatedOpt,
     config: Optional[Path] = typer.Option(None, help="YAML file with a `gateway:` mapping"),
     config_json: Optional[str] = typer.Option(None, hidden=True),
 ):
@@ -215,7 +240,7 @@ def gateway(
             cfg = load_config(config, repositories=[str(r) for r in repository] if repository else None,
                               triton_grpc=triton, host=host, port=port,
                               keys_file=str(keys_file) if keys_file else None, max_body_bytes=max_body_bytes,
-                              limits=limits or None)
+                              limits=limits or None, **_auth_option(allow_unauthenticated or None))
         if not cfg.repositories:
             raise GatewayError("no model repository: pass --repository (a folder written by `kiln repo`)")
         server = uvicorn_server(cfg)
@@ -253,13 +278,18 @@ def bench(spec: str = SpecArg, workdir: Optional[Path] = WorkdirOpt):
 @app.command()
 def engines(spec: str = SpecArg, workdir: Optional[Path] = WorkdirOpt):
     """Build TensorRT engines from the exported variants (needs a GPU and TensorRT)."""
-    from export.tensorrt import EngineError, TensorRTUnavailable, build_engine
+    from export.tensorrt import (
+        EngineError,
+        TensorRTUnavailable,
+        build_engine,
+        engine_precisions,
+    )
     from kiln_core.manifest import ExportManifest
 
     s = _spec(spec, workdir)
-    wanted = [p.value for p in s.precisions if p.value == "fp16" or (p.value == "int8" and s.int8_mode == "static")]
-    if "int8" in [p.value for p in s.precisions] and s.int8_mode != "static":
-        console.print("[yellow]engines[/] skipping int8: TensorRT needs a QDQ graph (spec int8_mode: static)")
+    wanted, skipped = engine_precisions(s)
+    for precision, why in skipped.items():
+        console.print(f"[yellow]engines[/] skipping {precision}: {why}")
     try:
         manifest = ExportManifest.read(s.export_dir)
         for precision in wanted:

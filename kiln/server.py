@@ -83,7 +83,8 @@ _ERROR_LINE = re.compile(r"^(E\d{4} |.*\b(UNAVAILABLE|INVALID_ARG|INTERNAL|error
 def error_lines(log_text: str, limit: int = 20) -> list[str]:
     """Triton's own error lines from its log (load failures, python tracebacks)."""
     lines = [l for l in log_text.splitlines() if _ERROR_LINE.search(l)]
-    harmless = ("Failed to initialize NVML", "DCGM", "Unable to create DCGM", "cudaGetDeviceCount", "CUDA driver")
+    harmless = ("Failed to initialize NVML", "DCGM", "Unable to create DCGM", "cudaGetDeviceCount", "CUDA driver",
+                "CudaDriverHelper", "pinned system memory")  # a CPU-only machine, said at every start
     return [l for l in lines if not any(h in l for h in harmless)][-limit:]
 
 
@@ -115,6 +116,19 @@ class TritonServer:
     @property
     def log_file(self) -> Path:
         return self.workdir / "tritonserver.log"
+
+    @property
+    def previous_log_file(self) -> Path:
+        return self.workdir / "tritonserver.previous.log"
+
+    def exit_report(self, limit: int = 5) -> str:
+        """How a dead Triton ended, for a person: its exit code (or signal) and its log's last error lines."""
+        code = self.process.returncode if self.process is not None else None
+        how = f"killed by {signal.Signals(-code).name}" if code is not None and code < 0 else f"exit code {code}"
+        text = self.log_file.read_text(errors="replace") if self.log_file.exists() else ""
+        lines = error_lines(text, limit)
+        return how + ("; last errors in its log:\n" + "\n".join("  " + l for l in lines) if lines
+                      else f"; no error lines in {self.log_file}")
 
     @property
     def http_url(self) -> str:
@@ -153,6 +167,8 @@ class TritonServer:
                 raise ServerError(f"{repo} is not a kiln model repository: run `kiln repo` first")
         self.workdir.mkdir(parents=True, exist_ok=True)
         prepare_backends(self.workdir / "backends")
+        if self.log_file.exists():  # a restart: keep the log of the run that died
+            self.log_file.replace(self.previous_log_file)
         log = open(self.log_file, "w")
         self.process = subprocess.Popen(
             self.command(),
@@ -190,7 +206,14 @@ class TritonServer:
         return head + f" (log: {self.log_file})\n" + "\n".join("  " + l for l in lines)
 
     def stop(self, timeout: float = 30.0) -> int | None:
-        return stop_process(self.process, timeout)  # Triton drains in-flight requests, unloads models
+        """Triton drains in-flight requests and unloads its models; a Triton that died leaves
+        its python-backend stubs behind (its own process group), which are killed here."""
+        if self.process is not None and self.process.poll() is not None:
+            try:
+                os.killpg(self.process.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+        return stop_process(self.process, timeout)
 
     def __enter__(self) -> "TritonServer":
         return self.start() if self.process is None else self

@@ -8,9 +8,10 @@ start servers through ``Stack``, so readiness waits and cleanup are written once
         client = openai.OpenAI(base_url=stack.gateway_url + "/v1", api_key="none")
 
 Whatever started is stopped on the way out (an exception, Ctrl-C, a failed start): the
-gateway first, then Triton. ``restart_triton`` stops and starts Triton on the same ports
-while the gateway keeps running and reconnects. Triton servers are held as a list
-(``backends``) so replicas can join later; today there is one.
+gateway first (it drains: in-flight requests finish, new ones get 503), then Triton.
+``restart_triton`` stops and starts Triton on the same ports while the gateway keeps running
+and reconnects; ``kiln.supervisor`` does the same for a Triton that died. Triton servers are
+held as a list (``backends``) so replicas can join later; today there is one.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from kiln.gateway.config import GatewayConfig
-from kiln.gateway.runner import GatewayProcess, GatewayThread
+from kiln.gateway.runner import DRAIN_S, GatewayProcess, GatewayThread
 from kiln.server import TritonServer, free_port, free_ports
 from kiln_core.spec import Ports
 
@@ -36,6 +37,7 @@ class GatewayOptions:
     in_process: bool = False  # a uvicorn thread here (`kiln serve`), else a `kiln gateway` child process
     keys: str | None = None  # child process: its config.keys_env ("" accepts every request); None: this environment's
     log_file: Path | None = None  # child process: its log (default WORKDIR/gateway.log)
+    drain_s: float = DRAIN_S  # in process: how long in-flight requests may finish when the gateway stops
 
     def __post_init__(self) -> None:
         if self.in_process and (self.keys is not None or self.log_file is not None):
@@ -160,7 +162,7 @@ class Stack:
 
 def _make_gateway(options: GatewayOptions, config: GatewayConfig, workdir: Path) -> Gateway:
     if options.in_process:
-        return GatewayThread(config)
+        return GatewayThread(config, options.drain_s)
     env = {} if options.keys is None else {config.keys_env: options.keys}
     return GatewayProcess(config, log_file=options.log_file or workdir / "gateway.log", env=env)
 

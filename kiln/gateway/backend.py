@@ -6,24 +6,44 @@ decoupled). Closing a generation early cancels the gRPC call, which Triton turns
 cancelled request that frees its slot in the running batch. Triton's errors are sorted
 here into what the client must do (``map_error``): 400 fix the input, 429 retry later,
 503 Triton or the model is not up, 500 a bug.
+
+When a call finds Triton unreachable (it died, it restarts), the backend marks it down and
+refuses every request at once with 503 until a background probe gets an answer again, so
+clients hear "retry later" in microseconds rather than after a gRPC timeout. Readiness
+asks each generation model itself (the ``HEALTH`` input), since Triton reports a python
+model READY even when its engine is broken.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
+import time
 from dataclasses import dataclass
 from typing import Any, AsyncIterator
 
 import grpc
 import numpy as np
 import tritonclient.grpc.aio as grpcaio
-from tritonclient.grpc import InferInput, InferRequestedOutput
+from tritonclient.grpc import (
+    MAX_GRPC_MESSAGE_SIZE,
+    InferInput,
+    InferRequestedOutput,
+    KeepAliveOptions,
+)
 from tritonclient.utils import InferenceServerException
 
 from kiln.gateway.protocol import APIError
 from kiln_runtime import contract as tensors
-from kiln_runtime.contract import EMBEDDING, GENERATION_INPUTS, GENERATION_OUTPUTS, TEXT
+from kiln_runtime.contract import (
+    EMBEDDING,
+    GENERATION_INPUTS,
+    GENERATION_OUTPUTS,
+    HEALTH,
+    HEALTH_FINISH_REASON,
+    TEXT,
+)
 
 log = logging.getLogger("kiln.gateway")
 
@@ -35,6 +55,9 @@ GEN_OUTPUTS = [t.name for t in GENERATION_OUTPUTS]
 
 QUEUE_FULL = "Exceeds maximum queue size"  # Triton's phrase; the generation model uses it too
 RETRY_AFTER_QUEUE_S = 1.0
+RETRY_AFTER_DOWN_S = 2.0  # a restart under `kiln serve` takes a backoff second plus Triton's start
+PROBE_INTERVAL_S = 0.25  # while Triton is down: how often the backend asks whether it is back
+CHECK_TIMEOUT_S = 2.0  # readiness calls and the generation models' HEALTH probe
 _UNREACHABLE = re.compile(r"failed to connect|connection refused|Socket closed|Connect Failed|DNS resolution|"
                           r"unavailable|Broken pipe|GOAWAY|Connection reset", re.I)
 _NOT_READY = re.compile(r"unknown model|is not found|not ready|is not loaded|unavailable model", re.I)
@@ -75,11 +98,46 @@ def map_error(err: Exception, model: str) -> APIError:
         return APIError(503, f"Model {model!r} is not loaded in Triton right now; retry later.", None, "model_not_ready",
                         retry_after=5.0)
     if "UNAVAILABLE" in status or _UNREACHABLE.search(msg) or "DEADLINE_EXCEEDED" in status:
-        return APIError(503, "The inference server (Triton) is not reachable right now; retry later.", None,
-                        "triton_unavailable", retry_after=5.0)
+        return triton_unavailable()
     if "CANCELLED" in status:
         return APIError(499, "request cancelled", None, "cancelled")
     return APIError(500, "The server had an error while processing your request.", None, "internal_error")
+
+
+def triton_unavailable() -> APIError:
+    return APIError(503, "The inference server (Triton) is not reachable right now; retry later.", None,
+                    "triton_unavailable", retry_after=RETRY_AFTER_DOWN_S)
+
+
+def unreachable(err: InferenceServerException) -> bool:
+    """The call itself failed with gRPC UNAVAILABLE (no connection, the socket closed): Triton
+    is not there. A model's own errors come in-band without a status, and a model that is not
+    loaded is named in the message; neither marks all of Triton down."""
+    return "UNAVAILABLE" in str(err.status() or "") and not _NOT_READY.search(err.message() or "")
+
+
+def health_answer(result, error: InferenceServerException | None) -> bool:
+    """A generation model is healthy when it answers the HEALTH probe with its health finish
+    reason; an error (UNAVAILABLE: its engine is broken) or any other answer is not."""
+    return error is None and result is not None and parse_chunk(result).finish_reason == HEALTH_FINISH_REASON
+
+
+def channel_args() -> list[tuple[str, int]]:
+    """tritonclient's own channel defaults, plus a reconnect backoff capped at 1 s: gRPC's
+    default grows to 2 minutes, so after a long outage the channel would find the restarted
+    Triton only long after it is up."""
+    keep = KeepAliveOptions()
+    return [
+        ("grpc.max_send_message_length", MAX_GRPC_MESSAGE_SIZE),
+        ("grpc.max_receive_message_length", MAX_GRPC_MESSAGE_SIZE),
+        ("grpc.keepalive_time_ms", keep.keepalive_time_ms),
+        ("grpc.keepalive_timeout_ms", keep.keepalive_timeout_ms),
+        ("grpc.keepalive_permit_without_calls", keep.keepalive_permit_without_calls),
+        ("grpc.http2.max_pings_without_data", keep.http2_max_pings_without_data),
+        ("grpc.initial_reconnect_backoff_ms", 100),
+        ("grpc.min_reconnect_backoff_ms", 100),
+        ("grpc.max_reconnect_backoff_ms", 1000),
+    ]
 
 
 def rpc_exception(err: grpc.RpcError) -> InferenceServerException:
@@ -131,8 +189,6 @@ async def _drain(call, timeout: float = 5.0) -> None:
     """Let a finished stream end on its own (our side already half-closed): cancelling it
     after the final response leaves Triton holding the model's stream state, and at
     shutdown it then waits for a "live" model until it is killed."""
-    import asyncio
-
     try:
         await asyncio.wait_for(call.__anext__(), timeout)
     except StopAsyncIteration:
@@ -143,38 +199,124 @@ async def _drain(call, timeout: float = 5.0) -> None:
 
 
 class TritonBackend:
-    def __init__(self, url: str, timeout_s: float = 600.0):
-        self.url, self.timeout_s = url, timeout_s
+    def __init__(self, url: str, timeout_s: float = 600.0, probe_interval_s: float = PROBE_INTERVAL_S):
+        self.url, self.timeout_s, self.probe_interval_s = url, timeout_s, probe_interval_s
         self._client: grpcaio.InferenceServerClient | None = None
+        self.down_since: float | None = None  # monotonic time a call first found Triton unreachable
+        self._probe: asyncio.Task | None = None
+        self._generators: dict[str, bool] = {}  # model -> takes the HEALTH input (from its metadata)
 
     @property
     def client(self) -> grpcaio.InferenceServerClient:
         if self._client is None:  # made inside the running event loop (grpc.aio binds to it)
-            self._client = grpcaio.InferenceServerClient(self.url)
+            self._client = grpcaio.InferenceServerClient(self.url, channel_args=channel_args())
         return self._client
 
     async def close(self) -> None:
+        if self._probe is not None:
+            self._probe.cancel()
+            self._probe = None
         if self._client is not None:
             await self._client.close()
             self._client = None
 
+    # ------------------------------------------------------------------------- Triton up or down
+    @property
+    def up(self) -> bool:
+        return self.down_since is None
+
+    def _refuse_if_down(self) -> None:
+        """While Triton is down every request is answered 503 at once; the probe ends it."""
+        if self.down_since is not None:
+            self._start_probe()
+            raise triton_unavailable()
+
+    def _failed(self, err: InferenceServerException, model: str) -> APIError:
+        if unreachable(err):
+            self._mark_down()
+        return map_error(err, model)
+
+    def _mark_down(self) -> None:
+        if self.down_since is None:
+            self.down_since = time.monotonic()
+            log.warning("Triton at %s is unreachable: answering 503 until it is back", self.url)
+        self._start_probe()
+
+    def _mark_up(self) -> None:
+        if self.down_since is not None:
+            log.warning("Triton at %s is back after %.1fs", self.url, time.monotonic() - self.down_since)
+            self.down_since = None
+
+    def _start_probe(self) -> None:
+        if self._probe is None or self._probe.done():
+            self._probe = asyncio.get_running_loop().create_task(self._probe_until_up())
+
+    async def _probe_until_up(self) -> None:
+        while self.down_since is not None:
+            try:
+                if await self.client.is_server_ready(client_timeout=CHECK_TIMEOUT_S):
+                    self._mark_up()
+                    return
+            except Exception:
+                pass
+            await asyncio.sleep(self.probe_interval_s)
+
+    # ------------------------------------------------------------------------- readiness
     async def ready(self, models: list[str]) -> tuple[bool, dict[str, bool]]:
-        """(Triton ready, {model: ready}); never raises."""
+        """(Triton ready, {model: ready}); never raises. A generation model is ready only
+        when it answers the HEALTH probe itself."""
         try:
-            server = await self.client.is_server_ready(client_timeout=2.0)
+            server = bool(await self.client.is_server_ready(client_timeout=CHECK_TIMEOUT_S))
+        except InferenceServerException as err:
+            if unreachable(err):
+                self._mark_down()
+            return False, {m: False for m in models}
         except Exception:
             return False, {m: False for m in models}
-        states = {}
-        for m in models:
-            try:
-                states[m] = bool(await self.client.is_model_ready(m, client_timeout=2.0))
-            except Exception:
-                states[m] = False
-        return bool(server), states
+        if server:
+            self._mark_up()
+        return server, {m: await self._model_ready(m) for m in models}
 
+    async def _model_ready(self, model: str) -> bool:
+        try:
+            if not await self.client.is_model_ready(model, client_timeout=CHECK_TIMEOUT_S):
+                return False
+            if model not in self._generators:
+                meta = await self.client.get_model_metadata(model, client_timeout=CHECK_TIMEOUT_S)
+                self._generators[model] = any(i.name == HEALTH for i in meta.inputs)
+        except Exception:
+            return False
+        return await self.health(model) if self._generators[model] else True
+
+    async def health(self, model: str) -> bool:
+        """Ask a generation model whether its engine works: one HEALTH request on a short
+        stream; it answers at once, without generating."""
+        inputs = generation_inputs({HEALTH: True})
+
+        async def requests():
+            yield {"model_name": model, "inputs": inputs, "outputs": [InferRequestedOutput(n) for n in GEN_OUTPUTS]}
+
+        call = None
+        try:
+            call = self.client.stream_infer(requests(), stream_timeout=CHECK_TIMEOUT_S)
+            result, error = await call.__anext__()
+        except Exception:
+            if call is not None:
+                call.cancel()
+            return False
+        healthy = health_answer(result, error)
+        if healthy:
+            await _drain(call, CHECK_TIMEOUT_S)
+        else:
+            call.cancel()
+            log.warning("generation model %s failed its health probe: %s", model,
+                        error.message() if error is not None else parse_chunk(result))
+        return healthy
+
+    # ------------------------------------------------------------------------- requests
     async def embed(self, model: str, texts: list[str], max_batch: int, request_id: str = "") -> np.ndarray:
         """Pooled embeddings [N, D]; inputs beyond the model's batch size go as several requests."""
-        import asyncio
+        self._refuse_if_down()
 
         async def one(part: list[str]) -> np.ndarray:
             data = np.array([t.encode("utf-8") for t in part], dtype=np.object_).reshape(-1, 1)
@@ -184,9 +326,9 @@ class TritonBackend:
                 res = await self.client.infer(model, [inp], outputs=[InferRequestedOutput(EMBEDDING)],
                                               request_id=request_id, client_timeout=self.timeout_s)
             except InferenceServerException as err:
-                raise map_error(err, model) from err
+                raise self._failed(err, model) from err
             except grpc.RpcError as err:
-                raise map_error(rpc_exception(err), model) from err
+                raise self._failed(rpc_exception(err), model) from err
             return res.as_numpy(EMBEDDING)
 
         parts = [texts[i:i + max_batch] for i in range(0, len(texts), max_batch)]
@@ -197,6 +339,7 @@ class TritonBackend:
     async def generate(self, model: str, values: dict[str, Any], request_id: str = "") -> AsyncIterator[Chunk]:
         """Stream a generation's chunks. Leaving the loop early (the client went away, an error)
         cancels the Triton request."""
+        self._refuse_if_down()
         inputs = generation_inputs(values)
 
         async def requests():
@@ -206,7 +349,7 @@ class TritonBackend:
         try:
             call = self.client.stream_infer(requests(), stream_timeout=self.timeout_s)
         except InferenceServerException as err:
-            raise map_error(err, model) from err
+            raise self._failed(err, model) from err
         finished = False
         try:
             async for result, error in call:
@@ -220,9 +363,9 @@ class TritonBackend:
                 if finished:
                     break
         except InferenceServerException as err:
-            raise map_error(err, model) from err
+            raise self._failed(err, model) from err
         except grpc.RpcError as err:
-            raise map_error(rpc_exception(err), model) from err
+            raise self._failed(rpc_exception(err), model) from err
         finally:
             if not finished:  # the client went away, or an error: Triton sees the cancellation and stops
                 call.cancel()

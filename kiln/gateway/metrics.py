@@ -2,6 +2,10 @@
 
 Routes are labelled by their template (``/v1/chat/completions``), never the raw path, so
 a scanner cannot blow up the label space; unknown paths share the label ``other``.
+
+``TRITON_RESTARTS`` belongs to the process, not to one gateway: ``kiln serve``'s supervisor
+counts on it and the in-process gateway's /metrics shows it (a ``kiln gateway`` child
+process restarts nothing and shows 0).
 """
 
 from __future__ import annotations
@@ -17,6 +21,9 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 TOKEN_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.5)
+
+TRITON_RESTARTS = Counter("kiln_triton_restarts", "times this process started Triton again after it died",
+                          registry=None)
 
 
 class Metrics:
@@ -40,6 +47,7 @@ class Metrics:
         self.rate_limited = Counter(p + "rate_limited", "requests refused by a per-key limit", ["limit"], registry=r)
         self.cancelled = Counter(p + "cancelled_generations", "generations cancelled because the client went away",
                                  ["model"], registry=r)
+        r.register(TRITON_RESTARTS)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

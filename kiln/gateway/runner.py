@@ -1,7 +1,12 @@
 """Running the gateway: in this process on a thread (``GatewayThread``, what ``kiln serve``
 does; ``kiln gateway`` runs ``uvicorn_server`` in the foreground) or as a child process
 (``GatewayProcess``, what the demo, the benchmarks and the tests use). Both have the same
-start / wait_ready / stop, so ``kiln.stack.Stack`` runs either."""
+start / wait_ready / stop, so ``kiln.stack.Stack`` runs either.
+
+Stopping drains: new requests are answered 503 "shutting down" (with Retry-After) while
+those in flight finish, up to the drain deadline; then uvicorn closes (``DrainGate``,
+``DrainingServer``; a SIGTERM to ``kiln gateway`` does the same, a second one stops at once).
+"""
 
 from __future__ import annotations
 
@@ -16,17 +21,82 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import uvicorn
+
 from kiln.gateway.config import GatewayConfig
+from kiln.gateway.http import error_response
+from kiln.gateway.protocol import APIError
+
+DRAIN_S = 30.0  # in-flight requests get this long to finish when the gateway stops
+RETRY_AFTER_SHUTDOWN_S = 5.0
 
 
-def uvicorn_server(config: GatewayConfig):
-    import uvicorn
+class DrainGate:
+    """ASGI wrapper around the app: counts the requests in flight and, once draining, answers
+    new ones 503 (liveness and metrics still answer, so a drain can be watched)."""
 
+    PASSING = ("/health", "/metrics")
+
+    def __init__(self, app):
+        self.app = app
+        self.in_flight = 0
+        self.deadline: float | None = None  # monotonic; set when the drain begins
+
+    @property
+    def draining(self) -> bool:
+        return self.deadline is not None
+
+    def begin(self, seconds: float) -> None:
+        if self.deadline is None:
+            self.deadline = time.monotonic() + seconds
+
+    def drained(self) -> bool:
+        """Draining, and nothing is in flight any more or the deadline has passed."""
+        return self.deadline is not None and (self.in_flight == 0 or time.monotonic() >= self.deadline)
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        if self.draining and scope["path"] not in self.PASSING:
+            err = APIError(503, "The server is shutting down; retry shortly (or on another replica).", None,
+                           "shutting_down", retry_after=RETRY_AFTER_SHUTDOWN_S)
+            return await error_response(err)(scope, receive, send)
+        self.in_flight += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.in_flight -= 1
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn that drains before it shuts down: ``drain()`` (or the first SIGINT / SIGTERM
+    when it owns the signals) starts it; uvicorn exits once the gate is drained."""
+
+    def __init__(self, config: uvicorn.Config, gate: DrainGate, drain_s: float):
+        super().__init__(config)
+        self.gate, self.drain_s = gate, drain_s
+
+    def drain(self) -> None:
+        self.gate.begin(self.drain_s)
+
+    def handle_exit(self, sig, frame) -> None:
+        if self.gate.draining:  # a second signal: stop now
+            super().handle_exit(sig, frame)
+        else:
+            self._captured_signals.append(sig)
+            self.drain()
+
+    async def on_tick(self, counter: int) -> bool:
+        return await super().on_tick(counter) or self.gate.drained()
+
+
+def uvicorn_server(config: GatewayConfig, drain_s: float = DRAIN_S) -> DrainingServer:
     from kiln.gateway.app import build_app
 
-    app = build_app(config)  # reads repositories, tokenizers and keys now: bad config fails at start-up
-    return uvicorn.Server(uvicorn.Config(app, host=config.host, port=config.port, log_level=config.log_level,
-                                         access_log=False, timeout_graceful_shutdown=5))
+    gate = DrainGate(build_app(config))  # reads repositories, tokenizers and keys now: bad config fails at start-up
+    # the drain has run when uvicorn shuts down: what is still open after it gets one more second
+    return DrainingServer(uvicorn.Config(gate, host=config.host, port=config.port, log_level=config.log_level,
+                                         access_log=False, timeout_graceful_shutdown=1), gate, drain_s)
 
 
 def http_get(url: str) -> tuple[int, dict]:
@@ -103,7 +173,8 @@ class GatewayProcess(_Gateway):
         self.stop()
         raise RuntimeError(f"the gateway did not answer /health within {timeout:.0f}s (log: {self.log_file})")
 
-    def stop(self, timeout: float = 15.0) -> int | None:
+    def stop(self, timeout: float = DRAIN_S + 5) -> int | None:
+        """SIGTERM: the gateway drains (up to its deadline), then it is killed if still there."""
         from kiln.server import stop_process
 
         return stop_process(self.process, timeout)
@@ -114,9 +185,9 @@ class GatewayThread(_Gateway):
     stderr). Built here: a bad key file or repository fails on construction, before anything
     is started. Signals stay with the main thread (uvicorn leaves them alone off it)."""
 
-    def __init__(self, config: GatewayConfig):
+    def __init__(self, config: GatewayConfig, drain_s: float = DRAIN_S):
         self.config = config
-        self.server = uvicorn_server(config)
+        self.server = uvicorn_server(config, drain_s)
         self.thread: threading.Thread | None = None
 
     def running(self) -> bool:
@@ -135,8 +206,8 @@ class GatewayThread(_Gateway):
             time.sleep(0.05)
         return self
 
-    def stop(self, timeout: float = 15.0) -> None:
-        """Ask uvicorn to shut down (it drains for up to 5 s) and wait for its thread."""
-        self.server.should_exit = True
+    def stop(self) -> None:
+        """Drain (new requests 503, in-flight ones finish up to the deadline), then wait for uvicorn to close."""
+        self.server.drain()
         if self.thread is not None:
-            self.thread.join(timeout)
+            self.thread.join(self.server.drain_s + 10)

@@ -39,3 +39,33 @@ def test_env_gives_the_stub_this_environment_and_safe_path():
 def test_free_ports_are_distinct():
     p = free_ports()
     assert len({p.http, p.grpc, p.metrics}) == 3
+
+
+class _Exited:
+    def __init__(self, returncode):
+        self.returncode, self.pid = returncode, 0
+
+    def poll(self):
+        return self.returncode
+
+
+def test_a_dead_tritons_report_names_the_signal_and_its_last_errors(tmp_path):
+    from kiln.server import TritonServer
+
+    server = TritonServer(tmp_path / "repo", workdir=tmp_path)
+    server.log_file.write_text('I1121 server.cc:1] "Started"\nE1121 python_be.cc:1] "Stub process is unhealthy"\n')
+    server.process = _Exited(-9)
+    report = server.exit_report()
+    assert report.startswith("killed by SIGKILL") and "Stub process is unhealthy" in report and "Started" not in report
+    server.process = _Exited(1)
+    server.log_file.write_text("")
+    assert server.exit_report().startswith("exit code 1") and "no error lines" in server.exit_report()
+
+
+def test_error_lines_skip_what_every_cpu_only_start_says():
+    log = "\n".join([
+        'E1201 server.cc:241] "CudaDriverHelper has not been initialized."',
+        'W1201 pinned_memory_manager.cc:170] "failed to allocate pinned system memory: no pinned memory pool"',
+        'E1201 python_be.cc:1] "Stub process \'tiny_tokenizer_0_0\' is not healthy."',
+    ])
+    assert error_lines(log) == ['E1201 python_be.cc:1] "Stub process \'tiny_tokenizer_0_0\' is not healthy."']

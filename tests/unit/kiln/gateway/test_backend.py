@@ -1,13 +1,35 @@
-"""Triton's side: its errors sorted by who must act, and generation inputs that follow the
-repository's tensor table."""
+"""Triton's side: its errors sorted by who must act, generation inputs that follow the
+repository's tensor table, failing fast while Triton is down, and readiness that asks the
+generation models themselves. A fake gRPC client stands in for Triton."""
 
 from __future__ import annotations
 
+import asyncio
+from types import SimpleNamespace
+
+import numpy as np
 import pytest
 from tritonclient.utils import InferenceServerException
 
-from kiln.gateway.backend import GEN_INPUTS, generation_inputs, map_error
-from kiln_runtime.contract import GENERATION_INPUTS
+from kiln.gateway.backend import (
+    GEN_INPUTS,
+    TritonBackend,
+    generation_inputs,
+    health_answer,
+    map_error,
+    unreachable,
+)
+from kiln.gateway.protocol import APIError
+from kiln_runtime.contract import (
+    EMBEDDING,
+    FINISH_REASON,
+    GENERATION_INPUTS,
+    HEALTH,
+    HEALTH_FINISH_REASON,
+    TEXT,
+    TEXT_INPUT,
+    TEXT_OUTPUT,
+)
 
 
 @pytest.mark.parametrize(
@@ -40,3 +62,164 @@ def test_generation_inputs_follow_the_repository_table():
     assert {t.name for t in GENERATION_INPUTS} == set(GEN_INPUTS)
     with pytest.raises(KeyError):
         generation_inputs({"not_an_input": 1})
+
+
+# --- Triton up or down: fail fast while it is down, serve again once a probe gets an answer
+
+DOWN = InferenceServerException(msg="failed to connect to all addresses; last error: UNKNOWN: ipv4:127.0.0.1:1: "
+                                    "Connection refused", status="StatusCode.UNAVAILABLE")
+
+
+class FakeResult:
+    def __init__(self, **tensors):
+        self.tensors = {k: np.array([v], dtype=object if isinstance(v, bytes) else None) for k, v in tensors.items()}
+
+    def as_numpy(self, name):
+        return self.tensors.get(name)
+
+
+class FakeStream:
+    """A ModelStreamInfer call: its responses, then the end of the stream."""
+
+    def __init__(self, responses):
+        self.responses, self.cancelled = list(responses), False
+
+    async def __anext__(self):
+        if not self.responses:
+            raise StopAsyncIteration
+        return self.responses.pop(0)
+
+    def __aiter__(self):
+        return self
+
+    def cancel(self):
+        self.cancelled = True
+
+
+class FakeClient:
+    """Triton's gRPC client: `infer_errors` raised by the next infer calls, `ready_answers` by
+    the next is_server_ready calls (an exception is raised), `streams` one per stream_infer."""
+
+    def __init__(self, infer_errors=(), ready_answers=(), streams=(), health_input=True):
+        self.infer_errors, self.ready_answers, self.streams = list(infer_errors), list(ready_answers), list(streams)
+        self.health_input = health_input
+        self.infers = 0
+
+    async def infer(self, model, inputs, **kw):
+        self.infers += 1
+        if self.infer_errors:
+            raise self.infer_errors.pop(0)
+        return FakeResult(**{EMBEDDING: np.ones(4, np.float32)})
+
+    async def is_server_ready(self, **kw):
+        answer = self.ready_answers.pop(0) if self.ready_answers else True
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    async def is_model_ready(self, model, **kw):
+        return True
+
+    async def get_model_metadata(self, model, **kw):
+        names = [TEXT] + ([HEALTH] if model.startswith("chat") and self.health_input else [])
+        return SimpleNamespace(inputs=[SimpleNamespace(name=n) for n in names])
+
+    def stream_infer(self, requests, **kw):
+        return self.streams.pop(0)
+
+    async def close(self):
+        pass
+
+
+def backend_with(client: FakeClient) -> TritonBackend:
+    backend = TritonBackend("127.0.0.1:1", probe_interval_s=0)
+    backend._client = client
+    return backend
+
+
+def test_while_triton_is_down_requests_are_refused_without_a_call_and_served_once_it_is_back():
+    async def scenario():
+        client = FakeClient(infer_errors=[DOWN], ready_answers=[DOWN, False, True])
+        backend = backend_with(client)
+        with pytest.raises(APIError) as first:
+            await backend.embed("emb", ["hello"], 8)
+        assert (first.value.status, first.value.code) == (503, "triton_unavailable") and not backend.up
+        with pytest.raises(APIError) as fast:  # refused at once: Triton is not even asked
+            await backend.embed("emb", ["hello"], 8)
+        gen = backend.generate("chat", {TEXT_INPUT: "hi"})
+        with pytest.raises(APIError) as fast_gen:
+            await gen.__anext__()
+        assert client.infers == 1
+        for err in (fast.value, fast_gen.value):
+            assert (err.status, err.code) == (503, "triton_unavailable") and err.retry_after
+        await backend._probe  # the probe asks until Triton answers ready (down, not ready, ready)
+        assert backend.up and client.ready_answers == []
+        vectors = await backend.embed("emb", ["hello"], 8)
+        assert vectors.shape == (1, 4) and client.infers == 2
+        await backend.close()
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.parametrize("err, down", [
+    (DOWN, True),
+    (InferenceServerException(msg="Socket closed", status="StatusCode.UNAVAILABLE"), True),
+    (InferenceServerException(msg="Request for unknown model: 'm' is not found", status="StatusCode.UNAVAILABLE"), False),
+    (InferenceServerException(msg="UNAVAILABLE: the engine is broken"), False),  # a model's own error, in-band
+    (InferenceServerException(msg="Deadline Exceeded", status="StatusCode.DEADLINE_EXCEEDED"), False),
+])
+def test_only_an_unreachable_triton_marks_it_down(err, down):
+    assert unreachable(err) is down
+
+
+def test_a_model_error_leaves_triton_up():
+    async def scenario():
+        backend = backend_with(FakeClient(infer_errors=[InferenceServerException(msg="something broke inside",
+                                                                                 status="StatusCode.INTERNAL")]))
+        with pytest.raises(APIError) as err:
+            await backend.embed("emb", ["hello"], 8)
+        assert err.value.status == 500 and backend.up
+        assert (await backend.embed("emb", ["hello"], 8)).shape == (1, 4)
+
+    asyncio.run(scenario())
+
+
+HEALTHY = (FakeResult(**{FINISH_REASON: HEALTH_FINISH_REASON.encode()}), None)
+BROKEN = (None, InferenceServerException(msg="the generation engine is broken; the model refuses requests"))
+
+
+@pytest.mark.parametrize("answer, healthy", [
+    (HEALTHY, True),
+    (BROKEN, False),
+    ((FakeResult(**{FINISH_REASON: b"stop", TEXT_OUTPUT: b"hi"}), None), False),  # generated instead of answering
+])
+def test_health_answers(answer, healthy):
+    assert health_answer(*answer) is healthy
+
+
+def test_readiness_asks_each_generation_model_itself():
+    async def scenario():
+        good, broken = FakeStream([HEALTHY]), FakeStream([BROKEN])
+        backend = backend_with(FakeClient(streams=[good, broken]))
+        server, states = await backend.ready(["emb", "chat-a", "chat-b"])
+        assert server and states == {"emb": True, "chat-a": True, "chat-b": False}
+        assert not good.cancelled and good.responses == []  # the healthy stream ended on its own
+        assert broken.cancelled
+        silent = backend_with(FakeClient(streams=[FakeStream([])]))  # the stream ends without an answer
+        assert (await silent.ready(["chat-a"]))[1] == {"chat-a": False}
+        older = backend_with(FakeClient(health_input=False))  # a repository without the HEALTH input
+        assert (await older.ready(["chat-a"]))[1] == {"chat-a": True}
+
+    asyncio.run(scenario())
+
+
+def test_readiness_that_finds_triton_again_ends_the_outage():
+    async def scenario():
+        backend = backend_with(FakeClient(infer_errors=[DOWN]))
+        with pytest.raises(APIError):
+            await backend.embed("emb", ["hello"], 8)
+        backend._probe.cancel()
+        assert not backend.up
+        assert (await backend.ready(["emb"]))[0] is True and backend.up
+
+    asyncio.run(scenario())
