@@ -1,12 +1,15 @@
 """`kiln engines`: gated ONNX variants -> TensorRT engines (GPU machines only).
 
-    model.fp32.plan   from the fp32 graph
+    model.fp32.plan   from the fp32 graph, TF32 off (fp32 means fp32: its gate allows 1e-3)
     model.fp16.plan   from the fp32 graph, BuilderFlag.FP16 (TensorRT picks fp16 kernels)
     model.int8.plan   from the static QDQ int8 graph, BuilderFlag.INT8 (explicit quantization)
+                      and FP16, so the layers left unquantized may run in fp16, not only fp32
 
-Each engine gets beside it the exact graph TensorRT parsed (``model.<p>.trt.onnx``) and
-a record (``model.<p>.plan.json``): precision, optimization profile, TensorRT version,
-GPU, sha256 of the gated source graph, and an equivalent ``trtexec`` command line.
+Each engine passes the parity gate of its precision (export.parity.gate, the thresholds
+every ONNX variant of that precision is held to) against PyTorch, or it is deleted. It gets
+beside it the exact graph TensorRT parsed (``model.<p>.trt.onnx``) and a record
+(``model.<p>.plan.json``): precision, optimization profile, builder flags, the gate's
+report, TensorRT version, GPU, sha256 of the source graph, an equivalent ``trtexec`` line.
 
 The fp32 variant carries ONNX Runtime contrib fusions (SkipLayerNormalization, BiasGelu,
 ...) that TensorRT's ONNX parser cannot read; :func:`portable_graph` rewrites them back
@@ -31,13 +34,17 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from kiln_core.manifest import ExportManifest, sha256
+from kiln_core.manifest import ExportManifest, ParityReport, sha256
 from kiln_core.spec import DeploymentSpec, Precision
 
 log = logging.getLogger(__name__)
 
 # engine precision -> the manifest variant (ONNX graph) it is built from
 ENGINE_SOURCES = {"fp32": "fp32", "fp16": "fp32", "int8": "int8"}
+# engine precision -> (BuilderFlags set, BuilderFlags cleared). TensorRT turns TF32 on by
+# default, which would let an "fp32" engine miss the fp32 gate; an int8 engine without FP16
+# runs every layer its QDQ graph leaves unquantized (softmax, layer norms) in fp32
+BUILDER_FLAGS = {"fp32": ([], ["TF32"]), "fp16": (["FP16"], []), "int8": (["INT8", "FP16"], [])}
 BATCH_AXIS = "batch"
 SEQUENCE_AXIS = "sequence"
 DEFAULT_OPT_SEQUENCE = 128  # typical sentence-embedding inputs are short; capped at max_length
@@ -80,6 +87,18 @@ def record_path(plan: Path) -> Path:
 
 def parsed_graph_path(plan: Path) -> Path:
     return plan.with_name(plan.stem + ".trt.onnx")
+
+
+def engine_precisions(spec: DeploymentSpec) -> tuple[list[str], dict[str, str]]:
+    """The engines `kiln engines` builds for a spec: one per precision it lists, the served
+    one included (fp32 too), and {precision: why} for those it cannot build."""
+    wanted, skipped = [], {}
+    for p in spec.precisions:
+        if p is Precision.int8 and spec.int8_mode != "static":
+            skipped[p.value] = "TensorRT int8 needs a static QDQ graph (spec int8_mode: static)"
+        else:
+            wanted.append(p.value)
+    return wanted, skipped
 
 
 # ----------------------------------------------------------------------------- profile
@@ -150,8 +169,12 @@ def trtexec_command(onnx_file: Path, plan: Path, profile: dict[str, ShapeRange],
         f"--maxShapes={shapes('max')}",
         f"--memPoolSize=workspace:{workspace_mib}",
     ]
-    if precision in ("fp16", "int8"):
-        args.append(f"--{precision}")
+    if precision == "fp32":
+        args.append("--noTF32")
+    elif precision == "int8":
+        args += ["--int8", "--fp16"]
+    else:
+        args.append("--fp16")
     return shlex.join(args)
 
 
@@ -471,9 +494,11 @@ def build_engine(
     config = builder.create_builder_config()
     workspace = int(workspace_gib * (1 << 30))
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace)
-    flags = {"fp32": [], "fp16": ["FP16"], "int8": ["INT8"]}[precision]
+    flags, cleared = BUILDER_FLAGS[precision]
     for flag in flags:
         config.set_flag(getattr(trt.BuilderFlag, flag))
+    for flag in cleared:
+        config.clear_flag(getattr(trt.BuilderFlag, flag))
     opt_profile = builder.create_optimization_profile()
     for name, r in profile.items():
         opt_profile.set_shape(name, r.min, r.opt, r.max)
@@ -485,6 +510,7 @@ def build_engine(
     plan.parent.mkdir(parents=True, exist_ok=True)
     with open(plan, "wb") as f:
         f.write(serialized)
+    report = gate_engine(spec, precision, engine_runner(plan))
 
     record = {
         "engine": plan.name,
@@ -495,6 +521,8 @@ def build_engine(
         "parsed_graph": {"file": parsed.name, "contrib_ops_rewritten": rewrites},
         "profile": {name: r._asdict() for name, r in profile.items()},
         "builder_flags": flags,
+        "builder_flags_cleared": cleared,
+        "parity": report.model_dump(mode="json"),
         "workspace_bytes": workspace,
         "tensorrt": str(trt.__version__),
         "device": _device_name(),
@@ -502,7 +530,29 @@ def build_engine(
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
     record_path(plan).write_text(json.dumps(record, indent=2) + "\n")
+    if not report.passed:  # the writer serves whatever model.<p>.plan it finds: leave none
+        plan.unlink()
+        raise EngineError(f"the {precision} engine failed its parity gate ({'; '.join(report.failures)}): "
+                          f"deleted it; the figures are in {record_path(plan).name}")
     return plan
+
+
+def gate_engine(spec: DeploymentSpec, precision: str | Precision, run) -> ParityReport:
+    """An engine's outputs (``run(feeds) -> output``, as engine_runner gives) against PyTorch
+    on the export's parity inputs, judged by the thresholds of its precision: the gate
+    every ONNX variant of that precision passed."""
+    from export.onnx_export import load_encoder
+    from export.parity import compare, gate, parity_batches
+    from kiln_core.sources import checkpoint_dir
+
+    step = spec.batching.max_batch_size  # the engine's profile admits no larger batch
+
+    def chunked(feeds: dict[str, np.ndarray]) -> np.ndarray:
+        rows = len(next(iter(feeds.values())))
+        return np.concatenate([run({k: v[i : i + step] for k, v in feeds.items()}) for i in range(0, rows, step)])
+
+    batches = parity_batches(spec, load_encoder(spec, checkpoint_dir(spec)))
+    return gate(spec, Precision(precision), compare(spec, batches, chunked), sum(len(b.reference) for b in batches))
 
 
 def engine_runner(plan: Path) -> Callable[[dict[str, np.ndarray]], np.ndarray]:

@@ -5,9 +5,14 @@
 #
 # Environment (all optional):
 #   KILN_TRITON_IMAGE   image tag to build and run       (default kiln-tritonserver:<TRITON_TAG>)
-#   TRITON_TAG          base nvcr.io tritonserver tag     (default: the Dockerfile's, 24.10-py3)
-#   ORT_VERSION         onnxruntime-gpu for python-ort    (default: the Dockerfile's, 1.19.2)
+#   TRITON_TAG          base nvcr.io tritonserver tag     (default: the Dockerfile's, 25.07-py3)
+#   ORT_VERSION         onnxruntime-gpu for python-ort    (default: the Dockerfile's, 1.22.0)
 #   HTTP_PORT GRPC_PORT METRICS_PORT   host ports         (default 8000 8001 8002)
+#   KILN_BIND_ADDRESS   host address the ports bind to    (default 127.0.0.1: Triton has no
+#                       authentication; 0.0.0.0 publishes it to the network)
+#   KILN_ADMIN_KEY      value of the kiln-admin header that Triton's restricted APIs
+#                       (shared memory, logging, trace, model repository) require
+#                       (default: a random key nobody knows, so they stay closed)
 #   GPUS                docker --gpus value               (default all)
 #   SHM_SIZE            shared memory for the python backend (default 1g)
 #   KILN_SKIP_BUILD=1   run the image as it is, do not (re)build it
@@ -20,7 +25,9 @@ usage: $(basename "$0") MODEL_REPOSITORY [tritonserver args...]
 
 Serves MODEL_REPOSITORY (a folder written by \`kiln repo\`) in NVIDIA's Triton
 container on GPU: mounted read-only at /models, HTTP/gRPC/metrics on
-\${HTTP_PORT:-8000}/\${GRPC_PORT:-8001}/\${METRICS_PORT:-8002}.
+\${HTTP_PORT:-8000}/\${GRPC_PORT:-8001}/\${METRICS_PORT:-8002} of
+\${KILN_BIND_ADDRESS:-127.0.0.1}; shared memory, logging, trace and repository
+control need the header kiln-admin: \$KILN_ADMIN_KEY.
 USAGE
 }
 
@@ -42,7 +49,14 @@ if [[ ! -f "$REPO/kiln.json" ]]; then
 fi
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-IMAGE="${KILN_TRITON_IMAGE:-kiln-tritonserver:${TRITON_TAG:-24.10-py3}}"
+IMAGE="${KILN_TRITON_IMAGE:-kiln-tritonserver:${TRITON_TAG:-25.07-py3}}"
+BIND="${KILN_BIND_ADDRESS:-127.0.0.1}"
+ADMIN_KEY="${KILN_ADMIN_KEY:-$(od -An -N16 -tx1 /dev/urandom | tr -d ' \n')}"
+RESTRICTED="shared-memory,logging,trace,model-repository"
+if [[ ! "$ADMIN_KEY" =~ ^[A-Za-z0-9_-]{16,}$ ]]; then
+    echo "error: KILN_ADMIN_KEY must be at least 16 letters, digits, '-' or '_'" >&2
+    exit 2
+fi
 HTTP_PORT="${HTTP_PORT:-8000}"
 GRPC_PORT="${GRPC_PORT:-8001}"
 METRICS_PORT="${METRICS_PORT:-8002}"
@@ -72,9 +86,9 @@ fi
 run docker run --rm \
     --gpus "$GPUS" \
     --shm-size "$SHM_SIZE" \
-    -p "${HTTP_PORT}:8000" \
-    -p "${GRPC_PORT}:8001" \
-    -p "${METRICS_PORT}:8002" \
+    -p "${BIND}:${HTTP_PORT}:8000" \
+    -p "${BIND}:${GRPC_PORT}:8001" \
+    -p "${BIND}:${METRICS_PORT}:8002" \
     -v "${REPO}:/models:ro" \
     "$IMAGE" \
     tritonserver \
@@ -82,4 +96,6 @@ run docker run --rm \
     --http-port=8000 \
     --grpc-port=8001 \
     --metrics-port=8002 \
+    "--http-restricted-api=${RESTRICTED}:kiln-admin=${ADMIN_KEY}" \
+    "--grpc-restricted-protocol=${RESTRICTED}:kiln-admin=${ADMIN_KEY}" \
     "$@"

@@ -1,6 +1,7 @@
 """Causal LM served by the real Triton: generate / generate_stream over HTTP, gRPC
-streaming, continuous batching, cancellation, bad input. Tiny random Llama (fast) and
-the packaged SmolLM2 (real weights)."""
+streaming, continuous batching, cancellation, penalties, bad input. The tiny Llama of the
+testkit (trained on a few sentences, so its greedy text varies and comparisons between
+two paths compare something)."""
 
 import json
 import queue
@@ -14,6 +15,17 @@ import pytest
 import tritonclient.grpc as grpcclient
 
 from kiln_testkit import export_and_serve, post, tiny_spec
+
+
+@pytest.fixture(scope="module")
+def tok(tiny_llama):
+    from tokenizers import Tokenizer
+
+    return Tokenizer.from_file(str(tiny_llama / "tokenizer.json"))
+
+
+def distinct_tokens(tok, text: str) -> int:
+    return len(set(tok.encode(text).ids))
 
 
 @pytest.fixture(scope="module")
@@ -38,10 +50,11 @@ def test_generate_answers_once_with_finish_reason_and_counts(tiny_chat):
         assert out["completion_tokens"] == 12
 
 
-def test_stream_equals_non_stream_for_greedy(tiny_chat):
+def test_stream_equals_non_stream_for_greedy(tiny_chat, tok):
     spec, server = tiny_chat
     payload = {"messages": json.dumps([{"role": "user", "content": "Bonjour 🚀 我爱北京"}]), "max_tokens": 24}
     _, once = post(server, spec.name, payload)
+    assert distinct_tokens(tok, once["text_output"]) >= 6, once  # not one token repeated
     status, events = post(server, spec.name, {**payload, "stream": True}, stream=True)
     assert status == 200 and len(events) > 1
     assert "".join(e.get("text_output", "") for e in events) == once["text_output"]
@@ -49,13 +62,52 @@ def test_stream_equals_non_stream_for_greedy(tiny_chat):
     assert all("\ufffd" not in e.get("text_output", "") for e in events)
 
 
-def test_batching_does_not_change_greedy_results(tiny_chat):
+def test_batching_does_not_change_greedy_results(tiny_chat, tok):
     spec, server = tiny_chat
     prompts = [f"One two three {'four ' * i}" for i in range(8)]
     alone = [post(server, spec.name, {"text_input": p, "max_tokens": 16})[1]["text_output"] for p in prompts]
+    assert all(distinct_tokens(tok, t) >= 4 for t in alone) and len(set(alone)) >= 3, alone
     with ThreadPoolExecutor(8) as pool:
         together = list(pool.map(lambda p: post(server, spec.name, {"text_input": p, "max_tokens": 16})[1]["text_output"], prompts))
     assert together == alone
+
+
+def _penalised_reference(tiny_llama, prompt, n, frequency, presence):
+    """Greedy by full recomputation in PyTorch, the OpenAI penalties applied by hand:
+    logits[t] -= frequency * count[t] + presence * (count[t] > 0), over generated tokens."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama).eval()
+    ids, counts = list(prompt), {}
+    for _ in range(n):
+        with torch.no_grad():
+            x = model(torch.tensor([ids])).logits[0, -1].numpy().copy()
+        for t, c in counts.items():
+            x[t] -= np.float32(frequency) * np.float32(c) + np.float32(presence)
+        nxt = int(np.argmax(x))
+        counts[nxt] = counts.get(nxt, 0) + 1
+        ids.append(nxt)
+        if nxt == model.config.eos_token_id:
+            break
+    return ids[len(prompt):]
+
+
+def test_penalties_change_greedy_text_as_the_openai_formula_says(tiny_chat, tiny_llama, tok):
+    spec, server = tiny_chat
+    prompt = "One two"
+    _, plain = post(server, spec.name, {"text_input": prompt, "max_tokens": 24})
+    _, penalised = post(server, spec.name, {"text_input": prompt, "max_tokens": 24, "frequency_penalty": 1.5,
+                                            "presence_penalty": 0.5})
+    plain_ids, penalised_ids = tok.encode(plain["text_output"]).ids, tok.encode(penalised["text_output"]).ids
+    top = max(set(plain_ids), key=plain_ids.count)
+    assert plain_ids.count(top) >= 4, plain  # greedy repeats itself here: something to penalise
+    assert penalised["text_output"] != plain["text_output"]
+    assert penalised_ids.count(top) < plain_ids.count(top), (plain, penalised)
+    prompt_ids = tok.encode(prompt).ids
+    assert penalised["prompt_tokens"] == len(prompt_ids)
+    expected = _penalised_reference(tiny_llama, prompt_ids, 24, 1.5, 0.5)
+    assert penalised["text_output"] == tok.decode(expected).rstrip("\ufffd")
 
 
 def _grpc_inputs(prompt, max_tokens, stream=True):

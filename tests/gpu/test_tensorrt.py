@@ -1,6 +1,7 @@
 """TensorRT engines for real: the tiny random BERT of tests/support/kiln_testkit.py goes through
-`kiln export`, an fp16 engine is built from its gated fp32 graph, and the engine's output
-is checked against ONNX Runtime (and gated against PyTorch like every variant).
+`kiln export`, fp16 and fp32 engines are built from its gated fp32 graph (each passing the
+parity gate of its precision against PyTorch, as every ONNX variant does, before it is kept),
+and the fp16 engine's output is checked against ONNX Runtime.
 
 Needs the `tensorrt` Python package (10.x) and a CUDA GPU; anywhere else it skips, saying
 which is missing. That is the only skip.
@@ -47,7 +48,7 @@ def exported(tiny_bert, tmp_path_factory):
         name="tiny",
         source={"kind": "folder", "path": str(tiny_bert)},
         max_length=32,
-        precisions=["fp32", "fp16"],
+        precisions=["fp32", "fp16"],  # an engine for each, fp32 included
         serve_precision="fp16",
         runtime="tensorrt_plan",
         instances={"kind": "gpu"},
@@ -66,6 +67,14 @@ def fp16_engine(exported):
     return build_engine(spec, manifest, "fp16", workspace_gib=1.0)
 
 
+@pytest.fixture(scope="module")
+def fp32_engine(exported):
+    from export.tensorrt import build_engine
+
+    spec, manifest = exported
+    return build_engine(spec, manifest, "fp32", workspace_gib=1.0)
+
+
 def _feeds(spec, manifest, texts: list[str], pad_to: int | None = None) -> dict[str, np.ndarray]:
     from transformers import AutoTokenizer
 
@@ -81,7 +90,8 @@ def test_fp16_engine_is_recorded(exported, fp16_engine):
     spec, manifest = exported
     assert fp16_engine == spec.export_dir / "model.fp16.plan" and fp16_engine.stat().st_size > 0
     record = json.loads((spec.export_dir / "model.fp16.plan.json").read_text())
-    assert record["precision"] == "fp16" and record["builder_flags"] == ["FP16"]
+    assert record["precision"] == "fp16" and record["builder_flags"] == ["FP16"] and record["builder_flags_cleared"] == []
+    assert record["parity"]["passed"] and record["parity"]["thresholds"] == {"min_cosine": spec.parity.fp16_min_cosine}
     assert record["tensorrt"] == trt.__version__
     assert record["source"] == {
         "variant": "fp32",
@@ -115,17 +125,23 @@ def test_fp16_engine_matches_onnx_runtime(exported, fp16_engine):
         assert float((np.abs(got - want) * mask[..., None]).max()) < 0.05
 
 
-def test_fp16_engine_passes_the_parity_gate(exported, fp16_engine):
-    from export.onnx_export import load_encoder
-    from export.parity import compare, gate, parity_batches
-    from export.tensorrt import engine_runner
-    from kiln_core.sources import checkpoint_dir
-    from kiln_core.spec import Precision
+def test_engines_pass_the_gate_of_their_precision(exported, fp16_engine, fp32_engine):
+    from export.tensorrt import (
+        engine_precisions,
+        engine_runner,
+        gate_engine,
+        record_path,
+    )
 
-    spec, _ = exported
-    batches = parity_batches(spec, load_encoder(spec, checkpoint_dir(spec)))
-    report = gate(spec, Precision.fp16, compare(spec, batches, engine_runner(fp16_engine)), sum(len(b.reference) for b in batches))
-    assert report.passed, report.failures
+    spec, manifest = exported
+    assert engine_precisions(spec) == (["fp32", "fp16"], {})
+    for precision, plan in (("fp16", fp16_engine), ("fp32", fp32_engine)):
+        report = gate_engine(spec, precision, engine_runner(plan))
+        assert report.passed, (precision, report.failures)
+        assert report.thresholds == manifest.variants["fp32" if precision == "fp32" else "fp16"].parity.thresholds
+    record = json.loads(record_path(fp32_engine).read_text())
+    assert record["builder_flags"] == [] and record["builder_flags_cleared"] == ["TF32"]  # fp32 means fp32
+    assert record["parity"]["figures"]["max_abs_diff"] <= spec.parity.fp32_max_abs
 
 
 def test_repository_serves_the_engine(exported, fp16_engine):

@@ -124,9 +124,17 @@ TINY_LM_TEXT = [
 ]
 
 
+TINY_LLAMA_STEPS = 100  # full-batch AdamW steps: the loss falls from ~6 to ~0.01
+
+
 def build_tiny_llama(folder: Path) -> Path:
-    """A random 2-layer Llama (hidden 64, GQA 4/2 heads, tied embeddings) with a byte-level
-    BPE tokenizer (so emoji and CJK split across tokens) and a ChatML chat template."""
+    """A 2-layer Llama (hidden 64, GQA 4/2 heads, tied embeddings) with a byte-level BPE
+    tokenizer (so emoji and CJK split across tokens) and a ChatML chat template, trained for
+    TINY_LLAMA_STEPS on TINY_LM_TEXT. Random weights collapse greedy text into one repeated
+    token, which lets stream == non-stream and batching-invariance checks compare nothing; the
+    trained model recites and mixes its sentences (varied tokens, and no EOS: the text it
+    learned has none, so long generations run to max_tokens), deterministically for a fixed
+    seed, in a few seconds on CPU."""
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
@@ -151,7 +159,15 @@ def build_tiny_llama(folder: Path) -> Path:
         pad_token_id=fast.convert_tokens_to_ids("<|endoftext|>"),
     )
     torch.manual_seed(0)
-    LlamaForCausalLM(cfg).eval().save_pretrained(folder)
+    model = LlamaForCausalLM(cfg)
+    ids = torch.tensor([fast(" ".join(TINY_LM_TEXT * 2), add_special_tokens=False)["input_ids"]])
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.0)
+    for _ in range(TINY_LLAMA_STEPS):
+        loss = model(input_ids=ids, labels=ids).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval().save_pretrained(folder)
     return folder
 
 

@@ -6,10 +6,12 @@ repository the writer produced for the onnxruntime_onnx runtime.
 
 from __future__ import annotations
 
+import ast
 import os
 import re
 import shlex
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -133,6 +135,16 @@ def test_script_basics():
         assert f":{port}\"" in text, port
 
 
+RESTRICTED = {"shared-memory", "logging", "trace", "model-repository"}
+
+
+def restricted(server: list[str], flag: str) -> tuple[set[str], str]:
+    """The APIs a --http-restricted-api / --grpc-restricted-protocol argument closes, and its header."""
+    (value,) = [a.split("=", 1)[1] for a in server if a.startswith(flag + "=")]
+    apis, header = value.split(":", 1)
+    return set(apis.split(",")), header
+
+
 def test_script_without_arguments_prints_usage(tmp_path):
     r = run_script(cwd=tmp_path)
     assert r.returncode == 2
@@ -158,10 +170,30 @@ def test_script_serves_the_written_repository(written, tmp_path):
     assert run[run.index("--gpus") + 1] == "all"
     assert run[run.index("-v") + 1] == f"{repo.resolve()}:/models:ro"
     ports = [run[i + 1] for i, a in enumerate(run) if a == "-p"]
-    assert ports == ["18000:8000", "18001:8001", "18002:8002"]
+    assert ports == ["127.0.0.1:18000:8000", "127.0.0.1:18001:8001", "127.0.0.1:18002:8002"]  # loopback only
     server = run[run.index(image) + 1 :]
     assert server[0] == "tritonserver"
     assert "--model-repository=/models" in server and server[-1] == "--log-verbose=1"
+    # Triton has no authentication: its admin APIs answer only a header with a random key
+    http, grpc = restricted(server, "--http-restricted-api"), restricted(server, "--grpc-restricted-protocol")
+    assert http == grpc and http[0] == RESTRICTED
+    assert re.fullmatch(r"kiln-admin=[0-9a-f]{32}", http[1])
+    again = shlex.split(run_script(str(repo), cwd=tmp_path, KILN_DRY_RUN="1").stdout.splitlines()[-1])
+    assert restricted(again, "--http-restricted-api")[1] != http[1]  # a fresh key each start
+
+
+def test_script_binds_elsewhere_and_takes_an_admin_key_only_when_asked(written, tmp_path):
+    _, repo = written
+    key = "k" * 24
+    r = run_script(str(repo), cwd=tmp_path, KILN_DRY_RUN="1", KILN_SKIP_BUILD="1", KILN_BIND_ADDRESS="0.0.0.0",
+                   KILN_ADMIN_KEY=key)
+    assert r.returncode == 0, r.stderr
+    run = shlex.split(r.stdout.strip())
+    assert [run[i + 1] for i, a in enumerate(run) if a == "-p"] == ["0.0.0.0:8000:8000", "0.0.0.0:8001:8001", "0.0.0.0:8002:8002"]
+    assert restricted(run, "--grpc-restricted-protocol") == (RESTRICTED, f"kiln-admin={key}")
+    for bad in ("short", "a:b=c,d" * 4):  # too guessable, or breaks the flag's syntax
+        r = run_script(str(repo), cwd=tmp_path, KILN_DRY_RUN="1", KILN_SKIP_BUILD="1", KILN_ADMIN_KEY=bad)
+        assert r.returncode == 2 and "KILN_ADMIN_KEY" in r.stderr
 
 
 def test_script_skip_build_runs_only_the_container(written, tmp_path):
@@ -181,15 +213,68 @@ def base_image(text: str) -> str:
     return re.sub(r"\$\{(\w+)\}", lambda m: args[m.group(1)], image)
 
 
-def test_dockerfile_builds_on_nvidia_triton_py3():
-    assert re.fullmatch(r"nvcr\.io/nvidia/tritonserver:\d{2}\.\d{2}-py3", base_image(DOCKERFILE.read_text()))
-
-
-def test_dockerfile_installs_what_python_models_import():
+def test_dockerfile_builds_on_a_triton_release_with_the_2025_fixes():
+    """The python-backend and HTTP advisories of August 2025 are fixed from 25.07 on; the
+    onnxruntime-gpu pin is the onnxruntime backend's version in that release."""
     text = DOCKERFILE.read_text()
+    tag = re.fullmatch(r"nvcr\.io/nvidia/tritonserver:(\d{2})\.(\d{2})-py3", base_image(text))
+    assert tag and (int(tag[1]), int(tag[2])) >= (25, 7), base_image(text)
+    ort = dict(re.findall(r"^ARG (\w+)=(\S+)$", text, re.M))["ORT_VERSION"]
+    assert {"25.07": "1.22.0"}.get(f"{tag[1]}.{tag[2]}") == ort, "pin ORT_VERSION to the release's onnxruntime backend"
+    script = SCRIPT.read_text()
+    assert f"${{TRITON_TAG:-{tag[1]}.{tag[2]}-py3}}" in script  # the script's image name follows the Dockerfile
+
+
+def test_dockerfile_command_restricts_the_admin_apis():
+    (cmd,) = re.findall(r"^CMD (.*)$", DOCKERFILE.read_text(), re.M)
+    for flag in ("--http-restricted-api", "--grpc-restricted-protocol"):
+        (value,) = re.findall(flag + r"=(\S+?):kiln-admin=", cmd)
+        assert set(value.split(",")) == RESTRICTED, flag
+
+
+def pip_requirements(text: str) -> set[str]:
+    """Distribution names on the Dockerfile's pip install line."""
     install = re.search(r"pip install(.*?)(?:&&|$)", text, re.S).group(1)
-    for package in ('"numpy<2"', "tokenizers", "onnxruntime-gpu", "jinja2"):
-        assert package in install, package
+    words = [w.strip('"\\') for w in install.split() if not w.startswith("-") and w.strip('"\\')]
+    return {re.split(r"[<>=!~\[]", w, maxsplit=1)[0].lower() for w in words}
+
+
+# import name -> the distribution that provides it in the image
+DISTRIBUTIONS = {"numpy": "numpy", "onnxruntime": "onnxruntime-gpu", "tokenizers": "tokenizers", "jinja2": "jinja2"}
+IN_THE_IMAGE = {"triton_python_backend_utils"}  # the python backend provides it
+SHIPPED = {"kiln_runtime"}  # copied into every repository beside model.py
+
+
+def served_imports() -> dict[str, list[str]]:
+    """Top-level names of every import (function-level included) in the served code: the
+    python models and kiln_runtime; {name: ["file:line", ...]}, the standard library left out."""
+    files = sorted((ROOT / "model_repository" / "python_models").glob("*.py")) + sorted((ROOT / "kiln_runtime").rglob("*.py"))
+    found: dict[str, list[str]] = {}
+    for path in files:
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and not node.level:
+                names = [node.module]
+            else:
+                continue
+            for name in names:
+                top = name.split(".")[0]
+                if top not in sys.stdlib_module_names and top != "__future__":
+                    found.setdefault(top, []).append(f"{path.relative_to(ROOT)}:{node.lineno}")
+    return found
+
+
+def test_every_import_of_the_served_code_is_installed_in_the_image():
+    installed = pip_requirements(DOCKERFILE.read_text())
+    assert installed >= {"numpy", "tokenizers", "jinja2", "onnxruntime-gpu"}
+    imports = served_imports()
+    assert {"numpy", "onnxruntime", "tokenizers", "jinja2", "kiln_runtime"} <= set(imports)  # the scan sees them
+    missing = {
+        name: where for name, where in imports.items()
+        if name not in IN_THE_IMAGE | SHIPPED and DISTRIBUTIONS.get(name) not in installed
+    }
+    assert not missing, f"imported by served code but not installed by triton/Dockerfile: {missing}"
 
 
 def test_triton_folder_is_not_python():

@@ -13,11 +13,14 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from export.tensorrt import (
+    BUILDER_FLAGS,
     EngineError,
     ShapeRange,
     TensorRTUnavailable,
     build_engine,
     engine_path,
+    engine_precisions,
+    gate_engine,
     is_qdq_graph,
     portable_graph,
     profile_shapes,
@@ -27,6 +30,7 @@ from export.tensorrt import (
 )
 from kiln_core.manifest import ExportManifest, ParityReport, TensorSpec, Variant, sha256
 from kiln_core.spec import DeploymentSpec
+from kiln_testkit import tiny_spec
 
 HIDDEN, VOCAB = 8, 16
 
@@ -300,3 +304,66 @@ def test_a_graph_changed_after_its_gate_is_refused(tmp_path, no_tensorrt):
     matmul_graph(spec.export_dir / "other.onnx").replace(spec.export_dir / "model.int8.onnx")
     with pytest.raises(EngineError, match="changed since it passed its parity gate"):
         build_engine(spec, manifest, "int8")
+
+
+# ----------------------------------------------------------------------------- what is built, and its gate
+def test_every_listed_precision_gets_an_engine_fp32_included(tmp_path):
+    assert engine_precisions(make_spec(tmp_path, precisions=["fp32"], serve_precision="fp32")) == (["fp32"], {})
+    wanted, skipped = engine_precisions(make_spec(tmp_path))  # int8 dynamic: no QDQ graph to build from
+    assert wanted == ["fp32", "fp16"] and "int8_mode: static" in skipped["int8"]
+    assert engine_precisions(make_spec(tmp_path, int8_mode="static")) == (["fp32", "int8", "fp16"], {})
+
+
+def test_builder_flags_keep_fp32_exact_and_let_int8_fall_back_to_fp16(tmp_path):
+    assert BUILDER_FLAGS["fp32"] == ([], ["TF32"])  # TensorRT's TF32 default would miss the fp32 gate
+    assert BUILDER_FLAGS["fp16"] == (["FP16"], [])
+    assert BUILDER_FLAGS["int8"] == (["INT8", "FP16"], [])  # unquantized layers may run in fp16
+    profile = {"x": ShapeRange((1, 8), (4, 8), (32, 8))}
+    cmd = {p: trtexec_command(Path("g.onnx"), Path("e.plan"), profile, p, 1024).split() for p in BUILDER_FLAGS}
+    assert "--noTF32" in cmd["fp32"] and {"--int8", "--fp16"} <= set(cmd["int8"]) and "--fp16" in cmd["fp16"]
+
+
+@pytest.fixture(scope="module")
+def bert_reference(tiny_bert, tmp_path_factory):
+    """A tiny BERT spec whose profile admits batches of 3, and run(feeds) by PyTorch itself:
+    what a perfect engine returns."""
+    import torch
+
+    from export.onnx_export import load_encoder
+    from kiln_core.sources import checkpoint_dir
+
+    spec = tiny_spec(tiny_bert, tmp_path_factory.mktemp("gate"), batching={"max_batch_size": 3, "preferred_batch_sizes": [2]})
+    loaded = load_encoder(spec, checkpoint_dir(spec))
+    rows = []
+
+    def run(feeds):
+        rows.append(len(feeds["input_ids"]))
+        with torch.no_grad():
+            out = loaded.model(**{k: torch.from_numpy(v) for k, v in feeds.items()})
+        return getattr(out, loaded.output_name).float().numpy()
+
+    return spec, run, rows
+
+
+def test_an_engine_is_held_to_the_gate_of_its_precision(bert_reference):
+    """The thresholds every ONNX variant of that precision meets; batches cut to the profile."""
+    spec, run, rows = bert_reference
+    report = gate_engine(spec, "fp32", run)
+    assert report.passed and report.figures["max_abs_diff"] == 0 and report.inputs >= spec.parity.min_inputs
+    assert report.thresholds == {"min_cosine": spec.parity.fp32_min_cosine, "max_abs_diff": spec.parity.fp32_max_abs}
+    assert max(rows) == 3  # parity batches of 8 reach the engine in pieces its profile admits
+    assert gate_engine(spec, "int8", run).thresholds == {"mean_cosine": spec.parity.int8_mean_cosine,
+                                                         "min_cosine": spec.parity.int8_min_cosine}
+
+
+def test_an_engine_that_drifts_fails_its_gate(bert_reference):
+    spec, run, _ = bert_reference
+    noise = np.random.default_rng(0)
+
+    def drifting(feeds):  # what TF32 or a bad fusion does: small errors everywhere
+        out = run(feeds)
+        return out + noise.normal(0, 0.01, out.shape).astype(np.float32)
+
+    report = gate_engine(spec, "fp32", drifting)
+    assert not report.passed and any(f.startswith("max_abs_diff") for f in report.failures), report.failures
+    assert gate_engine(spec, "fp16", drifting).passed  # the fp16 gate allows it, as for ONNX fp16
