@@ -9,7 +9,7 @@ export PYTHONSAFEPATH := 1
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: demo test export repo serve bench engines loadtest unit functional e2e clean setup
+.PHONY: demo test export repo serve bench engines loadtest unit functional e2e faults clean setup
 
 setup: $(STAMP)
 
@@ -55,6 +55,11 @@ functional: $(STAMP)
 
 e2e: $(STAMP)
 	$(VENV)/bin/pytest tests/e2e
+
+# the fault suite on tiny models (hostile bodies, overload, Triton killed, generation loop killed):
+# one table and build/faults/faults.json; exits 1 on a hard failure (STRICT=1: on a missed threshold too)
+faults: $(STAMP)
+	$(KILN) faults $(if $(STRICT),--strict)
 
 clean:
 	rm -rf build

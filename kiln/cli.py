@@ -401,6 +401,21 @@ def demo(
         raise typer.Exit(1)
 
 
+@app.command()
+def faults(
+    workdir: Path = typer.Option(Path("build/faults"), "--workdir", help="tiny models, exports, logs and faults.json"),
+    strict: bool = typer.Option(False, "--strict", help="exit 1 when a threshold is missed too, not only on a hard "
+                                                       "failure (a 5xx on fuzz, a hang, no recovery, a crash)"),
+):
+    """The fault suite on tiny models: hostile bodies, overload, Triton killed, the generation
+    loop killed; one table (and WORKDIR/faults.json). Exit 1 on a hard failure."""
+    from kiln.faults import run_faults
+
+    # a log or CI has no terminal width: keep the table's figures on one line each
+    wide = out if out.is_terminal else Console(width=180)
+    raise typer.Exit(run_faults(workdir, wide, strict=strict).exit_code)
+
+
 def main() -> None:  # pragma: no cover
     app()
 

@@ -91,6 +91,9 @@ SAMPLING_FIELDS = {
 }
 FINISH_REASONS = ("stop", "length", "cancelled")
 HEALTH_FINISH_REASON = "health"  # the answer to a HEALTH probe
+# how a generation model whose engine is broken starts its refusals: over a gRPC stream the
+# UNAVAILABLE code does not reach the client, so the gateway recognises the phrase (503, not 500)
+BROKEN_ENGINE = "the generation engine is broken"
 
 
 # ----------------------------------------------------------------------------- model config

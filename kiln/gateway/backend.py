@@ -87,6 +87,9 @@ def map_error(err: Exception, model: str) -> APIError:
     if QUEUE_FULL in msg:
         return APIError(429, f"Model {model!r} is at capacity (its queue is full); retry shortly.",
                         None, "queue_full", retry_after=RETRY_AFTER_QUEUE_S)
+    if tensors.BROKEN_ENGINE in msg:  # the model is up but cannot generate: Triton itself is fine
+        return APIError(503, f"Model {model!r} cannot generate right now; retry later.", None, "model_unavailable",
+                        retry_after=5.0)
     if "INVALID_ARGUMENT" in status or "INVALID_ARG" in msg or _FIELD.match(msg) or "UTF-8" in msg:
         m = _FIELD.match(msg)
         param = _PARAM_NAMES.get(m.group(1), m.group(1)) if m else None

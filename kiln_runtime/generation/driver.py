@@ -41,6 +41,7 @@ from typing import Any, Callable, Literal, NamedTuple, Protocol
 import numpy as np
 
 from kiln_runtime.contract import (
+    BROKEN_ENGINE,
     HEALTH,
     HEALTH_FINISH_REASON,
     MESSAGES,
@@ -192,7 +193,7 @@ class FaultPlan:
 
 
 def _broken_message(reason: str) -> str:
-    return f"the generation engine is broken: {reason}; restart the model / server"
+    return f"{BROKEN_ENGINE}: {reason}; restart the model / server"
 
 
 def _nth_call(n: int) -> Callable[[], bool]:

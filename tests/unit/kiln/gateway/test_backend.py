@@ -21,6 +21,7 @@ from kiln.gateway.backend import (
 )
 from kiln.gateway.protocol import APIError
 from kiln_runtime.contract import (
+    BROKEN_ENGINE,
     EMBEDDING,
     FINISH_REASON,
     GENERATION_INPUTS,
@@ -42,6 +43,8 @@ from kiln_runtime.contract import (
          "StatusCode.UNAVAILABLE", "triton_unavailable", 503),
         ("Request for unknown model: 'm' is not found", "StatusCode.NOT_FOUND", "model_not_ready", 503),
         ("something broke inside", "StatusCode.INTERNAL", "internal_error", 500),
+        # the generation model's refusal once its engine is broken (the stream loses the UNAVAILABLE code)
+        (f"{BROKEN_ENGINE}: the stepping thread died; restart the model / server", None, "model_unavailable", 503),
     ],
 )
 def test_triton_errors_are_sorted_by_who_must_act(msg, status, code, http):
