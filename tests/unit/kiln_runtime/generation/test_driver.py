@@ -125,16 +125,16 @@ def template(tiny_llama):
 
 @pytest.fixture
 def served(tokenizer, template):
-    """make(max_concurrent, max_queue) -> (driver, runner, log): the real engine over the
+    """make(max_concurrent, max_queue, faults) -> (driver, runner, log): the real engine over the
     scripted decoder (context 128, EOS off, so a request ends by length or a stop string)."""
     prompt_len = len(tokenizer.encode(PROMPT).ids)
     script = tokenizer.encode(SCRIPT).ids
 
-    def make(max_concurrent=4, max_queue=None):
+    def make(max_concurrent=4, max_queue=None, faults=None):
         runner = ScriptedRunner(script, prompt_len, tokenizer.get_vocab_size())
         engine = Engine(runner, 1, 1, 1, [], max_concurrent, 128, tokenizer, max_queue=max_queue)
         log = Log()
-        return Driver(engine, tokenizer, template, log), runner, log
+        return Driver(engine, tokenizer, template, log, faults=faults), runner, log
 
     return make
 
@@ -405,11 +405,8 @@ def test_a_failing_cancellation_check_fails_that_request_only(served, tokenizer)
     assert driver.num_pending == 0 and not driver.engine.has_work()
 
 
-def test_an_injected_step_failure_fails_the_step_and_serving_goes_on(served, tokenizer, template):
-    _, runner, _ = served()
-    log = Log()
-    driver = Driver(Engine(runner, 1, 1, 1, [], 4, 128, tokenizer), tokenizer, template, log,
-                    faults=FaultPlan.parse("step:2"))
+def test_an_injected_step_failure_fails_the_step_and_serving_goes_on(served, tokenizer):
+    driver, runner, log = served(faults=FaultPlan.parse("step:2"))
     n = script_len(tokenizer)
     hit = [Outbox(), Outbox()]
     for outbox in hit:
@@ -451,11 +448,8 @@ def test_failing_steps_in_a_row_break_the_engine_and_new_requests_are_refused_at
     assert driver.num_pending == 0 and not driver.engine.has_work()
 
 
-def test_a_dead_stepping_thread_fails_its_requests_and_refuses_new_ones_at_once(served, tokenizer, template):
-    _, runner, _ = served()
-    log = Log()
-    driver = Driver(Engine(runner, 1, 1, 1, [], 4, 128, tokenizer), tokenizer, template, log,
-                    faults=FaultPlan.parse("loop:3"))
+def test_a_dead_stepping_thread_fails_its_requests_and_refuses_new_ones_at_once(served):
+    driver, runner, log = served(faults=FaultPlan.parse("loop:3"))
     in_flight = Outbox()
     driver.start()
     try:
