@@ -13,25 +13,12 @@ import time
 import urllib.error
 import urllib.request
 from email.message import Message
-from pathlib import Path
 
 import yaml
 
+from kiln.faults import tritonserver_child
 from kiln.server import free_port
 from kiln_testkit import KILN
-
-
-def tritonserver_child(pid: int) -> int | None:
-    """The `tritonserver` process started by `pid` (read from /proc)."""
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-            name = stat.read_text().split("(", 1)[1].rsplit(")", 1)[0]
-        except OSError:
-            continue
-        if int(fields[1]) == pid and name == "tritonserver":
-            return int(stat.parent.name)
-    return None
 
 
 def embed(gateway: str) -> tuple[int, Message, float]:
