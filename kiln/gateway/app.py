@@ -76,5 +76,5 @@ def build_app(config: GatewayConfig, backend: TritonBackend | None = None) -> Fa
 
     app.add_exception_handler(HTTPException, http_exception_response)
     app.add_middleware(Edge, metrics=gateway.metrics, max_body=config.max_body_bytes,
-                       max_in_flight=config.max_in_flight)
+                       max_in_flight=config.max_in_flight, refusal=gateway.early_refusal)
     return app

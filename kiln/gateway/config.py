@@ -44,6 +44,10 @@ class GatewayConfig(BaseModel):
     max_body_bytes: int = Field(1 << 20, ge=1024, description="larger request bodies get 413")
     max_in_flight: int = Field(256, ge=1, description="API requests answered at once by this process; more get "
                                                       "503 with Retry-After at once")
+    embeddings_queue_s: float = Field(0.5, gt=0, description="an embeddings request expected to wait longer than "
+                                                             "this behind those in flight (their number over the "
+                                                             "rate Triton answers them) gets 503 with Retry-After "
+                                                             "at once")
     embeddings_deadline_s: float = Field(30.0, gt=0, description="an embeddings request past it: 504, cancelled")
     generation_deadline_s: float = Field(600.0, gt=0, description="a generation past it: 504, cancelled in Triton")
     request_timeout_s: float = Field(600.0, gt=0)

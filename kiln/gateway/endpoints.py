@@ -23,6 +23,7 @@ from starlette.responses import Response
 from tokenizers import Tokenizer
 
 from kiln.gateway import protocol
+from kiln.gateway.admission import Admission, Overloaded
 from kiln.gateway.auth import KeyStore, Principal
 from kiln.gateway.backend import Chunk, TritonBackend
 from kiln.gateway.config import (
@@ -48,6 +49,8 @@ from kiln_runtime import contract
 
 DEFAULT_COMPLETION_ESTIMATE = 256  # tokens reserved against a TPM limit when max_tokens is not given
 CHARS_PER_TOKEN = 4  # rough prompt estimate for the reservation; the real count settles it
+INLINE_TOKENIZE_CHARS = 2048  # inputs up to this size are counted on the event loop (~10 µs a sentence)
+MIN_IN_FLIGHT = 4  # an encoder always admits at least this many (or its batch size) whatever its queue
 
 
 def generation_estimate(max_tokens: int | None, prompt_chars: int) -> int:
@@ -81,6 +84,12 @@ class Gateway:
         self.metrics = Metrics()
         self.backend = backend
         self.counters = token_counters(self.models)
+        self.admission = Admission()
+        # generation models keep their own queue (max_queue, refused at once by the model)
+        self.encoders = [m.name for m in self.models.values() if m.kind == "embedding"]
+        for name in self.encoders:
+            self.admission.configure(name, config.embeddings_queue_s,
+                                     max(MIN_IN_FLIGHT, self.models[name].max_batch_size))
 
     # --- checks, in the order a client must fix things
     def admit(self, request: Request) -> Principal:
@@ -181,6 +190,28 @@ class Gateway:
                                     "tokens per input. Shorten it or split it.", "input", "context_length_exceeded")
         return counts
 
+    def enter(self, m: ServedModel) -> None:
+        """One more request for ``m``'s queue, or 503 at once when it would wait past the budget."""
+        try:
+            self.admission.enter(m.name)
+        except Overloaded as err:
+            raise self._shed(err) from None
+
+    def early_refusal(self, path: str) -> APIError | None:
+        """For the HTTP edge, before the body is read: a 503 when every model the route serves
+        is shedding now (one encoder: exactly its own verdict), so a refusal under overload
+        costs no parsing at all. Otherwise the endpoint decides per model."""
+        if path != "/v1/embeddings" or not self.encoders:
+            return None
+        refusals = [self.admission.refusal(name) for name in self.encoders]
+        if any(r is None for r in refusals):
+            return None
+        return self._shed(min(refusals, key=lambda r: r.retry_after))
+
+    def _shed(self, err: Overloaded) -> APIError:
+        self.metrics.shed.labels(err.model).inc()
+        return APIError(503, str(err), None, "overloaded", retry_after=err.retry_after)
+
     def _queue_rejected(self, err: APIError, model: str) -> None:
         if err.code == "queue_full":
             self.metrics.queue_rejections.labels(model).inc()
@@ -195,19 +226,28 @@ class Gateway:
         if req.dimensions is not None and m.dim and req.dimensions != m.dim:
             raise protocol.bad_request(f"dimensions: model {m.name!r} gives {m.dim}-dimensional embeddings and "
                                        f"cannot shorten them (got {req.dimensions}); leave it out", "dimensions")
-        counts = await anyio.to_thread.run_sync(self.count_tokens, m, texts)  # a long batch must not stall the loop
-        used = sum(counts)  # counted exactly: the reservation is the usage
-        reservation = self.reserve(who, used, "input")
+        self.enter(m)  # shed before any tokenizing: a refusal must cost next to nothing
+        answered = False
         try:
-            vectors = await until_disconnect(
-                request, self.backend.embed(m.name, texts, m.max_batch_size, request.state.request_id), deadline)
-        except APIError as err:
-            self._queue_rejected(err, m.name)
-            reservation.settle(used if err.code == CLIENT_GONE else 0)  # a client that left pays; a refusal does not
-            raise
-        except BaseException:
-            reservation.release()  # a bug: the client is not charged for it
-            raise
+            if sum(map(len, texts)) <= INLINE_TOKENIZE_CHARS:  # microseconds: a thread hop would cost more
+                counts = self.count_tokens(m, texts)
+            else:  # a long batch must not stall the event loop
+                counts = await anyio.to_thread.run_sync(self.count_tokens, m, texts)
+            used = sum(counts)  # counted exactly: the reservation is the usage
+            reservation = self.reserve(who, used, "input")
+            try:
+                vectors = await until_disconnect(
+                    request, self.backend.embed(m.name, texts, m.max_batch_size, request.state.request_id), deadline)
+            except APIError as err:
+                self._queue_rejected(err, m.name)
+                reservation.settle(used if err.code == CLIENT_GONE else 0)  # a client that left pays; a refusal not
+                raise
+            except BaseException:
+                reservation.release()  # a bug: the client is not charged for it
+                raise
+            answered = True
+        finally:
+            self.admission.leave(m.name, answered)
         reservation.settle(used)
         self.metrics.tokens.labels(m.name, "prompt").inc(used)
         return FastJSON(protocol.embeddings_response(m.name, vectors, req.encoding_format, used))

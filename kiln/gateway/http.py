@@ -37,11 +37,14 @@ CLIENT_GONE = "client_closed_request"
 
 
 class Edge:
-    """Pure ASGI middleware: request id, early 413 on Content-Length, the in-flight cap on
-    the API routes (health, readiness and metrics stay answerable), metrics by route."""
+    """Pure ASGI middleware: request id, early 413 on Content-Length, the in-flight cap and
+    load shedding on the API routes (health, readiness and metrics stay answerable), metrics
+    by route."""
 
-    def __init__(self, app, metrics: Metrics, max_body: int, max_in_flight: int):
+    def __init__(self, app, metrics: Metrics, max_body: int, max_in_flight: int,
+                 refusal: Callable[[str], APIError | None] = lambda path: None):
         self.app, self.metrics, self.max_body, self.max_in_flight = app, metrics, max_body, max_in_flight
+        self.refusal = refusal  # load shedding by route, before the body is read (Gateway.early_refusal)
         self.busy = 0  # API requests being answered (one event loop: no lock needed)
 
     async def __call__(self, scope, receive, send):
@@ -77,6 +80,9 @@ class Edge:
                 err = APIError(503, f"The gateway is answering its limit of {self.max_in_flight} requests at once; "
                                     "retry shortly.", None, "overloaded", retry_after=RETRY_AFTER_BUSY_S)
                 await error_response(err).__call__(scope, receive, send_with_id)
+            elif capped and (shed := self.refusal(route)) is not None:
+                capped = False
+                await error_response(shed).__call__(scope, receive, send_with_id)
             elif length is not None and length.isdigit() and int(length) > self.max_body:
                 err = APIError(413, f"Request body is {int(length)} bytes; this server accepts at most "
                                     f"{self.max_body} bytes. Send fewer or shorter inputs.", None, "request_too_large")
@@ -100,6 +106,8 @@ def error_response(err: APIError) -> JSONResponse:
     headers = dict(err.headers)
     if err.retry_after is not None and err.status in (429, 503):
         headers["retry-after"] = retry_after_header(err.retry_after)
+        # OpenAI's own header, which its clients read first: the wait to the millisecond
+        headers["retry-after-ms"] = str(max(1, round(err.retry_after * 1000)))
     return FastJSON(err.body(), status_code=err.status, headers=headers)
 
 

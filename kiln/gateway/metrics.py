@@ -44,6 +44,8 @@ class Metrics:
                               ["model", "direction"], registry=r)
         self.queue_rejections = Counter(p + "queue_rejections", "requests Triton rejected because its queue was full",
                                         ["model"], registry=r)
+        self.shed = Counter(p + "shed", "requests refused at once because their expected queue time exceeded the "
+                                        "model's budget", ["model"], registry=r)
         self.rate_limited = Counter(p + "rate_limited", "requests refused by a per-key limit", ["limit"], registry=r)
         self.cancelled = Counter(p + "cancelled_generations", "generations cancelled because the client went away",
                                  ["model"], registry=r)

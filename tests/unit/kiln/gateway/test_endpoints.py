@@ -10,7 +10,7 @@ import asyncio
 
 import pytest
 
-from kiln.gateway.endpoints import generation_estimate
+from kiln.gateway.endpoints import INLINE_TOKENIZE_CHARS, generation_estimate
 from kiln.gateway.protocol import APIError
 
 KEY = "sk-test-endpoints"
@@ -157,13 +157,16 @@ class SpyTokenizer:
         return self.inner.encode_batch(texts)
 
 
-def test_tokenization_comes_after_the_cheap_checks_and_off_the_event_loop(make_gateway):
-    client = make_gateway((KEY,), limits={"rpm": 2})
+def test_tokenization_comes_after_the_cheap_checks_and_a_long_batch_off_the_event_loop(make_gateway):
+    client = make_gateway((KEY,), limits={"rpm": 3})
     gateway = client.app.state.gateway
     spy = gateway.counters["emb"] = SpyTokenizer(gateway.counters["emb"])
-    body = {"model": "emb", "input": ["hello world", "hello"]}
-    assert client.post("/v1/embeddings", json=body, headers={"authorization": "Bearer sk-wrong"}).status_code == 401
-    assert client.post("/v1/embeddings", json=body).status_code == 200
-    assert client.post("/v1/embeddings", json=body).status_code == 200
-    assert client.post("/v1/embeddings", json=body).status_code == 429  # out of requests this minute
-    assert spy.calls == 2 and spy.on_loop == [False, False], (spy.calls, spy.on_loop)
+    short = {"model": "emb", "input": ["hello world", "hello"]}
+    long = {"model": "emb", "input": ["hello world " * 10] * (INLINE_TOKENIZE_CHARS // 100)}
+    assert client.post("/v1/embeddings", json=short, headers={"authorization": "Bearer sk-wrong"}).status_code == 401
+    assert client.post("/v1/embeddings", json=short).status_code == 200
+    assert client.post("/v1/embeddings", json=long).status_code == 200
+    assert client.post("/v1/embeddings", json=long).status_code == 200
+    assert client.post("/v1/embeddings", json=short).status_code == 429  # out of requests this minute
+    # a sentence is counted in place (a thread hop costs more); a long batch on a worker thread
+    assert spy.calls == 3 and spy.on_loop == [True, False, False], (spy.calls, spy.on_loop)

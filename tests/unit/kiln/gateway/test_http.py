@@ -86,6 +86,37 @@ def test_over_the_in_flight_cap_is_503_with_retry_after_and_health_stays_up(make
     assert triton.closed_early == 2  # and their Triton requests were cancelled
 
 
+def test_an_encoder_past_its_queue_budget_sheds_before_the_body_is_read(make_repository, triton, monkeypatch):
+    app = app_for(make_repository, triton, monkeypatch, embeddings_queue_s=0.5)
+    gateway = app.state.gateway
+    triton.hang_before_first = True
+    floor = gateway.admission.limit("emb")  # nothing answered yet: the floor
+
+    async def scenario():
+        release = asyncio.Event()
+        held = [asyncio.ensure_future(asgi(app, "POST", "/v1/embeddings", {"model": "emb", "input": "hello"},
+                                           leave_when=release.is_set)) for _ in range(floor)]
+        while triton.waiting < floor:
+            await asyncio.sleep(0.001)
+        refused = await asgi(app, "POST", "/v1/embeddings", {"model": "emb", "input": "hello"})
+        chat = gateway.early_refusal("/v1/chat/completions")  # the generation model's own queue decides
+        release.set()
+        await asyncio.gather(*held)
+        triton.hang_before_first = False
+        after = await asgi(app, "POST", "/v1/embeddings", {"model": "emb", "input": "hello"})
+        return refused, chat, after
+
+    triton_hangs = triton.hang_before_first
+    (status, headers, body), chat, after = asyncio.run(scenario())
+    err = orjson.loads(body)["error"]
+    assert triton_hangs and status == 503 and err["code"] == "overloaded", body
+    assert chat is None
+    assert "'emb'" in err["message"] and f"{floor} requests in flight" in err["message"]
+    assert headers["retry-after"] == "1" and 1 <= int(headers["retry-after-ms"]) <= 5000  # OpenAI's client reads it
+    assert b"kiln_gateway_shed_total{model=\"emb\"} 1.0" in gateway.metrics.render()
+    assert after[0] == 200 and gateway.admission.in_flight("emb") == 0  # every place given back
+
+
 @pytest.mark.parametrize("stream", [False, True])
 def test_leaving_before_the_first_token_cancels_the_triton_request(make_repository, triton, monkeypatch, stream):
     app = app_for(make_repository, triton, monkeypatch, limits={"tpm": 120}, generation_deadline_s=30)
