@@ -443,7 +443,8 @@ class Serve:
         self.log_file = log_file
         self.command = [*NICE, str(Path(sys.executable).parent / "kiln"), "serve", *map(str, spec_files),
                         "--http-port", str(free_port()), "--grpc-port", str(free_port()),
-                        "--metrics-port", str(free_port()), "--gateway-port", str(self.port), "--drain-timeout", "5"]
+                        "--metrics-port", str(free_port()), "--gateway-port", str(self.port), "--drain-timeout", "5",
+                        "--redis"]  # the limits as several gateways would keep them: in a redis-server of its own
         base = {k: v for k, v in os.environ.items() if k not in (KEYS_ENV, FAULT_ENV)}
         self.env = {**base, "PYTHONSAFEPATH": "1", "HF_HUB_OFFLINE": "1", "COLUMNS": "200", **(env or {})}
         self.process: subprocess.Popen | None = None

@@ -29,7 +29,7 @@ from kiln.gateway.backend import TritonBackend
 from kiln.gateway.config import GatewayConfig
 from kiln.gateway.endpoints import Gateway
 from kiln.gateway.http import Edge, FastJSON, guarded, http_exception_response
-from kiln.gateway.limits import RateLimiter
+from kiln.gateway.limits_redis import limiter_from_url
 
 log = logging.getLogger("kiln.gateway")
 
@@ -42,7 +42,7 @@ def request_schema(model) -> dict:
 def build_app(config: GatewayConfig, backend: TritonBackend | None = None) -> FastAPI:
     """Reads repositories, tokenizers and keys now, so a bad config (or no keys on a public
     address) fails at start-up."""
-    gateway = Gateway(config, RateLimiter(),
+    gateway = Gateway(config, limiter_from_url(config.redis_url, fail_open=not config.limits_fail_closed),
                       backend or TritonBackend(config.triton_grpc, config.request_timeout_s))
 
     @asynccontextmanager
@@ -52,6 +52,9 @@ def build_app(config: GatewayConfig, backend: TritonBackend | None = None) -> Fa
                         "anonymous limit (set %s or --keys-file)", config.host, config.keys_env)
         yield
         await gateway.backend.close()
+        close = getattr(gateway.limiter, "close", None)
+        if close is not None:
+            close()
 
     app = FastAPI(title="kiln gateway", version="1", summary="OpenAI-compatible API in front of Triton",
                   lifespan=lifespan)

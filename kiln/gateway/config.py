@@ -41,6 +41,10 @@ class GatewayConfig(BaseModel):
     limits: Limits = Limits()  # default per-key limits (a key's own entry overrides; keyless: the shared one)
     allow_unauthenticated: bool = Field(False, description="serve without keys on a non-loopback host (anyone "
                                                            "who reaches the port may use the models)")
+    redis_url: str | None = Field(None, description="redis://host:port/db holding the per-key limits, shared by every "
+                                                    "gateway process that names it; none: limits in this process")
+    limits_fail_closed: bool = Field(False, description="Redis unreachable: refuse requests with 503 (default: serve "
+                                                        "them without limits, /ready says limits are degraded)")
     max_body_bytes: int = Field(1 << 20, ge=1024, description="larger request bodies get 413")
     max_in_flight: int = Field(256, ge=1, description="API requests answered at once by this process; more get "
                                                       "503 with Retry-After at once")

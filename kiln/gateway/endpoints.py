@@ -42,7 +42,13 @@ from kiln.gateway.http import (
     sse,
     until_disconnect,
 )
-from kiln.gateway.limits import Limiter, RateLimited, TokenReservation, TooLarge
+from kiln.gateway.limits import (
+    Limiter,
+    LimitsUnavailable,
+    RateLimited,
+    TokenReservation,
+    TooLarge,
+)
 from kiln.gateway.metrics import Metrics
 from kiln.gateway.protocol import APIError
 from kiln_runtime import contract
@@ -68,6 +74,11 @@ def token_counters(models: dict[str, ServedModel]) -> dict[str, Tokenizer]:
             tok.no_padding()
             counters[name] = tok
     return counters
+
+
+def limits_unavailable(err: LimitsUnavailable) -> APIError:
+    """The shared limit store is out and the gateway fails closed: the server's fault, not the key's."""
+    return APIError(503, str(err), None, "limits_unavailable", retry_after=err.retry_after)
 
 
 class Gateway:
@@ -156,6 +167,8 @@ class Gateway:
             self.limiter.check_request(who)
         except RateLimited as err:
             raise self._rate_limited(err) from None
+        except LimitsUnavailable as err:
+            raise limits_unavailable(err) from None
 
     def reserve(self, who: Principal, tokens: int, param: str) -> TokenReservation:
         """Reserve ``tokens``; one that can never fit the key's budget is the client's to fix (400)."""
@@ -163,6 +176,8 @@ class Gateway:
             return self.limiter.reserve(who, tokens)
         except RateLimited as err:
             raise self._rate_limited(err) from None
+        except LimitsUnavailable as err:
+            raise limits_unavailable(err) from None
         except TooLarge as err:
             raise APIError(400, f"{param}: request too large: {err} for key {who.name!r}, so it can never be "
                                 "admitted; send less input or ask for fewer tokens.", param,
@@ -403,6 +418,8 @@ class Gateway:
 
     async def ready(self, request: Request) -> Response:
         server, states = await self.backend.ready(list(self.models))
-        ok = server and all(states.values())
-        body = {"status": "ready" if ok else "not ready", "triton": server, "models": states}
+        limits = await anyio.to_thread.run_sync(self.limiter.status)  # a round trip to Redis, when shared
+        # limits "degraded" (Redis out, failing open) still serves: ready, and it says so
+        ok = server and all(states.values()) and limits != "down"
+        body = {"status": "ready" if ok else "not ready", "triton": server, "models": states, "limits": limits}
         return FastJSON(body, status_code=200 if ok else 503)

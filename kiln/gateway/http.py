@@ -213,7 +213,7 @@ async def until_disconnect(request: Request, work: Awaitable, deadline: Deadline
     raise deadline.expired()
 
 
-QUIET_CODES = ("triton_unavailable", "shutting_down", "overloaded")
+QUIET_CODES = ("triton_unavailable", "shutting_down", "overloaded", "limits_unavailable")
 
 
 def guarded(handler: Callable[[Request], Awaitable[Response]]):

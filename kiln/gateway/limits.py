@@ -27,6 +27,15 @@ class RateLimited(Exception):
         self.retry_after = retry_after
 
 
+class LimitsUnavailable(Exception):
+    """The shared limit store (Redis) cannot be reached and the gateway fails closed: a 503 with
+    Retry-After, since admitting would break the limit and refusing with a 429 would blame the key."""
+
+    def __init__(self, message: str, retry_after: float):
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
 class TooLarge(Exception):
     """A request that needs more tokens than the key's whole per-minute budget: waiting never helps."""
 
@@ -47,6 +56,10 @@ class Limiter(Protocol):
 
     def refund(self, principal: Principal, tokens: int) -> None:
         """Give ``tokens`` back to the key's budget (negative: charge them as debt)."""
+
+    def status(self) -> str:
+        """For /ready: "ok"; a shared store that cannot be reached: "degraded" (serving without
+        limits) or "down" (refusing)."""
 
 
 class TokenReservation:
@@ -114,6 +127,9 @@ class RateLimiter:
             b = self._buckets[(who, kind)] = Bucket(per_minute, per_minute / 60.0)
         b.refill(now)
         return b
+
+    def status(self) -> str:
+        return "ok"  # in this process: nothing to reach
 
     def check_request(self, principal: Principal) -> None:
         """A key in token debt waits too: even a request without tokens needs one in the bucket."""
