@@ -23,11 +23,13 @@ import typer
 from rich.console import Console
 
 from export.reuse import ensure_export
+from kiln.deploy.command import deploy
 from kiln.gateway.config import KEYS_ENV
 from kiln_core.card import RepositoryCard
 from kiln_core.spec import DeploymentSpec, SpecError, load_spec
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.split("\n\n")[0])
+app.command()(deploy)
 console = Console(stderr=True)
 out = Console()
 
@@ -124,6 +126,10 @@ TpmOpt = typer.Option(None, help="default tokens per minute per key")
 KeysFileOpt = typer.Option(None, "--keys-file", help=f"YAML list of API keys (see README); also env {KEYS_ENV}")
 AllowUnauthenticatedOpt = typer.Option(False, "--allow-unauthenticated",
                                        help="serve a non-loopback address without API keys (anyone who can reach it)")
+_REDIS_HELP = "redis://host:port/db keeping the per-key limits, shared by every gateway that names it"
+RedisUrlOpt = typer.Option(None, "--redis-url", help=_REDIS_HELP)
+FailClosedOpt = typer.Option(False, "--limits-fail-closed",
+                             help="Redis unreachable: refuse with 503 (default: serve without limits, say so in /ready)")
 
 
 def _auth_option(allow_unauthenticated: bool | None) -> dict:
@@ -151,6 +157,10 @@ def serve(
                                                     "(waiting 1, 2, 4 ... 30 s); 0: exit 1 when it dies"),
     drain_timeout: float = typer.Option(30.0, min=0, help="on Ctrl-C / SIGTERM: seconds in-flight requests may "
                                                           "finish (new ones get 503) before Triton stops"),
+    redis: bool = typer.Option(False, "--redis", help="start a redis-server on a free loopback port and keep the "
+                                                      "per-key limits there (what several gateways share)"),
+    redis_url: Optional[str] = RedisUrlOpt,
+    limits_fail_closed: bool = FailClosedOpt,
 ):
     """Start Triton on the specs' repositories and the OpenAI gateway in front; Triton is
     restarted when it dies; Ctrl-C / SIGTERM drains the gateway, then stops both."""
@@ -164,14 +174,28 @@ def serve(
     repos, loaded = _prepare(loaded)
     first = loaded[0]
     server_dir = first.server_dir if len(loaded) == 1 else first.workdir / "serve"
+    redis_server = None
+    if redis and not no_gateway and redis_url is None:
+        from kiln.redis_server import RedisServer, RedisServerError
+
+        try:
+            redis_server = RedisServer(workdir=server_dir / "redis").start()
+        except RedisServerError as err:
+            console.print(f"[red]redis-server failed to start[/]: {err}")
+            raise typer.Exit(1)
+        redis_url = redis_server.url
+        console.print(f"[bold cyan]serve[/] per-key limits in redis-server at {redis_url}")
     try:
         gateway = None if no_gateway else GatewayOptions(
             GatewayConfig(host=gateway_host, port=gateway_port, keys_file=keys_file, limits=Limits(rpm=rpm, tpm=tpm),
+                          redis_url=redis_url, limits_fail_closed=limits_fail_closed,
                           **_auth_option(allow_unauthenticated)),
             in_process=True, drain_s=drain_timeout)
         stack = Stack(repos, server_dir, first.ports, gateway)  # builds the gateway: a bad key file fails before Triton starts
     except ValueError as err:  # GatewayError, or a limit pydantic refuses
         console.print(f"[red]gateway config error[/]: {err}")
+        if redis_server is not None:
+            redis_server.stop()
         raise typer.Exit(2)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -206,6 +230,8 @@ def serve(
         if stop.is_set() and stack.gateway is not None:
             console.print(f"[bold cyan]serve[/] draining the gateway (up to {drain_timeout:.0f}s), then stopping Triton")
         code = stack.stop()
+        if redis_server is not None:
+            redis_server.stop()
     if failure:
         console.print(f"[red]{failure}[/]; see {triton.log_file}")
         raise typer.Exit(1)
@@ -223,6 +249,8 @@ def gateway(
     tpm: Optional[int] = TpmOpt,
     max_body_bytes: Optional[int] = typer.Option(None, help="larger bodies get 413 (default 1 MiB)"),
     allow_unauthenticated: bool = AllowUnauthenticatedOpt,
+    redis: Optional[str] = typer.Option(None, "--redis", help=_REDIS_HELP),
+    limits_fail_closed: bool = FailClosedOpt,
     config: Optional[Path] = typer.Option(None, help="YAML file with a `gateway:` mapping"),
     config_json: Optional[str] = typer.Option(None, hidden=True),
 ):
@@ -240,7 +268,8 @@ def gateway(
             cfg = load_config(config, repositories=[str(r) for r in repository] if repository else None,
                               triton_grpc=triton, host=host, port=port,
                               keys_file=str(keys_file) if keys_file else None, max_body_bytes=max_body_bytes,
-                              limits=limits or None, **_auth_option(allow_unauthenticated or None))
+                              limits=limits or None, redis_url=redis, limits_fail_closed=limits_fail_closed or None,
+                              **_auth_option(allow_unauthenticated or None))
         if not cfg.repositories:
             raise GatewayError("no model repository: pass --repository (a folder written by `kiln repo`)")
         server = uvicorn_server(cfg)
