@@ -34,7 +34,8 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+import urllib.request
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -74,6 +75,7 @@ class Outcome:
     started: float = 0.0  # perf_counter() when it was sent
     retry_after: bool = False  # the answer carried Retry-After
     retry_after_s: float | None = None  # ... and its value
+    tokens: int = 0  # a chat completion's completion tokens (its usage)
 
     @property
     def ended(self) -> float:
@@ -111,6 +113,8 @@ class Thresholds:
     goodput_ratio: float = 0.9  # goodput under overload / capacity measured in the same run
     rejection_p99_ms: float = 50.0  # 429 / 503 answers, overload and broken generation loop alike
     accepted_p99_ms: float = 2000.0  # embeddings accepted under overload
+    # chat accepted under overload: its queue's own bound, the capacity's p99 times (1 + queue / running)
+    chat_queue_factor: float = 1.0 + 8 / 4
 
 
 @dataclass(frozen=True)
@@ -203,28 +207,42 @@ def span_s(outcomes: Sequence[Outcome]) -> float:
     return max(o.ended for o in outcomes) - min(o.started for o in outcomes) if outcomes else 0.0
 
 
-def judge_capacity(outcomes: Sequence[Outcome], clients: int, alive: bool = True) -> CaseResult:
-    """The closed-loop baseline the overload rows are ratios of; any failure here is a miss."""
+def goodput(outcomes: Sequence[Outcome], per_token: bool = False) -> float:
+    """Successful requests (or, ``per_token``, their completion tokens) per second over the case."""
+    ok = [o for o in outcomes if o.status is not None and 200 <= o.status < 300]
+    done = sum(o.tokens for o in ok) if per_token else len(ok)
+    return done / span_s(outcomes) if done else 0.0
+
+
+def judge_capacity(outcomes: Sequence[Outcome], clients: int, alive: bool = True, per_token: bool = False,
+                   what: str = "") -> CaseResult:
+    """The closed-loop baseline the overload rows are ratios of; any failure here is a miss.
+    ``per_token``: chat, measured in completion tokens per second."""
     tally = Tally.of(outcomes)
     hard, misses = _common(tally, alive, None)
     if tally.ok < tally.requests:
         misses.append(f"{tally.requests - tally.ok} of {tally.requests} requests failed below the overload")
-    rps = tally.ok / span_s(outcomes) if tally.ok else 0.0
-    if not rps:
+    rate = goodput(outcomes, per_token)
+    if not rate:
         hard.append("no request succeeded: no capacity to compare with")
-    return CaseResult(f"capacity ({clients} clients)", tally, None,
-                      {"capacity_rps": rps, "p99_ms": percentile_ms([o.seconds for o in outcomes], 99)},
+    return CaseResult(f"{what}capacity ({clients} clients)", tally, None,
+                      {"capacity_tok_s" if per_token else "capacity_rps": rate,
+                       "p99_ms": percentile_ms([o.seconds for o in outcomes], 99)},
                       tuple(hard), tuple(misses))
 
 
 def judge_overload(case: str, outcomes: Sequence[Outcome], capacity_rps: float, alive: bool, ready_after: bool,
                    offered_rps: float | None = None, thresholds: Thresholds = Thresholds(),
-                   client_lag_ms: float | None = None) -> CaseResult:
-    """Goodput held near capacity, rejections fast, accepted requests bounded, healthy after."""
+                   client_lag_ms: float | None = None, per_token: bool = False,
+                   accepted_p99_ms: float | None = None) -> CaseResult:
+    """Goodput held near capacity, rejections fast, accepted requests bounded, healthy after.
+    ``per_token``: chat (capacity and goodput in completion tokens per second), whose accepted
+    requests are bounded by ``accepted_p99_ms`` (from its queue) instead of the embeddings' bar."""
     tally = Tally.of(outcomes)
     hard, misses = _common(tally, alive, ready_after)
-    goodput = tally.ok / span_s(outcomes) if tally.ok else 0.0
-    ratio = goodput / capacity_rps if capacity_rps > 0 else None
+    rate = goodput(outcomes, per_token)
+    unit = "tok/s" if per_token else "req/s"
+    ratio = rate / capacity_rps if capacity_rps > 0 else None
     rejected = [o.seconds for o in outcomes if o.status in (429, 503)]
     accepted = [o.seconds for o in outcomes if o.status is not None and 200 <= o.status < 300]
     rej_p99, acc_p99 = percentile_ms(rejected, 99), percentile_ms(accepted, 99)
@@ -232,17 +250,28 @@ def judge_overload(case: str, outcomes: Sequence[Outcome], capacity_rps: float, 
     if others:
         misses.append(f"{others} answers were 5xx other than 503")
     if ratio is None or ratio < thresholds.goodput_ratio:
-        misses.append(f"goodput {goodput:.0f} req/s is {ratio or 0:.2f}x capacity (< {thresholds.goodput_ratio}x)")
+        misses.append(f"goodput {rate:.0f} {unit} is {ratio or 0:.2f}x capacity (< {thresholds.goodput_ratio}x)")
     if rej_p99 is not None and rej_p99 > thresholds.rejection_p99_ms:
         misses.append(f"rejections p99 {rej_p99:.0f} ms > {thresholds.rejection_p99_ms:.0f} ms")
-    if acc_p99 is not None and acc_p99 > thresholds.accepted_p99_ms:
-        misses.append(f"accepted p99 {acc_p99:.0f} ms > {thresholds.accepted_p99_ms:.0f} ms")
-    figures = {"offered_rps": offered_rps, "goodput_rps": goodput, "goodput_ratio": ratio,
+    bound = accepted_p99_ms if accepted_p99_ms is not None else thresholds.accepted_p99_ms
+    if acc_p99 is not None and acc_p99 > bound:
+        misses.append(f"accepted p99 {acc_p99:.0f} ms > {bound:.0f} ms")
+    figures = {"offered_rps": offered_rps, "goodput_tok_s" if per_token else "goodput_rps": rate, "goodput_ratio": ratio,
                "rejected": len(rejected), "rejection_p99_ms": rej_p99, "accepted_p99_ms": acc_p99,
                "client_lag_max_ms": client_lag_ms}
     optional = ("offered_rps", "client_lag_max_ms")
     return CaseResult(case, tally, None, {k: v for k, v in figures.items() if v is not None or k not in optional},
                       tuple(hard), tuple(misses))
+
+
+def crashed(results: Sequence[CaseResult], restarts_before: int | None, restarts_after: int | None,
+            ) -> list[CaseResult]:
+    """Triton restarted during cases that never kill it: it crashed, a hard failure of each
+    (the supervisor brought it back, so the clients alone might only have seen 503s)."""
+    if restarts_before is None or restarts_after is None or restarts_after <= restarts_before:
+        return list(results)
+    why = f"Triton crashed: the supervisor restarted it {restarts_after - restarts_before} time(s) during the case"
+    return [replace(r, hard=(*r.hard, why)) for r in results]
 
 
 def not_run(case: str, why: str) -> CaseResult:
@@ -261,7 +290,7 @@ def _figure(value: float | int | None) -> str:
     return str(value) if isinstance(value, int) else f"{value:.3g}"
 
 
-UNITS = {"_ms": " ms", "_rps": " req/s", "_ratio": "x"}
+UNITS = {"_ms": " ms", "_rps": " req/s", "_tok_s": " tok/s", "_ratio": "x"}
 
 
 def figure_text(name: str, value: float | int | None) -> str:
@@ -455,6 +484,18 @@ class Serve:
     def ready(self) -> tuple[int, dict]:
         return http_get(self.url + "/ready")
 
+    def restarts(self) -> int | None:
+        """Times the supervisor has restarted Triton (the gateway's /metrics); None: no answer."""
+        try:
+            with urllib.request.urlopen(self.url + "/metrics", timeout=5) as r:
+                text = r.read().decode()
+        except OSError:
+            return None
+        for line in text.splitlines():
+            if line.startswith("kiln_triton_restarts_total "):
+                return int(float(line.split()[1]))
+        return None
+
     def start(self, timeout: float = 300.0) -> "Serve":
         self.log_file.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_file, "w") as log:
@@ -627,24 +668,34 @@ async def with_lag(work) -> tuple[object, float]:
         await watcher
 
 
-class Embedder:
+class LightClient:
     """The load generator of the capacity and overload cases: one aiohttp session (keep-alive,
-    a C parser) posting OpenAI embeddings requests. Light on purpose: on a machine whose cores
-    the server shares, a heavy client (the openai package costs ~3 ms of CPU a request here)
-    takes the server's CPU as it offers more load, and the ratio would measure the client."""
+    a C parser) posting OpenAI requests. Light on purpose: on a machine whose cores the server
+    shares, a heavy client (the openai package costs ~3 ms of CPU a request here) takes the
+    server's CPU as it offers more load, and the ratio would measure the client. Calling it
+    with a text sends one request (``Embedder``: embeddings; ``Chatter``: a chat completion)."""
+
+    path = ""
 
     def __init__(self, url: str, connections: int):
         import aiohttp
 
-        self.url = url + "/v1/embeddings"
+        self.url = url + self.path
         self.session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=connections, force_close=False))
         self.aiohttp = aiohttp
 
     async def close(self) -> None:
         await self.session.close()
 
+    def body(self, text: str) -> dict:
+        raise NotImplementedError
+
+    def answer(self, parsed: dict) -> tuple[bool, int]:
+        """(a whole answer, its completion tokens) of a 200's body."""
+        raise NotImplementedError
+
     async def __call__(self, text: str, deadline_s: float) -> Outcome:
-        body = json.dumps({"model": EMBED_MODEL, "input": text, "encoding_format": "float"})
+        body = json.dumps(self.body(text))
         start = time.perf_counter()
         try:
             async with asyncio.timeout(deadline_s):
@@ -660,15 +711,43 @@ class Embedder:
             parsed = json.loads(data)
         except ValueError:
             parsed = None
-        clear = (len(parsed.get("data", ())) == 1) if status == 200 and isinstance(parsed, dict) else _envelope(parsed)
+        clear, tokens = self.answer(parsed) if status == 200 and isinstance(parsed, dict) else (_envelope(parsed), 0)
         wait = headers.get("retry-after-ms") or (float(headers["retry-after"]) * 1e3 if "retry-after" in headers else None)
-        return Outcome(status, seconds, clear, start, wait is not None,
-                       None if wait is None else float(wait) / 1e3)
+        return Outcome(status, seconds, clear, start, wait is not None, None if wait is None else float(wait) / 1e3,
+                       tokens)
 
 
-async def closed_loop(send: Embedder, workers: int, seconds: float, deadline_s: float,
+class Embedder(LightClient):
+    path = "/v1/embeddings"
+
+    def body(self, text: str) -> dict:
+        return {"model": EMBED_MODEL, "input": text, "encoding_format": "float"}
+
+    def answer(self, parsed: dict) -> tuple[bool, int]:
+        return len(parsed.get("data", ())) == 1, 0
+
+
+class Chatter(LightClient):
+    """Greedy chat completions of ``max_tokens`` (not streamed: one answer to time)."""
+
+    path = "/v1/chat/completions"
+
+    def __init__(self, url: str, connections: int, max_tokens: int):
+        super().__init__(url, connections)
+        self.max_tokens = max_tokens
+
+    def body(self, text: str) -> dict:
+        return {"model": CHAT_MODEL, "messages": [{"role": "user", "content": text}], "max_tokens": self.max_tokens,
+                "temperature": 0}
+
+    def answer(self, parsed: dict) -> tuple[bool, int]:
+        choices, usage = parsed.get("choices") or [{}], parsed.get("usage") or {}
+        return bool(choices[0].get("finish_reason")), int(usage.get("completion_tokens") or 0)
+
+
+async def closed_loop(send: LightClient, workers: int, seconds: float, deadline_s: float,
                       pause_s: float = 0.05) -> list[Outcome]:
-    """`workers` clients, each sending its next embeddings request when the last answered, for
+    """`workers` clients, each sending its next request when the last answered, for
     `seconds` after one warm-up request each. A refused client waits as OpenAI's client does
     before it retries: the server's Retry-After (its milliseconds header first), else `pause_s`."""
     await asyncio.gather(*(send(SENTENCES[k % len(SENTENCES)], deadline_s) for k in range(workers)))
@@ -687,8 +766,8 @@ async def closed_loop(send: Embedder, workers: int, seconds: float, deadline_s: 
     return [o for per in await asyncio.gather(*(worker(k) for k in range(workers))) for o in per]
 
 
-async def open_loop(send: Embedder, rate: float, seconds: float, deadline_s: float) -> tuple[list[Outcome], float]:
-    """Embeddings requests sent at `rate` per second for `seconds`, whatever the answers;
+async def open_loop(send: LightClient, rate: float, seconds: float, deadline_s: float) -> tuple[list[Outcome], float]:
+    """Requests sent at `rate` per second for `seconds`, whatever the answers;
     (outcomes, the rate actually sent)."""
     n = max(1, int(rate * seconds))
     t0 = time.perf_counter()
@@ -714,6 +793,7 @@ class SuiteConfig:
     overload_s: float = 10.0
     overload_clients: int = 256
     overload_deadline_s: float = 40.0
+    chat_max_tokens: int = 16  # each chat request of the chat overload cases
     kill_streams: int = 6  # more than the engine runs at once: some wait in its queue
     kill_embed_workers: int = 8
     kill_stream_tokens: int = 400
@@ -750,6 +830,38 @@ def run_overload(serve: Serve, config: SuiteConfig) -> list[CaseResult]:
             ready = await asyncio.to_thread(lambda: wait_until(lambda: serve.ready()[0] == 200, 10))
             closed = judge_overload(f"overload {config.overload_clients} clients", crowd, rps, serve.alive(), ready,
                                     None, config.thresholds, lag)
+            return [capacity, opened, closed]
+        finally:
+            await send.close()
+
+    return asyncio.run(measure())
+
+
+def run_chat_overload(serve: Serve, config: SuiteConfig) -> list[CaseResult]:
+    """The same three rows for chat, in completion tokens per second: capacity with as many
+    clients as the engine runs at once, then twice its request rate open loop, then 256
+    clients. Accepted requests are bounded by the model's queue: the capacity's p99 times
+    (1 + queue / running)."""
+    async def measure():
+        send = Chatter(serve.url, config.overload_clients, config.chat_max_tokens)
+        deadline, t = config.overload_deadline_s, config.thresholds
+        try:
+            base = await closed_loop(send, CHAT_MAX_CONCURRENT, config.capacity_s, deadline)
+            capacity = judge_capacity(base, CHAT_MAX_CONCURRENT, serve.alive(), per_token=True, what="chat ")
+            tok_s, p99 = capacity.figures["capacity_tok_s"] or 0.0, capacity.figures["p99_ms"]
+            if not tok_s or p99 is None:
+                return [capacity]
+            bound = p99 * t.chat_queue_factor
+            rps = goodput(base)
+            (burst, offered), lag = await with_lag(open_loop(send, config.overload_factor * rps, config.overload_s,
+                                                             deadline))
+            ready = await asyncio.to_thread(lambda: wait_until(lambda: serve.ready()[0] == 200, 10))
+            opened = judge_overload(f"chat overload open loop {config.overload_factor:g}x", burst, tok_s,
+                                    serve.alive(), ready, offered, t, lag, per_token=True, accepted_p99_ms=bound)
+            crowd, lag = await with_lag(closed_loop(send, config.overload_clients, config.overload_s, deadline))
+            ready = await asyncio.to_thread(lambda: wait_until(lambda: serve.ready()[0] == 200, 10))
+            closed = judge_overload(f"chat overload {config.overload_clients} clients", crowd, tok_s, serve.alive(),
+                                    ready, None, t, lag, per_token=True, accepted_p99_ms=bound)
             return [capacity, opened, closed]
         finally:
             await send.close()
@@ -893,17 +1005,20 @@ def run_faults(workdir: Path, console: Console, *, strict: bool = False, config:
     try:
         serve.start()
     except SuiteError as err:
-        results += [not_run(c, str(err)) for c in ("fuzz", "overload", "kill Triton")]
+        results += [not_run(c, str(err)) for c in ("fuzz", "overload", "chat overload", "kill Triton")]
     else:
         try:
             for name, run in (("fuzz", lambda: [run_fuzz(serve, config)]),
                               ("overload", lambda: run_overload(serve, config)),
+                              ("chat overload", lambda: run_chat_overload(serve, config)),
                               ("kill Triton", lambda: [run_kill_triton(serve, config)])):
                 console.print(f"[bold cyan]faults[/] case: {name}")
+                before = serve.restarts()
                 try:
-                    results += run()
+                    got = run()
                 except SuiteError as err:
-                    results.append(not_run(name, str(err)))
+                    got = [not_run(name, str(err))]
+                results += crashed(got, before, serve.restarts()) if name != "kill Triton" else got
         finally:
             code = serve.stop()
         if code != 0:

@@ -357,6 +357,11 @@ class TritonBackend:
         try:
             async for result, error in call:
                 if error is not None:
+                    # the model's error is its last response (a full queue, a bad input): let the
+                    # stream end on its own. Cancelling it now races Triton 2.51's own completion of
+                    # the request, which crashes the server (SIGSEGV) under a flood of refusals.
+                    finished = True
+                    await _drain(call)
                     raise map_error(error, model)
                 chunk = parse_chunk(result)
                 if chunk.final:
@@ -370,7 +375,7 @@ class TritonBackend:
         except grpc.RpcError as err:
             raise self._failed(rpc_exception(err), model) from err
         finally:
-            if not finished:  # the client went away, or an error: Triton sees the cancellation and stops
+            if not finished:  # the client went away, or the call failed: Triton sees the cancellation and stops
                 call.cancel()
                 log.info("generation %s on %s: closed before its end; Triton request cancelled", request_id, model)
         if not finished:

@@ -31,10 +31,15 @@ class Limits(BaseModel):
 
 
 class GatewayConfig(BaseModel):
+    """Everything a gateway process needs (``kiln gateway --config-json`` carries it whole)."""
+
     model_config = ConfigDict(frozen=True, extra="forbid")
     host: str = "127.0.0.1"
     port: int = Field(9000, ge=0, le=65535)
     triton_grpc: str = Field("127.0.0.1:8001", description="host:port of Triton's gRPC endpoint")
+    triton_replicas: list[str] = Field(default_factory=list, description="more Tritons (host:port, gRPC) serving "
+                                                                         "the same repositories: requests go to the "
+                                                                         "least busy, and fail over between them")
     repositories: list[Path] = Field(default_factory=list, description="kiln model repositories Triton serves")
     keys_file: Path | None = None
     keys_env: str = KEYS_ENV
@@ -80,6 +85,7 @@ class ServedModel:
     max_batch_size: int
     repository: Path
     dim: int | None = None  # embedding size (encoders)
+    engine_slots: int | None = None  # generators: sequences running + waiting in the model (more: refused)
 
     @property
     def kind(self) -> str:
@@ -105,10 +111,19 @@ def read_models(repositories: list[Path]) -> dict[str, ServedModel]:
             max_batch_size=card.max_batch_size,
             repository=Path(repo),
             dim=card.embedding_dim,
+            engine_slots=engine_slots(card.spec),
         )
         if models[name].tokenizer_file is not None and not models[name].tokenizer_file.is_file():
             raise GatewayError(f"{repo}: tokenizer {card.tokenizer} is missing; rewrite the repository with `kiln repo`")
     return models
+
+
+def engine_slots(spec: dict) -> int | None:
+    """A generation model's max_concurrent + max_queue, from the spec its card records."""
+    gen = spec.get("generation") or {}
+    if "max_concurrent" not in gen or "max_queue" not in gen:
+        return None
+    return int(gen["max_concurrent"]) + int(gen["max_queue"])
 
 
 def load_config(path: Path | None = None, **overrides) -> GatewayConfig:

@@ -55,6 +55,7 @@ from kiln_runtime import contract
 
 DEFAULT_COMPLETION_ESTIMATE = 256  # tokens reserved against a TPM limit when max_tokens is not given
 CHARS_PER_TOKEN = 4  # rough prompt estimate for the reservation; the real count settles it
+GENERATION_ROUTES = ("/v1/chat/completions", "/v1/completions")
 INLINE_TOKENIZE_CHARS = 2048  # inputs up to this size are counted on the event loop (~10 µs a sentence)
 MIN_IN_FLIGHT = 4  # an encoder always admits at least this many (or its batch size) whatever its queue
 
@@ -96,11 +97,17 @@ class Gateway:
         self.backend = backend
         self.counters = token_counters(self.models)
         self.admission = Admission()
-        # generation models keep their own queue (max_queue, refused at once by the model)
         self.encoders = [m.name for m in self.models.values() if m.kind == "embedding"]
         for name in self.encoders:
             self.admission.configure(name, config.embeddings_queue_s,
                                      max(MIN_IN_FLIGHT, self.models[name].max_batch_size))
+        self.generators = [m.name for m in self.models.values() if m.kind == "chat" and m.engine_slots]
+        for m in self.models.values():
+            # a generation model's own queue is fixed (running + waiting): the gateway holds the
+            # same count, so Triton never has to refuse a flood itself (Triton 2.51's gRPC stream
+            # crashed under a burst of the model's own refusals)
+            if m.kind == "chat" and m.engine_slots:  # each replica holds as many
+                self.admission.configure(m.name, 0.0, m.engine_slots * (1 + len(config.triton_replicas)))
 
     # --- checks, in the order a client must fix things
     def admit(self, request: Request) -> Principal:
@@ -214,12 +221,11 @@ class Gateway:
 
     def early_refusal(self, path: str) -> APIError | None:
         """For the HTTP edge, before the body is read: a 503 when every model the route serves
-        is shedding now (one encoder: exactly its own verdict), so a refusal under overload
+        is shedding now (one model: exactly its own verdict), so a refusal under overload
         costs no parsing at all. Otherwise the endpoint decides per model."""
-        if path != "/v1/embeddings" or not self.encoders:
-            return None
-        refusals = [self.admission.refusal(name) for name in self.encoders]
-        if any(r is None for r in refusals):
+        models = self.encoders if path == "/v1/embeddings" else self.generators if path in GENERATION_ROUTES else []
+        refusals = [self.admission.refusal(name) for name in models]
+        if not refusals or any(r is None for r in refusals):
             return None
         return self._shed(min(refusals, key=lambda r: r.retry_after))
 
@@ -298,6 +304,16 @@ class Gateway:
         reservation = self._reserve_generation(who, budget, req.budget_field(), prompt_chars,
                                                "messages" if chat else "prompt")
         rid = request.state.request_id
+        self.enter(m)
+        left = False
+
+        def leave(answered: bool) -> None:
+            """Its place in the model's queue back, once, whichever way it ended."""
+            nonlocal left
+            if not left:
+                left = True
+                self.admission.leave(m.name, answered)
+
         start = time.perf_counter()
         gen = self.backend.generate(m.name, values, rid)
         metrics = self.metrics
@@ -329,6 +345,7 @@ class Gateway:
                 account(None)  # it left while Triton worked on it: it pays, as it would have later
             else:
                 reservation.release()  # refused or failed before any output: nothing used
+            leave(False)
             await gen.aclose()
             raise
         metrics.ttft.labels(m.name).observe(time.perf_counter() - start)
@@ -351,6 +368,7 @@ class Gateway:
                 account(None)
                 raise
             finally:
+                leave(True)
                 await gen.aclose()
             use = account(last)
             reason = protocol.finish_reason(last.finish_reason)
@@ -406,6 +424,7 @@ class Gateway:
             if not reservation.settled:
                 metrics.cancelled.labels(m.name).inc()
                 account(None)
+            leave(True)
             await gen.aclose()
 
         return SSEResponse(events(), on_close=close, headers={"cache-control": "no-cache", "x-accel-buffering": "no"})

@@ -11,6 +11,7 @@ from kiln.faults import (
     CaseResult,
     Outcome,
     Tally,
+    crashed,
     exit_code,
     hostile_bodies,
     judge_capacity,
@@ -86,6 +87,28 @@ def test_capacity_is_successes_over_the_span_of_the_run():
     result = judge_capacity(spread(200, 1000, 0.05, 9.95), clients=16)
     assert result.verdict == "PASS" and abs(result.figures["capacity_rps"] - 100.0) < 0.5
     assert judge_capacity(answers(503, 10), clients=16).verdict == "FAIL"
+
+
+def test_chat_is_judged_in_completion_tokens_against_its_queues_bound():
+    base = spread(200, 400, 0.05, 10.0, tokens=16)
+    capacity = judge_capacity(base, clients=4, per_token=True, what="chat ")
+    assert capacity.case == "chat capacity (4 clients)" and abs(capacity.figures["capacity_tok_s"] - 640) < 5
+    # half the requests refused, the other half whole: goodput held in tokens per second
+    held = spread(200, 400, 0.2, 10.0, tokens=16) + spread(503, 400, 0.003, 10.0, retry_after=True)
+    ok = judge_overload("chat", held, 640.0, True, True, per_token=True, accepted_p99_ms=300.0)
+    assert ok.verdict == "PASS" and abs(ok.figures["goodput_ratio"] - 1.0) < 0.05, ok.misses
+    short = spread(200, 400, 0.2, 10.0, tokens=4) + spread(503, 400, 0.003, 10.0)  # answered, but cut to 4 tokens
+    assert any("tok/s" in m for m in judge_overload("chat", short, 640.0, True, True, per_token=True).misses)
+    slow = judge_overload("chat", spread(200, 400, 0.5, 10.0, tokens=16), 640.0, True, True, per_token=True,
+                          accepted_p99_ms=300.0)
+    assert any("accepted p99 500 ms > 300 ms" in m for m in slow.misses)
+
+
+def test_a_triton_restart_during_a_case_that_never_kills_it_is_a_crash():
+    results = [judge_capacity(spread(200, 100, 0.05, 1.0), clients=16)]
+    assert crashed(results, 0, 0) == results and crashed(results, None, 1) == results
+    hit = crashed(results, 0, 1)
+    assert hit[0].verdict == "FAIL" and "restarted it 1 time" in hit[0].hard[0]
 
 
 def test_overload_thresholds_are_misses_and_only_a_crash_or_hang_fails():

@@ -13,3 +13,13 @@ def test_models_come_from_kiln_json(tmp_path, make_repository):
     assert models["lm"].kind == "chat" and models["lm"].max_input_tokens == 128 and models["lm"].tokenizer_file is None
     with pytest.raises(GatewayError, match="not a kiln model repository"):
         read_models([tmp_path / "missing"])
+
+
+def test_a_generation_models_engine_slots_come_from_its_spec(make_repository):
+    from kiln_core.card import RepositoryCard
+
+    repo = make_repository("lm", "text-generation")
+    card = RepositoryCard.read(repo)
+    assert read_models([repo])["lm"].engine_slots is None  # an older card: no cap from the gateway
+    card.model_copy(update={"spec": {"generation": {"max_concurrent": 4, "max_queue": 8}}}).write(repo)
+    assert read_models([repo])["lm"].engine_slots == 12

@@ -53,9 +53,12 @@ async def asgi(app, method: str, path: str, body: dict | None = None, leave_when
     return status, headers, b"".join(parts)
 
 
-def app_for(make_repository, triton, monkeypatch, **config):
+def app_for(make_repository, triton, monkeypatch, _reuse: bool = False, **config):
+    """The app on repositories "lm" and "emb" (``_reuse``: the ones an earlier call made)."""
     monkeypatch.setenv("KILN_TEST_HTTP_KEYS", KEY)
-    repos = [make_repository("lm", "text-generation"), make_repository("emb", "feature-extraction")]
+    repos = [make_repository("lm", "text-generation"), make_repository("emb", "feature-extraction")] if not _reuse \
+        else app_for.repos
+    app_for.repos = repos
     return build_app(GatewayConfig(repositories=repos, keys_env="KILN_TEST_HTTP_KEYS", **config), backend=triton)
 
 
@@ -115,6 +118,40 @@ def test_an_encoder_past_its_queue_budget_sheds_before_the_body_is_read(make_rep
     assert headers["retry-after"] == "1" and 1 <= int(headers["retry-after-ms"]) <= 5000  # OpenAI's client reads it
     assert b"kiln_gateway_shed_total{model=\"emb\"} 1.0" in gateway.metrics.render()
     assert after[0] == 200 and gateway.admission.in_flight("emb") == 0  # every place given back
+
+
+def test_a_generation_model_full_of_work_is_refused_by_the_gateway_before_triton(make_repository, triton,
+                                                                               monkeypatch):
+    from kiln_core.card import RepositoryCard
+
+    app = app_for(make_repository, triton, monkeypatch)
+    lm = app.state.gateway.models["lm"].repository
+    card = RepositoryCard.read(lm)
+    card.model_copy(update={"spec": {"generation": {"max_concurrent": 1, "max_queue": 1}}}).write(lm)
+    app = app_for(make_repository, triton, monkeypatch, _reuse=True)
+    gateway = app.state.gateway
+    triton.hang_before_first = True
+
+    async def scenario():
+        release = asyncio.Event()
+        held = [asyncio.ensure_future(asgi(app, "POST", "/v1/chat/completions", CHAT, leave_when=release.is_set))
+                for _ in range(2)]  # running + waiting: the model is full
+        while triton.waiting < 2:
+            await asyncio.sleep(0.001)
+        sent = len(triton.received)
+        refused = await asgi(app, "POST", "/v1/completions", {"model": "lm", "prompt": "hi", "max_tokens": 2})
+        reached = len(triton.received) - sent
+        release.set()
+        await asyncio.gather(*held)
+        triton.hang_before_first = False
+        after = await asgi(app, "POST", "/v1/chat/completions", CHAT)
+        return refused, reached, after
+
+    (status, headers, body), reached, after = asyncio.run(scenario())
+    err = orjson.loads(body)["error"]
+    assert status == 503 and err["code"] == "overloaded" and "retry-after-ms" in headers, body
+    assert reached == 0  # Triton never saw it
+    assert after[0] == 200 and gateway.admission.in_flight("lm") == 0
 
 
 @pytest.mark.parametrize("stream", [False, True])
