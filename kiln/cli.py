@@ -157,6 +157,8 @@ def serve(
                                                     "(waiting 1, 2, 4 ... 30 s); 0: exit 1 when it dies"),
     drain_timeout: float = typer.Option(30.0, min=0, help="on Ctrl-C / SIGTERM: seconds in-flight requests may "
                                                           "finish (new ones get 503) before Triton stops"),
+    replicas: int = typer.Option(1, min=1, help="Tritons to start on these repositories (each on its own ports); "
+                                                "the gateway routes by least outstanding requests and fails over"),
     redis: bool = typer.Option(False, "--redis", help="start a redis-server on a free loopback port and keep the "
                                                       "per-key limits there (what several gateways share)"),
     redis_url: Optional[str] = RedisUrlOpt,
@@ -191,7 +193,7 @@ def serve(
                           redis_url=redis_url, limits_fail_closed=limits_fail_closed,
                           **_auth_option(allow_unauthenticated)),
             in_process=True, drain_s=drain_timeout)
-        stack = Stack(repos, server_dir, first.ports, gateway)  # builds the gateway: a bad key file fails before Triton starts
+        stack = Stack(repos, server_dir, first.ports, gateway, replicas=replicas)  # builds the gateway: a bad key file fails before Triton starts
     except ValueError as err:  # GatewayError, or a limit pydantic refuses
         console.print(f"[red]gateway config error[/]: {err}")
         if redis_server is not None:
@@ -213,6 +215,8 @@ def serve(
     lines = [f"[green]ready[/]  Triton HTTP http://{triton.http_url}  gRPC {triton.grpc_url}  metrics {triton.metrics_url}"]
     for s in loaded:
         lines.append(f"       model {s.name!r} ({s.task.value}): POST http://{triton.http_url}/v2/models/{s.name}/infer")
+    for i, replica in enumerate(stack.backends[1:], 1):
+        lines.append(f"       replica {i}: Triton HTTP http://{replica.http_url}  gRPC {replica.grpc_url}")
     if stack.gateway is not None:
         lines.append(f"       OpenAI API {stack.gateway_url}/v1  (chat/completions, completions, "
                      f"embeddings, models; /health /ready /metrics)")
@@ -241,7 +245,8 @@ def serve(
 @app.command()
 def gateway(
     repository: list[Path] = typer.Option(None, "--repository", "-r", help="kiln model repository Triton serves (repeat)"),
-    triton: str = typer.Option("127.0.0.1:8001", help="Triton's gRPC host:port"),
+    triton: list[str] = typer.Option(["127.0.0.1:8001"], help="Triton's gRPC host:port (repeat for replicas "
+                                                                "serving the same repositories)"),
     host: str = typer.Option("127.0.0.1", help="address to listen on"),
     port: int = typer.Option(9000, help="port to listen on"),
     keys_file: Optional[Path] = KeysFileOpt,
@@ -266,7 +271,7 @@ def gateway(
         else:
             limits = {k: v for k, v in dict(rpm=rpm, tpm=tpm).items() if v is not None}
             cfg = load_config(config, repositories=[str(r) for r in repository] if repository else None,
-                              triton_grpc=triton, host=host, port=port,
+                              triton_grpc=triton[0], triton_replicas=triton[1:] or None, host=host, port=port,
                               keys_file=str(keys_file) if keys_file else None, max_body_bytes=max_body_bytes,
                               limits=limits or None, redis_url=redis, limits_fail_closed=limits_fail_closed or None,
                               **_auth_option(allow_unauthenticated or None))

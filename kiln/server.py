@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import re
+import secrets
 import shutil
 import signal
 import socket
@@ -101,6 +102,21 @@ def stop_process(p: subprocess.Popen | None, timeout: float) -> int | None:
     return p.returncode
 
 
+# Triton's admin APIs (the same set and header as triton/Dockerfile): answered only to requests
+# carrying `kiln-admin: <key>`. Inference, health, metadata, model config and statistics stay open.
+ADMIN_HEADER = "kiln-admin"
+RESTRICTED_APIS = "shared-memory,logging,trace,model-repository"
+GRPC_HEADER_PREFIX = "triton-grpc-protocol-"  # Triton reads a gRPC restriction's header under this prefix
+
+
+def restricted_api_args(admin_key: str) -> list[str]:
+    """Triton 2.51's own restriction of its admin APIs, on HTTP and gRPC alike: Triton 2.51 is
+    listed by the 2025 advisories, and loading models or mapping shared memory must not be open
+    to whoever reaches its port."""
+    rule = f"{RESTRICTED_APIS}:{ADMIN_HEADER}={admin_key}"
+    return [f"--http-restricted-api={rule}", f"--grpc-restricted-protocol={rule}"]
+
+
 @dataclass
 class TritonServer:
     repository: Path | list[Path]  # one kiln repository, or several served together
@@ -108,6 +124,13 @@ class TritonServer:
     workdir: Path = Path("build/server")
     extra_args: list[str] = field(default_factory=list)
     process: subprocess.Popen | None = None
+    # the admin APIs' key: drawn per server unless given (KILN_ADMIN_KEY), kept across restarts
+    admin_key: str = field(default_factory=lambda: os.environ.get("KILN_ADMIN_KEY") or secrets.token_hex(16))
+
+    def admin_headers(self, protocol: str = "http") -> dict[str, str]:
+        """Headers for Triton's restricted APIs (repository index and control, logging, trace,
+        shared memory); over gRPC Triton expects the header under its own prefix."""
+        return {(GRPC_HEADER_PREFIX if protocol == "grpc" else "") + ADMIN_HEADER: self.admin_key}
 
     @property
     def repositories(self) -> list[Path]:
@@ -158,6 +181,7 @@ class TritonServer:
             "--exit-on-error=true",
             "--strict-readiness=true",
             "--log-verbose=0",
+            *restricted_api_args(self.admin_key),
             *self.extra_args,
         ]
 

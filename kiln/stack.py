@@ -10,8 +10,9 @@ start servers through ``Stack``, so readiness waits and cleanup are written once
 Whatever started is stopped on the way out (an exception, Ctrl-C, a failed start): the
 gateway first (it drains: in-flight requests finish, new ones get 503), then Triton.
 ``restart_triton`` stops and starts Triton on the same ports while the gateway keeps running
-and reconnects; ``kiln.supervisor`` does the same for a Triton that died. Triton servers are
-held as a list (``backends``) so replicas can join later; today there is one.
+and reconnects; ``kiln.supervisor`` does the same for a Triton that died. ``replicas`` > 1
+starts that many Tritons on the same repositories, each on its own free ports (the first on
+``ports``) and in its own folder; the gateway routes between them (``kiln.gateway.pool``).
 """
 
 from __future__ import annotations
@@ -59,6 +60,7 @@ class Stack:
         ports: Ports | None = None,
         gateway: GatewayOptions | None = None,
         *,
+        replicas: int = 1,
         triton_timeout: float = 180.0,
         triton_class: Callable[..., TritonServer] = TritonServer,
         gateway_class: Callable[[GatewayOptions, GatewayConfig, Path], Gateway] | None = None,
@@ -66,8 +68,12 @@ class Stack:
         self.repositories = [Path(repositories)] if isinstance(repositories, (str, Path)) else list(repositories)
         self.workdir = Path(workdir)
         self.triton_timeout = triton_timeout
-        self.backends: list[TritonServer] = [triton_class(self.repositories, ports or free_ports(),
-                                                          workdir=self.workdir)]
+        if replicas < 1:
+            raise ValueError(f"replicas must be at least 1 (got {replicas})")
+        self.backends: list[TritonServer] = [
+            triton_class(self.repositories, (ports or free_ports()) if i == 0 else free_ports(),
+                         workdir=self.workdir if i == 0 else self.workdir / f"replica-{i}")
+            for i in range(replicas)]
         self._gateway_class = gateway_class or _make_gateway
         self.gateway: Gateway | None = self._build_gateway(gateway) if gateway is not None else None
         self.started = False
@@ -152,6 +158,7 @@ class Stack:
     def _build_gateway(self, options: GatewayOptions) -> Gateway:
         port = options.config.port or free_port()
         config = options.config.model_copy(update={"triton_grpc": self.triton.grpc_url,
+                                                   "triton_replicas": [b.grpc_url for b in self.backends[1:]],
                                                    "repositories": self.repositories, "port": port})
         return self._gateway_class(options, config, self.workdir)
 

@@ -30,6 +30,7 @@ from kiln.gateway.config import GatewayConfig
 from kiln.gateway.endpoints import Gateway
 from kiln.gateway.http import Edge, FastJSON, guarded, http_exception_response
 from kiln.gateway.limits_redis import limiter_from_url
+from kiln.gateway.pool import BackendPool
 
 log = logging.getLogger("kiln.gateway")
 
@@ -42,8 +43,14 @@ def request_schema(model) -> dict:
 def build_app(config: GatewayConfig, backend: TritonBackend | None = None) -> FastAPI:
     """Reads repositories, tokenizers and keys now, so a bad config (or no keys on a public
     address) fails at start-up."""
+    pool = None
+    if backend is None:  # one Triton, or several replicas: the pool routes and fails over between them
+        pool = BackendPool([TritonBackend(url, config.request_timeout_s)
+                            for url in [config.triton_grpc, *config.triton_replicas]])
     gateway = Gateway(config, limiter_from_url(config.redis_url, fail_open=not config.limits_fail_closed),
-                      backend or TritonBackend(config.triton_grpc, config.request_timeout_s))
+                      backend or pool)
+    if pool is not None:
+        pool.register_metrics(gateway.metrics.registry)  # per backend: up, circuit, outstanding, outcomes
 
     @asynccontextmanager
     async def lifespan(app):

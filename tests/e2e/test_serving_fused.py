@@ -85,7 +85,8 @@ def test_fused_is_one_python_model_under_the_public_name(served, minilm_export):
     assert cfg["backend"] == "python" and [i["name"] for i in cfg["input"]] == ["text"]
     ens = client.get_model_config(names["int8"][1], as_json=True)["config"]
     assert cfg["input"] == ens["input"] and cfg["output"] == ens["output"]  # same tensors, dtypes, dims
-    served_models = {m["name"] for m in client.get_model_repository_index(as_json=True)["models"]}
+    served_models = {m["name"] for m in client.get_model_repository_index(headers=server.admin_headers("grpc"),
+                                                                           as_json=True)["models"]}
     assert f"{spec.name}_encoder" not in served_models and f"{names['int8'][1]}_encoder" in served_models
     repo = repos[spec.name]
     card = RepositoryCard.read(repo)
@@ -216,3 +217,23 @@ def test_fused_classifier_answers_label_and_scores_like_pytorch(fused_classifier
     assert str(err.value.status()) == "400"
     labels, _ = infer(server, spec.name, ["still here"], outputs=("label", "scores"))
     assert labels.shape == (1, 1)
+
+
+def test_tritons_admin_apis_need_the_admin_key_and_inference_does_not(served, minilm_export):
+    """kiln's Triton 2.51 restricts repository control, logging, trace and shared memory to the
+    kiln-admin header (HTTP and gRPC): a client without it cannot load, unload or list models."""
+    server, names, _ = served
+    spec, _ = minilm_export
+    clients = {"grpc": grpcclient.InferenceServerClient(server.grpc_url),
+               "http": httpclient.InferenceServerClient(server.http_url)}
+    for protocol, client in clients.items():
+        with pytest.raises(InferenceServerException, match="(?i)restricted|kiln-admin"):
+            client.get_model_repository_index()
+        with pytest.raises(InferenceServerException, match="(?i)restricted|kiln-admin"):
+            client.unload_model(spec.name)
+        with pytest.raises(InferenceServerException, match="(?i)restricted|kiln-admin"):
+            client.get_log_settings()
+        assert client.get_model_repository_index(headers=server.admin_headers(protocol))
+        assert client.is_model_ready(spec.name)  # still served: the unload was refused
+    one = infer(server, spec.name, ["open to every client"], "grpc")  # inference needs no key
+    assert one.shape == (1, 384)
