@@ -274,6 +274,30 @@ def crashed(results: Sequence[CaseResult], restarts_before: int | None, restarts
     return [replace(r, hard=(*r.hard, why)) for r in results]
 
 
+def judge_drain(streams: Sequence[Outcome], refused: Sequence[Outcome], exit_code: int | None,
+                alive_after: bool) -> CaseResult:
+    """SIGTERM with streams in flight: every one of them finishes whole, requests sent while
+    draining get 503 with Retry-After, and `kiln serve` then exits 0 by itself."""
+    tally = Tally.of([*streams, *refused])
+    hard, misses = _common(Tally.of(streams), True, None)
+    cut = [o for o in streams if o.status != 200 or not o.clear]
+    if cut:
+        hard.append(f"{len(cut)} of {len(streams)} streams in flight at SIGTERM did not finish whole")
+    if alive_after:
+        hard.append("`kiln serve` was still running after the drain deadline")
+    elif exit_code != 0:
+        hard.append(f"`kiln serve` exited with {exit_code} after SIGTERM")
+    wrong = [o for o in refused if o.status != 503 or not o.retry_after]
+    if wrong:
+        misses.append(f"{len(wrong)} requests sent while draining got something other than 503 with Retry-After: "
+                      f"{sorted({o.status for o in wrong}, key=str)}")
+    if not refused:
+        misses.append("no request was sent while draining (nothing tested the refusals)")
+    return CaseResult("drain on SIGTERM", tally, None,
+                      {"streams_in_flight": len(streams), "refused_while_draining": len(refused),
+                       "refusal_p99_ms": percentile_ms([o.seconds for o in refused], 99)}, tuple(hard), tuple(misses))
+
+
 def not_run(case: str, why: str) -> CaseResult:
     """A case that could not run (its server did not start): a hard failure."""
     return CaseResult(case, Tally(), None, {}, (f"could not run: {why}",))
@@ -681,7 +705,9 @@ class LightClient:
         import aiohttp
 
         self.url = url + self.path
-        self.session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=connections, force_close=False))
+        # at least 1024 connections: an open loop must never queue in the client, or the wait for a
+        # free connection would count as the server's latency
+        self.session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=max(connections, 1024)))
         self.aiohttp = aiohttp
 
     async def close(self) -> None:
@@ -802,6 +828,7 @@ class SuiteConfig:
     loop_fault_step: int = 12  # the stepping thread dies at this engine step (a request or two succeed first)
     loop_refusals: int = 60
     loop_deadline_s: float = 10.0
+    drain_deadline_s: float = 60.0  # kiln serve's own drain (5 s here) plus Triton's stop
     thresholds: Thresholds = Thresholds()
 
 
@@ -927,6 +954,39 @@ def run_kill_triton(serve: Serve, config: SuiteConfig) -> CaseResult:
     return asyncio.run(case())
 
 
+def run_drain(serve: Serve, config: SuiteConfig) -> CaseResult:
+    """SIGTERM to `kiln serve` while chat streams run: they must finish, new requests meanwhile
+    get 503 (until the gateway closes), and it exits 0 on its own."""
+
+    async def case() -> CaseResult:
+        clients = openai_clients(serve.url, CHAT_MAX_CONCURRENT + 1)
+        progress = [0] * CHAT_MAX_CONCURRENT
+        try:
+            streams = [asyncio.create_task(chat_once(clients[0], config.kill_stream_tokens, config.kill_deadline_s,
+                                                     True, progress, i)) for i in range(CHAT_MAX_CONCURRENT)]
+            deadline = time.monotonic() + 30
+            while min(progress) < 2 and not all(s.done() for s in streams) and time.monotonic() < deadline:
+                await asyncio.sleep(0.01)
+            serve.process.send_signal(signal.SIGTERM)
+            await asyncio.sleep(0.05)  # the signal reaches the gateway
+            sent: list[Outcome] = []
+            while not all(s.done() for s in streams):
+                sent.append(await embed_once(clients[-1], SENTENCES[0], config.fuzz_deadline_s))
+                await asyncio.sleep(0.01)
+            chats = list(await asyncio.gather(*streams))
+            last = max(o.ended for o in chats)
+            refused = [o for o in sent if o.started < last]  # sent while the streams still ran
+        finally:
+            await _close(clients)
+        try:
+            code = await asyncio.to_thread(serve.process.wait, config.drain_deadline_s)
+        except subprocess.TimeoutExpired:
+            code = None
+        return judge_drain(chats, refused, code, serve.alive())
+
+    return asyncio.run(case())
+
+
 def run_kill_loop(serve: Serve, config: SuiteConfig) -> CaseResult:
     """Chat until the injected fault kills the stepping thread; then /ready must say so and
     every request (chat, streamed chat, completions) be refused at once."""
@@ -1005,20 +1065,23 @@ def run_faults(workdir: Path, console: Console, *, strict: bool = False, config:
     try:
         serve.start()
     except SuiteError as err:
-        results += [not_run(c, str(err)) for c in ("fuzz", "overload", "chat overload", "kill Triton")]
+        results += [not_run(c, str(err)) for c in ("fuzz", "overload", "chat overload", "kill Triton",
+                                                   "drain on SIGTERM")]
     else:
         try:
             for name, run in (("fuzz", lambda: [run_fuzz(serve, config)]),
                               ("overload", lambda: run_overload(serve, config)),
                               ("chat overload", lambda: run_chat_overload(serve, config)),
-                              ("kill Triton", lambda: [run_kill_triton(serve, config)])):
+                              ("kill Triton", lambda: [run_kill_triton(serve, config)]),
+                              ("drain on SIGTERM", lambda: [run_drain(serve, config)])):
                 console.print(f"[bold cyan]faults[/] case: {name}")
                 before = serve.restarts()
                 try:
                     got = run()
                 except SuiteError as err:
                     got = [not_run(name, str(err))]
-                results += crashed(got, before, serve.restarts()) if name != "kill Triton" else got
+                after = serve.restarts() if serve.alive() else before  # the drain case stops it
+                results += crashed(got, before, after) if name != "kill Triton" else got
         finally:
             code = serve.stop()
         if code != 0:

@@ -125,12 +125,15 @@ def panels(spec: DeploymentSpec) -> list[Panel]:
         Panel("Rejections and cancellations /s", "reqps", (
             (f"sum by (model) (rate(kiln_gateway_queue_rejections_total{sel}[{RATE}]))", "queue full {{model}}"),
             (f"sum by (limit) (rate(kiln_gateway_rate_limited_total{sel}[{RATE}]))", "rate limited ({{limit}})"),
+            (f"sum by (model) (rate(kiln_gateway_shed_total{sel}[{RATE}]))", "shed (queue budget) {{model}}"),
             (f"sum by (model) (rate(kiln_gateway_cancelled_generations_total{sel}[{RATE}]))", "cancelled {{model}}"),
             (f"sum by (model) (rate({TRITON_FAILURE}{sel}[{RATE}]))", "Triton failures {{model}}"))),
         Panel("Triton requests/s by model", "reqps",
               ((f"sum by (model) (rate({TRITON_SUCCESS}{sel}[{RATE}]))", "{{model}}"),)),
         Panel("Per-backend health (1 = scraped and up)", "short",
-              ((f'up{{job=~"{TRITON_JOB}|{GATEWAY_JOB}",{INSTANCE_LABEL}="{Names.of(spec).base}"}}', "{{job}} {{pod}}"),)),
+              ((f'up{{job=~"{TRITON_JOB}|{GATEWAY_JOB}",{INSTANCE_LABEL}="{Names.of(spec).base}"}}', "{{job}} {{pod}}"),
+               (f"min by (backend) (kiln_gateway_backend_up{sel})", "gateway sees Triton {{backend}}"),
+               (f"max by (backend) (kiln_gateway_backend_circuit_open{sel})", "circuit open {{backend}}"))),
         Panel("Work in flight per pod", "short", (
             (f"sum by (pod) (kiln_gateway_requests_in_flight{sel})", "gateway {{pod}}"),
             (f"sum by (pod) ({TRITON_PENDING}{sel})", "Triton pending {{pod}}"))),

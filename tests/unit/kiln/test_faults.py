@@ -15,6 +15,7 @@ from kiln.faults import (
     exit_code,
     hostile_bodies,
     judge_capacity,
+    judge_drain,
     judge_fuzz,
     judge_kill,
     judge_loop,
@@ -102,6 +103,18 @@ def test_chat_is_judged_in_completion_tokens_against_its_queues_bound():
     slow = judge_overload("chat", spread(200, 400, 0.5, 10.0, tokens=16), 640.0, True, True, per_token=True,
                           accepted_p99_ms=300.0)
     assert any("accepted p99 500 ms > 300 ms" in m for m in slow.misses)
+
+
+def test_a_drain_needs_whole_streams_503s_meanwhile_and_a_clean_exit():
+    whole, refused = answers(200, 4), answers(503, 5, retry_after=True)
+    assert judge_drain(whole, refused, 0, alive_after=False).verdict == "PASS"
+    cut = judge_drain(answers(200, 3) + [Outcome(200, 1.0, clear=False)], refused, 0, False)
+    assert cut.verdict == "FAIL" and "1 of 4 streams" in cut.hard[0]
+    assert judge_drain(whole, refused, 1, False).verdict == "FAIL"  # a non-zero exit
+    assert judge_drain(whole, refused, None, True).verdict == "FAIL"  # still running
+    served = judge_drain(whole, answers(200, 2), 0, False)  # new work accepted while draining
+    assert served.verdict == "MISS" and "something other than 503" in served.misses[0]
+    assert judge_drain(whole, [], 0, False).verdict == "MISS"  # the refusals went untested
 
 
 def test_a_triton_restart_during_a_case_that_never_kills_it_is_a_crash():

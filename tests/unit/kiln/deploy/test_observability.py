@@ -36,7 +36,19 @@ def exported_names(registry) -> set[str]:
     return names
 
 
-GATEWAY = exported_names(Metrics().registry)
+def gateway_registry():
+    """The registry a gateway serves: its own metrics and its backend pool's (build_app wires both)."""
+    from kiln.gateway.pool import BackendPool
+
+    class Backend:
+        url = "127.0.0.1:8001"
+
+    metrics = Metrics()
+    BackendPool([Backend()]).register_metrics(metrics.registry)
+    return metrics.registry
+
+
+GATEWAY = exported_names(gateway_registry())
 
 
 def unexported(dashboard: dict) -> set[str]:
