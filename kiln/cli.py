@@ -157,6 +157,8 @@ def serve(
                                                     "(waiting 1, 2, 4 ... 30 s); 0: exit 1 when it dies"),
     drain_timeout: float = typer.Option(30.0, min=0, help="on Ctrl-C / SIGTERM: seconds in-flight requests may "
                                                           "finish (new ones get 503) before Triton stops"),
+    gateway_workers: int = typer.Option(1, min=1, help="gateway processes sharing the gateway port (more than one "
+                                                       "keeps the limits in Redis: --redis-url, else one is started)"),
     replicas: int = typer.Option(1, min=1, help="Tritons to start on these repositories (each on its own ports); "
                                                 "the gateway routes by least outstanding requests and fails over"),
     redis: bool = typer.Option(False, "--redis", help="start a redis-server on a free loopback port and keep the "
@@ -177,7 +179,7 @@ def serve(
     first = loaded[0]
     server_dir = first.server_dir if len(loaded) == 1 else first.workdir / "serve"
     redis_server = None
-    if redis and not no_gateway and redis_url is None:
+    if (redis or gateway_workers > 1) and not no_gateway and redis_url is None:
         from kiln.redis_server import RedisServer, RedisServerError
 
         try:
@@ -192,7 +194,7 @@ def serve(
             GatewayConfig(host=gateway_host, port=gateway_port, keys_file=keys_file, limits=Limits(rpm=rpm, tpm=tpm),
                           redis_url=redis_url, limits_fail_closed=limits_fail_closed,
                           **_auth_option(allow_unauthenticated)),
-            in_process=True, drain_s=drain_timeout)
+            in_process=gateway_workers == 1, drain_s=drain_timeout, workers=gateway_workers)
         stack = Stack(repos, server_dir, first.ports, gateway, replicas=replicas)  # builds the gateway: a bad key file fails before Triton starts
     except ValueError as err:  # GatewayError, or a limit pydantic refuses
         console.print(f"[red]gateway config error[/]: {err}")
@@ -295,11 +297,28 @@ def keygen(name: str = typer.Option("user", help="the key's name in the keys fil
 
 
 @app.command()
-def bench(spec: str = SpecArg, workdir: Optional[Path] = WorkdirOpt):
-    """PyTorch eager vs in-process ONNX Runtime vs served Triton, batch 1 and 32: one table."""
+def bench(
+    spec: str = SpecArg,
+    workdir: Optional[Path] = WorkdirOpt,
+    replicas: int = typer.Option(1, min=1, help="N >= 2: instead, throughput through a gateway over 1 Triton and "
+                                                "over N, and the routing overhead (kiln/bench_replicas.py)"),
+):
+    """PyTorch eager vs in-process ONNX Runtime vs served Triton, batch 1 and 32: one table
+    (--replicas N: a gateway over 1 Triton vs over N, throughput and routing overhead)."""
     from kiln.bench import run_bench
 
     s = _spec(spec, workdir)
+    if replicas >= 2:
+        from kiln.bench_replicas import run_replica_bench, task_kind
+
+        try:
+            task_kind(s)
+        except ValueError as err:
+            console.print(f"[red]bench error[/] {err}")
+            raise typer.Exit(2)
+        ensure_export(s)
+        run_replica_bench(s, out, replicas=replicas)
+        return
     ensure_export(s)
     if s.task.value == "text-generation":
         from kiln.bench_lm import run_lm_bench

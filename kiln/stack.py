@@ -22,11 +22,11 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from kiln.gateway.config import GatewayConfig
-from kiln.gateway.runner import DRAIN_S, GatewayProcess, GatewayThread
+from kiln.gateway.runner import DRAIN_S, GatewayGroup, GatewayProcess, GatewayThread
 from kiln.server import TritonServer, free_port, free_ports
 from kiln_core.spec import Ports
 
-Gateway = GatewayProcess | GatewayThread
+Gateway = GatewayProcess | GatewayThread | GatewayGroup
 
 
 @dataclass(frozen=True)
@@ -39,8 +39,12 @@ class GatewayOptions:
     keys: str | None = None  # child process: its config.keys_env ("" accepts every request); None: this environment's
     log_file: Path | None = None  # child process: its log (default WORKDIR/gateway.log)
     drain_s: float = DRAIN_S  # in process: how long in-flight requests may finish when the gateway stops
+    workers: int = 1  # > 1: that many child processes on one port (their limits must be in Redis)
 
     def __post_init__(self) -> None:
+        if self.workers < 1 or (self.workers > 1 and self.in_process):
+            raise ValueError(f"gateway workers must be >= 1, and several run as child processes (got {self.workers}, "
+                             f"in_process={self.in_process})")
         if self.in_process and (self.keys is not None or self.log_file is not None):
             raise ValueError("keys and log_file are for a gateway child process; in process the gateway reads "
                              f"{self.config.keys_env} from this environment and logs to stderr")
@@ -171,6 +175,8 @@ def _make_gateway(options: GatewayOptions, config: GatewayConfig, workdir: Path)
     if options.in_process:
         return GatewayThread(config, options.drain_s)
     env = {} if options.keys is None else {config.keys_env: options.keys}
+    if options.workers > 1:
+        return GatewayGroup.of(config, options.workers, options.log_file.parent if options.log_file else workdir, env)
     return GatewayProcess(config, log_file=options.log_file or workdir / "gateway.log", env=env)
 
 

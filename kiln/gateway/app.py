@@ -18,6 +18,8 @@ endpoints' logic (``endpoints.py``), the API surface (``protocol.py``), keys
 from __future__ import annotations
 
 import logging
+import os
+import sys
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
@@ -31,6 +33,7 @@ from kiln.gateway.endpoints import Gateway
 from kiln.gateway.http import Edge, FastJSON, guarded, http_exception_response
 from kiln.gateway.limits_redis import limiter_from_url
 from kiln.gateway.pool import BackendPool
+from kiln.gateway.runner import STARTED_MARK
 
 log = logging.getLogger("kiln.gateway")
 
@@ -54,6 +57,7 @@ def build_app(config: GatewayConfig, backend: TritonBackend | None = None) -> Fa
 
     @asynccontextmanager
     async def lifespan(app):
+        print(f"{STARTED_MARK} pid {os.getpid()}", file=sys.stderr, flush=True)  # for GatewayGroup, any log level
         if not gateway.keys.enabled:
             log.warning("no API keys configured: the gateway on %s accepts every request, all sharing one "
                         "anonymous limit (set %s or --keys-file)", config.host, config.keys_env)

@@ -50,6 +50,8 @@ class GatewayConfig(BaseModel):
                                                     "gateway process that names it; none: limits in this process")
     limits_fail_closed: bool = Field(False, description="Redis unreachable: refuse requests with 503 (default: serve "
                                                         "them without limits, /ready says limits are degraded)")
+    reuse_port: bool = Field(False, description="bind with SO_REUSEPORT, so several gateway processes share the "
+                                                "port (the kernel spreads connections over them)")
     max_body_bytes: int = Field(1 << 20, ge=1024, description="larger request bodies get 413")
     max_in_flight: int = Field(256, ge=1, description="API requests answered at once by this process; more get "
                                                       "503 with Retry-After at once")

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -27,6 +29,7 @@ from kiln.gateway.config import GatewayConfig
 from kiln.gateway.http import error_response
 from kiln.gateway.protocol import APIError
 
+STARTED_MARK = "kiln gateway: application started"  # printed by the app at start-up, whatever the log level
 DRAIN_S = 30.0  # in-flight requests get this long to finish when the gateway stops
 RETRY_AFTER_SHUTDOWN_S = 5.0
 
@@ -72,9 +75,13 @@ class DrainingServer(uvicorn.Server):
     """uvicorn that drains before it shuts down: ``drain()`` (or the first SIGINT / SIGTERM
     when it owns the signals) starts it; uvicorn exits once the gate is drained."""
 
-    def __init__(self, config: uvicorn.Config, gate: DrainGate, drain_s: float):
+    def __init__(self, config: uvicorn.Config, gate: DrainGate, drain_s: float,
+                 sockets: list[socket.socket] | None = None):
         super().__init__(config)
-        self.gate, self.drain_s = gate, drain_s
+        self.gate, self.drain_s, self.sockets = gate, drain_s, sockets
+
+    def run(self, sockets: list[socket.socket] | None = None) -> None:
+        super().run(sockets=sockets or self.sockets)
 
     def drain(self) -> None:
         self.gate.begin(self.drain_s)
@@ -96,7 +103,20 @@ def uvicorn_server(config: GatewayConfig, drain_s: float = DRAIN_S) -> DrainingS
     gate = DrainGate(build_app(config))  # reads repositories, tokenizers and keys now: bad config fails at start-up
     # the drain has run when uvicorn shuts down: what is still open after it gets one more second
     return DrainingServer(uvicorn.Config(gate, host=config.host, port=config.port, log_level=config.log_level,
-                                         access_log=False, timeout_graceful_shutdown=1), gate, drain_s)
+                                         access_log=False, timeout_graceful_shutdown=1), gate, drain_s,
+                          [shared_socket(config.host, config.port)] if config.reuse_port else None)
+
+
+def shared_socket(host: str, port: int) -> socket.socket:
+    """A listening address several processes bind at once (SO_REUSEPORT): the kernel hands
+    each new connection to one of them, so M gateway processes serve one port."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind((host, port))
+    sock.set_inheritable(True)
+    return sock
 
 
 def http_get(url: str) -> tuple[int, dict]:
@@ -155,19 +175,28 @@ class GatewayProcess(_Gateway):
     def running(self) -> bool:
         return self.process is not None and self.process.poll() is None
 
-    def start(self, timeout: float = 60.0) -> "GatewayProcess":
+    def launch(self) -> None:
+        """Start the process; ``started()`` tells when its app is up."""
         self.log_file.parent.mkdir(parents=True, exist_ok=True)
         log = open(self.log_file, "w")
         env = {**os.environ, "PYTHONSAFEPATH": "1", **self.env}
         self.process = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT, env=env,
                                         start_new_session=True)
         log.close()
+
+    def started(self) -> bool:
+        """Its app said it started (its own log, not the port: siblings may share the port);
+        raises if the process exited instead."""
+        if self.process.poll() is not None:
+            raise RuntimeError(f"the gateway exited with code {self.process.returncode}:\n"
+                               + self.log_file.read_text(errors="replace")[-3000:])
+        return STARTED_MARK in self.log_file.read_text(errors="replace")
+
+    def start(self, timeout: float = 60.0) -> "GatewayProcess":
+        self.launch()
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"the gateway exited with code {self.process.returncode}:\n"
-                                   + self.log_file.read_text(errors="replace")[-3000:])
-            if self.get("/health")[0] == 200:
+            if self.started() and self.get("/health")[0] == 200:
                 return self
             time.sleep(0.1)
         self.stop()
@@ -178,6 +207,64 @@ class GatewayProcess(_Gateway):
         from kiln.server import stop_process
 
         return stop_process(self.process, timeout)
+
+
+@dataclass
+class GatewayGroup(_Gateway):
+    """M `kiln gateway` processes on one port (SO_REUSEPORT): what `kiln serve --gateway-workers
+    M` runs, when one process's event loop is the bottleneck. They share nothing in memory, so
+    their rate limits must live in Redis (``config.redis_url``). Started, drained and stopped
+    together; running while every worker runs."""
+
+    config: GatewayConfig
+    workers: list[GatewayProcess]
+
+    @classmethod
+    def of(cls, config: GatewayConfig, count: int, log_dir: Path, env: dict[str, str] | None = None) -> "GatewayGroup":
+        if count < 2:
+            raise ValueError("a gateway group has at least two workers; one is a GatewayProcess")
+        shared = config.model_copy(update={"reuse_port": True})
+        return cls(shared, [GatewayProcess(shared, log_dir / f"gateway-{i}.log", dict(env or {}))
+                            for i in range(count)])
+
+    def running(self) -> bool:
+        return all(w.running() for w in self.workers)
+
+    def start(self, timeout: float = 60.0) -> "GatewayGroup":
+        for w in self.workers:
+            w.launch()
+        deadline = time.monotonic() + timeout
+        try:
+            while not all(w.started() for w in self.workers):
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"the gateway workers did not start within {timeout:.0f}s "
+                                       f"(logs: {', '.join(str(w.log_file) for w in self.workers)})")
+                time.sleep(0.1)
+            while self.get("/health")[0] != 200 and time.monotonic() < deadline:
+                time.sleep(0.1)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def stop(self, timeout: float = DRAIN_S + 5) -> int | None:
+        """SIGTERM to all at once (each drains; a second one would stop it at once), then each
+        is waited for, its group killed past ``timeout``."""
+        for w in self.workers:
+            if w.running():
+                w.process.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        codes = []
+        for w in self.workers:
+            if w.process is None:
+                continue
+            try:
+                w.process.wait(max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                os.killpg(w.process.pid, signal.SIGKILL)
+                w.process.wait()
+            codes.append(w.process.returncode)
+        return next((c for c in codes if c), codes[0] if codes else None)
 
 
 class GatewayThread(_Gateway):

@@ -96,3 +96,48 @@ def wait_for(predicate, seconds: float = 10.0) -> bool:
             return True
         time.sleep(0.2)
     return False
+
+
+def test_gateway_workers_share_one_port_and_one_limit(shared, tmp_path):
+    """`kiln serve --gateway-workers 2`: two processes on one port (SO_REUSEPORT), limits in
+    Redis: the key's rpm holds across them and both answered some of its requests."""
+    from kiln.gateway.runner import GatewayGroup
+
+    redis, _ = shared
+    redis.restart()  # empty buckets (keys from KILN_API_KEYS share their principal's name with the tests above)
+    config = GatewayConfig(port=free_port(), repositories=[chat_repository(tmp_path / "repo")], limits=Limits(rpm=RPM),
+                           triton_grpc=f"127.0.0.1:{free_port()}", redis_url=redis.url)
+    key = "sk-workers"
+    with GatewayGroup.of(config, 2, tmp_path, {"KILN_API_KEYS": key}).start() as group:
+        assert len({w.process.pid for w in group.workers}) == 2 and group.running()
+        statuses = [models_with(group.url, key)[0] for _ in range(3 * RPM)]  # a new connection each
+        assert statuses.count(200) == RPM and statuses.count(429) == 2 * RPM, statuses
+        # each worker counts what it answered: scrape (new connections land on either) until both are seen
+        seen: dict[tuple[float, float], None] = {}
+        for _ in range(60):
+            seen[answered_by(group.url)] = None
+            if len(seen) == 2:
+                break
+        assert len(seen) == 2, seen  # both processes answered
+        assert sum(ok for ok, _ in seen) == RPM and sum(refused for _, refused in seen) == 2 * RPM, seen
+    assert not any(w.running() for w in group.workers)
+
+
+def models_with(url: str, key: str) -> tuple[int, dict]:
+    req = urllib.request.Request(url + "/v1/models", headers={"authorization": f"Bearer {key}"})
+    try:
+        with urllib.request.urlopen(req, timeout=10) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read())
+
+
+def answered_by(url: str) -> tuple[float, float]:
+    """(200s, 429s) on /v1/models as counted by whichever worker answers this scrape."""
+    text = urllib.request.urlopen(url + "/metrics", timeout=10).read().decode()
+    counts = {"200": 0.0, "429": 0.0}
+    for line in text.splitlines():
+        if line.startswith('kiln_gateway_requests_total{route="/v1/models"'):
+            status = line.split('status="', 1)[1].split('"', 1)[0]
+            counts[status] = float(line.rsplit(" ", 1)[1])
+    return counts["200"], counts["429"]

@@ -29,8 +29,10 @@ class FakeTriton:
         self.log, self.fail_start = log, fail_start
 
     def __call__(self, repositories, ports: Ports, workdir: Path) -> "FakeTriton":
-        self.repositories, self.ports, self.workdir, self.process = repositories, ports, workdir, None
-        return self
+        """One server (a replica each call), recording into the same log."""
+        made = FakeTriton(self.log, self.fail_start)
+        made.repositories, made.ports, made.workdir, made.process = repositories, ports, workdir, None
+        return made
 
     @property
     def grpc_url(self) -> str:
@@ -187,3 +189,25 @@ def test_an_in_process_gateway_with_a_bad_repository_fails_before_triton_starts(
         Stack([tmp_path / "not-a-repository"], tmp_path / "srv", gateway=GatewayOptions(in_process=True),
               triton_class=FakeTriton(log))
     assert log == []
+
+
+def test_several_gateway_workers_are_child_processes_on_one_shared_port(tmp_path):
+    from kiln.gateway.runner import GatewayGroup
+
+    cfg = GatewayConfig(port=9999, redis_url="redis://127.0.0.1:1/0")
+    group = _make_gateway(GatewayOptions(keys="sk-one", workers=3), cfg, tmp_path)
+    assert isinstance(group, GatewayGroup) and len(group.workers) == 3
+    assert all(w.config.reuse_port and w.config.port == 9999 and w.env == {cfg.keys_env: "sk-one"}
+               for w in group.workers)
+    assert len({w.log_file for w in group.workers}) == 3
+    with pytest.raises(ValueError, match="child processes"):
+        GatewayOptions(in_process=True, workers=2)
+
+
+def test_replicas_each_get_their_own_ports_and_folder_and_the_gateway_all_of_them(tmp_path):
+    log = []
+    s = stack(tmp_path, log, GatewayOptions(GatewayConfig(port=0)), replicas=3)
+    assert len(s.backends) == 3 and len({b.workdir for b in s.backends}) == 3
+    assert len({b.ports.grpc for b in s.backends}) == 3
+    cfg = s.gateway.config
+    assert cfg.triton_grpc == s.backends[0].grpc_url and cfg.triton_replicas == [b.grpc_url for b in s.backends[1:]]
