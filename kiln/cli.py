@@ -189,59 +189,59 @@ def serve(
             raise typer.Exit(1)
         redis_url = redis_server.url
         console.print(f"[bold cyan]serve[/] per-key limits in redis-server at {redis_url}")
-    try:
-        gateway = None if no_gateway else GatewayOptions(
-            GatewayConfig(host=gateway_host, port=gateway_port, keys_file=keys_file, limits=Limits(rpm=rpm, tpm=tpm),
-                          redis_url=redis_url, limits_fail_closed=limits_fail_closed,
-                          **_auth_option(allow_unauthenticated)),
-            in_process=gateway_workers == 1, drain_s=drain_timeout, workers=gateway_workers)
-        stack = Stack(repos, server_dir, first.ports, gateway, replicas=replicas)  # builds the gateway: a bad key file fails before Triton starts
-    except ValueError as err:  # GatewayError, or a limit pydantic refuses
-        console.print(f"[red]gateway config error[/]: {err}")
-        if redis_server is not None:
-            redis_server.stop()
-        raise typer.Exit(2)
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
-    triton = stack.triton
-    console.print(f"[bold cyan]serve[/] starting Triton on {', '.join(map(str, repos))} (log: {triton.log_file})")
-    try:
-        stack.start()
-    except ServerError as err:
-        console.print(f"[red]Triton failed to start[/]: {err}")
-        raise typer.Exit(1)
-    except RuntimeError as err:
-        console.print(f"[red]the gateway failed to start[/]: {err}")
-        raise typer.Exit(1)
-    lines = [f"[green]ready[/]  Triton HTTP http://{triton.http_url}  gRPC {triton.grpc_url}  metrics {triton.metrics_url}"]
-    for s in loaded:
-        lines.append(f"       model {s.name!r} ({s.task.value}): POST http://{triton.http_url}/v2/models/{s.name}/infer")
-    for i, replica in enumerate(stack.backends[1:], 1):
-        lines.append(f"       replica {i}: Triton HTTP http://{replica.http_url}  gRPC {replica.grpc_url}")
-    if stack.gateway is not None:
-        lines.append(f"       OpenAI API {stack.gateway_url}/v1  (chat/completions, completions, "
-                     f"embeddings, models; /health /ready /metrics)")
-    console.print("\n".join(lines) + "\n       Ctrl-C stops everything")
-    supervisor = Supervisor(stack, Backoff(max_failures=max_restarts),
-                            say=lambda msg: console.print(f"[yellow]supervisor[/] {msg}", highlight=False))
-    failure = None
-    try:
-        supervisor.watch(stop)
-        if not stop.is_set():
-            failure = "the gateway stopped on its own (see above)"
-    except GaveUp as err:
-        failure = str(err) if max_restarts else f"Triton exited on its own ({triton.exit_report()})"
+    try:  # the redis-server started here stops on every way out
+        try:
+            gateway = None if no_gateway else GatewayOptions(
+                GatewayConfig(host=gateway_host, port=gateway_port, keys_file=keys_file, limits=Limits(rpm=rpm, tpm=tpm),
+                              redis_url=redis_url, limits_fail_closed=limits_fail_closed,
+                              **_auth_option(allow_unauthenticated)),
+                in_process=gateway_workers == 1, drain_s=drain_timeout, workers=gateway_workers)
+            stack = Stack(repos, server_dir, first.ports, gateway, replicas=replicas)  # builds the gateway: a bad key file fails before Triton starts
+        except ValueError as err:  # GatewayError, or a limit pydantic refuses
+            console.print(f"[red]gateway config error[/]: {err}")
+            raise typer.Exit(2)
+        stop = threading.Event()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: stop.set())
+        triton = stack.triton
+        console.print(f"[bold cyan]serve[/] starting Triton on {', '.join(map(str, repos))} (log: {triton.log_file})")
+        try:
+            stack.start()
+        except ServerError as err:
+            console.print(f"[red]Triton failed to start[/]: {err}")
+            raise typer.Exit(1)
+        except RuntimeError as err:
+            console.print(f"[red]the gateway failed to start[/]: {err}")
+            raise typer.Exit(1)
+        lines = [f"[green]ready[/]  Triton HTTP http://{triton.http_url}  gRPC {triton.grpc_url}  metrics {triton.metrics_url}"]
+        for s in loaded:
+            lines.append(f"       model {s.name!r} ({s.task.value}): POST http://{triton.http_url}/v2/models/{s.name}/infer")
+        for i, replica in enumerate(stack.backends[1:], 1):
+            lines.append(f"       replica {i}: Triton HTTP http://{replica.http_url}  gRPC {replica.grpc_url}")
+        if stack.gateway is not None:
+            lines.append(f"       OpenAI API {stack.gateway_url}/v1  (chat/completions, completions, "
+                         f"embeddings, models; /health /ready /metrics)")
+        console.print("\n".join(lines) + "\n       Ctrl-C stops everything")
+        supervisor = Supervisor(stack, Backoff(max_failures=max_restarts),
+                                say=lambda msg: console.print(f"[yellow]supervisor[/] {msg}", highlight=False))
+        failure = None
+        try:
+            supervisor.watch(stop)
+            if not stop.is_set():
+                failure = "the gateway stopped on its own (see above)"
+        except GaveUp as err:
+            failure = str(err) if max_restarts else f"Triton exited on its own ({triton.exit_report()})"
+        finally:
+            if stop.is_set() and stack.gateway is not None:
+                console.print(f"[bold cyan]serve[/] draining the gateway (up to {drain_timeout:.0f}s), then stopping Triton")
+            code = stack.stop()
+        if failure:
+            console.print(f"[red]{failure}[/]; see {triton.log_file}")
+            raise typer.Exit(1)
+        console.print(f"[bold cyan]serve[/] {'gateway and ' if stack.gateway else ''}Triton stopped (exit {code})")
     finally:
-        if stop.is_set() and stack.gateway is not None:
-            console.print(f"[bold cyan]serve[/] draining the gateway (up to {drain_timeout:.0f}s), then stopping Triton")
-        code = stack.stop()
         if redis_server is not None:
             redis_server.stop()
-    if failure:
-        console.print(f"[red]{failure}[/]; see {triton.log_file}")
-        raise typer.Exit(1)
-    console.print(f"[bold cyan]serve[/] {'gateway and ' if stack.gateway else ''}Triton stopped (exit {code})")
 
 
 @app.command()
