@@ -64,7 +64,7 @@ def interleaved(calls: dict[str, Callable[[int], object]], rounds: int, warmup: 
     return out
 
 
-class _Http:
+class HttpConnection:
     """A kept-alive HTTP/1.1 connection posting JSON."""
 
     def __init__(self, url: str, key: str = "none"):
@@ -98,7 +98,7 @@ def embedding_overhead(grpc_url: str, gateway_url: str, model: str, pool: Sequen
     import tritonclient.grpc as grpcclient
 
     direct = grpcclient.InferenceServerClient(grpc_url)
-    lean = _Http(gateway_url)
+    lean = HttpConnection(gateway_url)
     official = openai.OpenAI(base_url=gateway_url + "/v1", api_key="none", max_retries=0)
 
     def texts(i: int, b: int) -> list[str]:
@@ -140,7 +140,7 @@ def generation_overhead(grpc_url: str, gateway_url: str, model: str, prompts: Se
 
     from kiln.gateway.backend import generation_inputs
 
-    lean = _Http(gateway_url)
+    lean = HttpConnection(gateway_url)
     got: queue.Queue = queue.Queue()
     direct = grpcclient.InferenceServerClient(grpc_url)
     direct.start_stream(callback=lambda result, error: got.put((result, error)))
