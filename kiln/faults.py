@@ -490,14 +490,16 @@ class Serve:
     supervisor) and the in-process gateway, on free loopback ports, without API keys.
     `env` is added to its environment, which Triton inherits (the fault-injection hook)."""
 
-    def __init__(self, spec_files: Sequence[Path], log_file: Path, env: dict[str, str] | None = None):
+    def __init__(self, spec_files: Sequence[Path | str], log_file: Path, env: dict[str, str] | None = None,
+                 args: Sequence[str] = ()):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_file = log_file
         self.command = [*NICE, str(Path(sys.executable).parent / "kiln"), "serve", *map(str, spec_files),
                         "--http-port", str(free_port()), "--grpc-port", str(free_port()),
                         "--metrics-port", str(free_port()), "--gateway-port", str(self.port), "--drain-timeout", "5",
-                        "--redis"]  # the limits as several gateways would keep them: in a redis-server of its own
+                        "--redis",  # the limits as several gateways would keep them: in a redis-server of its own
+                        *args]
         base = {k: v for k, v in os.environ.items() if k not in (KEYS_ENV, FAULT_ENV)}
         self.env = {**base, "PYTHONSAFEPATH": "1", "HF_HUB_OFFLINE": "1", "COLUMNS": "200", **(env or {})}
         self.process: subprocess.Popen | None = None
@@ -758,12 +760,12 @@ class Chatter(LightClient):
 
     path = "/v1/chat/completions"
 
-    def __init__(self, url: str, connections: int, max_tokens: int):
+    def __init__(self, url: str, connections: int, max_tokens: int, model: str = CHAT_MODEL):
         super().__init__(url, connections)
-        self.max_tokens = max_tokens
+        self.max_tokens, self.model = max_tokens, model
 
     def body(self, text: str) -> dict:
-        return {"model": CHAT_MODEL, "messages": [{"role": "user", "content": text}], "max_tokens": self.max_tokens,
+        return {"model": self.model, "messages": [{"role": "user", "content": text}], "max_tokens": self.max_tokens,
                 "temperature": 0}
 
     def answer(self, parsed: dict) -> tuple[bool, int]:
@@ -829,6 +831,12 @@ class SuiteConfig:
     loop_refusals: int = 60
     loop_deadline_s: float = 10.0
     drain_deadline_s: float = 60.0  # kiln serve's own drain (5 s here) plus Triton's stop
+    # the one short run on a real model: the packaged SmolLM2, its export reused from this workdir
+    # (where `make demo` leaves it; exported there first otherwise, which takes minutes)
+    smollm2_workdir: str = "build"
+    smollm2_capacity_s: float = 6.0
+    smollm2_overload_s: float = 8.0
+    smollm2_clients: int = 64
     thresholds: Thresholds = Thresholds()
 
 
@@ -987,6 +995,40 @@ def run_drain(serve: Serve, config: SuiteConfig) -> CaseResult:
     return asyncio.run(case())
 
 
+def smollm2_spec(config: SuiteConfig):
+    from kiln_core.spec import load_spec
+
+    return load_spec("smollm2", workdir=config.smollm2_workdir)
+
+
+def run_smollm2(serve: Serve, config: SuiteConfig) -> list[CaseResult]:
+    """The real chat model under `kiln serve`: capacity with as many clients as it runs at once
+    (completion tokens/s), then `smollm2_clients` closed-loop clients; accepted requests are
+    bounded by its queue (capacity p99 x (1 + max_queue / max_concurrent))."""
+    gen = smollm2_spec(config).generation
+
+    async def measure():
+        send = Chatter(serve.url, config.smollm2_clients, config.chat_max_tokens, model="smollm2")
+        deadline = config.overload_deadline_s
+        try:
+            base = await closed_loop(send, gen.max_concurrent, config.smollm2_capacity_s, deadline)
+            capacity = judge_capacity(base, gen.max_concurrent, serve.alive(), per_token=True, what="SmolLM2 chat ")
+            tok_s, p99 = capacity.figures["capacity_tok_s"] or 0.0, capacity.figures["p99_ms"]
+            if not tok_s or p99 is None:
+                return [capacity]
+            crowd, lag = await with_lag(closed_loop(send, config.smollm2_clients, config.smollm2_overload_s,
+                                                    deadline))
+            ready = await asyncio.to_thread(lambda: wait_until(lambda: serve.ready()[0] == 200, 10))
+            crowded = judge_overload(f"SmolLM2 chat overload {config.smollm2_clients} clients", crowd, tok_s,
+                                     serve.alive(), ready, None, config.thresholds, lag, per_token=True,
+                                     accepted_p99_ms=p99 * (1 + gen.max_queue / gen.max_concurrent))
+            return [capacity, crowded]
+        finally:
+            await send.close()
+
+    return asyncio.run(measure())
+
+
 def run_kill_loop(serve: Serve, config: SuiteConfig) -> CaseResult:
     """Chat until the injected fault kills the stepping thread; then /ready must say so and
     every request (chat, streamed chat, completions) be refused at once."""
@@ -1096,6 +1138,23 @@ def run_faults(workdir: Path, console: Console, *, strict: bool = False, config:
     except SuiteError as err:
         results.append(not_run("kill generation loop", str(err)))
 
+    console.print("[bold cyan]faults[/] the real chat model: `kiln serve smollm2` (export reused from "
+                  f"{config.smollm2_workdir}/smollm2 when it matches)")
+    real = Serve(["smollm2"], workdir / "serve-smollm2.log", args=["--workdir", config.smollm2_workdir])
+    try:
+        from export.reuse import ensure_export
+
+        ensure_export(smollm2_spec(config), console)
+        real.start(timeout=600)  # its Triton loads the int4 model in ~20 s here
+        try:
+            console.print("[bold cyan]faults[/] case: SmolLM2 chat overload")
+            before = real.restarts()
+            results += crashed(run_smollm2(real, config), before, real.restarts())
+        finally:
+            real.stop()
+    except SuiteError as err:
+        results.append(not_run("SmolLM2 chat overload", str(err)))
+
     report = Report(results, time.perf_counter() - t0, strict)
     console.print(summary_table(results, report.wall_s, strict), width=max(console.width, 180))
     for r in results:
@@ -1105,5 +1164,5 @@ def run_faults(workdir: Path, console: Console, *, strict: bool = False, config:
             console.print(f"[yellow]MISS[/] {r.case}: {line}")
     out = workdir / "faults.json"
     out.write_text(json.dumps(report_json(results, report.wall_s, strict), indent=2))
-    console.print(f"[bold cyan]faults[/] results in {out} (logs: {serve.log_file}, {broken.log_file})")
+    console.print(f"[bold cyan]faults[/] results in {out} (logs: {serve.log_file}, {broken.log_file}, {real.log_file})")
     return report
