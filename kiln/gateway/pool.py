@@ -210,18 +210,24 @@ class BackendPool:
         return CANCELLED if err.code == "cancelled" else ERROR
 
     # ------------------------------------------------------------------------- requests
+    def _next(self, tried: list[Member], last: APIError | None) -> tuple[Member, bool]:
+        """The next backend to try (never one in ``tried``), counted as begun, and whether it
+        was up; none left: the last failure, or triton_unavailable when none was usable."""
+        m = self._pick(tried)
+        if m is None:
+            raise last if last is not None else triton_unavailable()
+        tried.append(m)
+        was_up = m.up
+        self._begin(m)
+        return m, was_up
+
     async def embed(self, model: str, texts: list[str], max_batch: int, request_id: str = "") -> np.ndarray:
         """Embeddings from the first backend that answers; idempotent, so one that was in
         flight on a backend that died is sent again."""
         tried: list[Member] = []
         last: APIError | None = None
         while True:
-            m = self._pick(tried)
-            if m is None:
-                raise last if last is not None else triton_unavailable()
-            tried.append(m)
-            was_up = m.up
-            self._begin(m)
+            m, was_up = self._next(tried, last)
             try:
                 vectors = await m.backend.embed(model, texts, max_batch, request_id)
             except BaseException as err:
@@ -243,12 +249,7 @@ class BackendPool:
         tried: list[Member] = []
         last: APIError | None = None
         while True:
-            m = self._pick(tried)
-            if m is None:
-                raise last if last is not None else triton_unavailable()
-            tried.append(m)
-            was_up = m.up
-            self._begin(m)
+            m, was_up = self._next(tried, last)
             stream = m.backend.generate(model, values, request_id)
             outcome, started, finished = CANCELLED, False, False
             try:
