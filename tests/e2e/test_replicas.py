@@ -1,7 +1,8 @@
 """Two Tritons behind one gateway (`Stack(replicas=2)`, what `kiln serve --replicas 2` runs):
-requests spread over both; kill -9 of one under steady embeddings load loses no request
-(idempotent embeddings fail over, even those in flight on the dead one); the gateway stays
-ready while one is left and the dead one rejoins once it is back."""
+requests spread over both; kill -9 of one under steady embeddings and chat load loses no
+embedding (idempotent: they fail over, even those in flight on the dead one), every chat
+stream ends whole or with an error event (none hangs), the gateway stays ready while one is
+left, and the dead one rejoins once it is back."""
 
 from __future__ import annotations
 
@@ -13,9 +14,9 @@ import time
 import openai
 import pytest
 
+from kiln.faults import CHAT_MODEL
 from kiln.gateway.runner import http_get
 from kiln.stack import GatewayOptions, Stack
-from kiln_testkit import tiny_spec
 
 
 def backend_requests(stack: Stack) -> dict[str, float]:
@@ -33,15 +34,20 @@ def backend_requests(stack: Stack) -> dict[str, float]:
 
 
 @pytest.fixture(scope="module")
-def replicated(tiny_bert, tmp_path_factory):
-    from export.pipeline import run_export
+def replicated(tiny_bert, tiny_llama, tmp_path_factory):
+    """Both tiny models (the fault suite's specs) on two Tritons, one gateway child process in front."""
+    from rich.console import Console
+
+    from kiln.faults import export_specs, write_specs
+    from kiln_core.spec import load_spec
     from model_repository.writer import write_repository
 
-    spec = tiny_spec(tiny_bert, tmp_path_factory.mktemp("replicas"), name="tiny-replicas", precisions=["fp32"])
-    run_export(spec)
-    repo = write_repository(spec)
-    with Stack(repo, tmp_path_factory.mktemp("srv-replicas"), gateway=GatewayOptions(keys=""), replicas=2) as stack:
-        yield spec, stack
+    specs = write_specs(tiny_bert, tiny_llama, tmp_path_factory.mktemp("replica-specs"))
+    export_specs(specs, Console(stderr=True))
+    loaded = [load_spec(str(p)) for p in specs]
+    repos = [write_repository(s) for s in loaded]
+    with Stack(repos, tmp_path_factory.mktemp("srv-replicas"), gateway=GatewayOptions(keys=""), replicas=2) as stack:
+        yield loaded[0], stack
 
 
 def test_requests_spread_over_both_replicas(replicated):
@@ -58,6 +64,7 @@ def test_killing_one_replica_under_load_loses_no_embedding_and_it_rejoins(replic
     spec, stack = replicated
     dead = stack.backends[1]
     stop, failures, answered = threading.Event(), [], [0]
+    streams: list[str] = []  # how each chat stream ended: "whole" or "error event"; a hang fails below
 
     def worker(k: int) -> None:
         client = openai.OpenAI(base_url=stack.gateway_url + "/v1", api_key="none", max_retries=0, timeout=60)
@@ -71,7 +78,26 @@ def test_killing_one_replica_under_load_loses_no_embedding_and_it_rejoins(replic
                 failures.append(repr(err))
             i += 1
 
-    threads = [threading.Thread(target=worker, args=(k,)) for k in range(6)]
+    def chatter() -> None:
+        """Long streams, some on the replica that dies: each ends whole or with an error event."""
+        client = openai.OpenAI(base_url=stack.gateway_url + "/v1", api_key="none", max_retries=0, timeout=60)
+        while not stop.is_set():
+            finished = False
+            try:
+                for chunk in client.chat.completions.create(
+                        model=CHAT_MODEL, messages=[{"role": "user", "content": "count"}], max_tokens=300,
+                        temperature=0, stream=True):
+                    finished = finished or bool(chunk.choices and chunk.choices[0].finish_reason)
+                streams.append("whole" if finished else "cut without an error")
+            except openai.APIStatusError as err:  # refused before its first token (the pool retried first)
+                streams.append(f"refused {err.status_code}")
+            except openai.APIConnectionError as err:
+                streams.append(f"connection: {err!r}")  # includes a timeout: a hang
+            except openai.APIError:
+                streams.append("error event")  # cut mid-way: told so in the stream
+
+    threads = [threading.Thread(target=worker, args=(k,)) for k in range(4)]
+    threads += [threading.Thread(target=chatter) for _ in range(2)]
     for t in threads:
         t.start()
     try:
@@ -85,9 +111,14 @@ def test_killing_one_replica_under_load_loses_no_embedding_and_it_rejoins(replic
         stop.set()
         for t in threads:
             t.join()
+    from collections import Counter
+
+    print(f"\nreplica killed: {answered[0]} embeddings answered, 0 failed; chat streams {dict(Counter(streams))}")
     assert not failures, failures[:5]
     assert during > 0  # the other replica kept answering
     assert status == 200 and body["triton"] is True, body  # one replica is enough to be ready
+    assert streams and set(streams) <= {"whole", "error event"}, streams
+    assert "whole" in streams
 
     dead.stop()  # reap it (what the supervisor does before it starts it again)
     dead.start(180)
