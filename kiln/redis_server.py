@@ -45,7 +45,7 @@ class RedisServer:
     def __init__(self, port: int | None = None, workdir: Path | None = None, binary: str = "redis-server"):
         self.port = port or free_port()
         self.binary = binary
-        self.workdir = workdir
+        self.workdir = Path(workdir).resolve() if workdir is not None else None  # redis-server runs in it
         self.process: subprocess.Popen | None = None
         self._own_workdir = False
 
