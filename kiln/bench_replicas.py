@@ -40,8 +40,8 @@ from rich.table import Table
 
 from kiln.bench import Target, print_targets
 from kiln.bench_gateway import (
-    OverheadRow,
     HttpConnection,
+    OverheadRow,
     gateway_options,
     overhead_rows,
     overhead_table,
