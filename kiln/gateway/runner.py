@@ -30,6 +30,7 @@ from kiln.gateway.http import error_response
 from kiln.gateway.protocol import APIError
 
 STARTED_MARK = "kiln gateway: application started"  # printed by the app at start-up, whatever the log level
+KEEP_ALIVE_S = 75  # idle keep-alive connections are closed after this (nginx's default)
 DRAIN_S = 30.0  # in-flight requests get this long to finish when the gateway stops
 RETRY_AFTER_SHUTDOWN_S = 5.0
 
@@ -103,7 +104,10 @@ def uvicorn_server(config: GatewayConfig, drain_s: float = DRAIN_S) -> DrainingS
     gate = DrainGate(build_app(config))  # reads repositories, tokenizers and keys now: bad config fails at start-up
     # the drain has run when uvicorn shuts down: what is still open after it gets one more second
     return DrainingServer(uvicorn.Config(gate, host=config.host, port=config.port, log_level=config.log_level,
-                                         access_log=False, timeout_graceful_shutdown=1), gate, drain_s,
+                                         access_log=False, timeout_graceful_shutdown=1,
+                                         # clients keep connections between requests (uvicorn's 5 s cut
+                                         # them under a client that was about to reuse one: a lost request)
+                                         timeout_keep_alive=KEEP_ALIVE_S), gate, drain_s,
                           [shared_socket(config.host, config.port)] if config.reuse_port else None)
 
 
