@@ -82,14 +82,22 @@ class ServingRuntimeSpec(_Model):
     volumes: list[client.V1Volume] | None = None
 
 
-class ServingRuntime(_Model):
-    api_version: Literal["serving.kserve.io/v1alpha1"] = "serving.kserve.io/v1alpha1"
-    kind: Literal["ServingRuntime"] = "ServingRuntime"
+class _Resource(_Model):
+    """A custom resource: its metadata, and the manifest written for it."""
+
     metadata: client.V1ObjectMeta
-    spec: ServingRuntimeSpec
 
     def manifest(self) -> dict:
-        return to_dict(_plain(self))
+        """apiVersion and kind first, as every manifest is written."""
+        body = to_dict(_plain(self))
+        head = ("apiVersion", "kind")
+        return {k: body[k] for k in head} | {k: v for k, v in body.items() if k not in head}
+
+
+class ServingRuntime(_Resource):
+    api_version: Literal["serving.kserve.io/v1alpha1"] = "serving.kserve.io/v1alpha1"
+    kind: Literal["ServingRuntime"] = "ServingRuntime"
+    spec: ServingRuntimeSpec
 
 
 class ModelSpec(_Model):
@@ -111,14 +119,10 @@ class InferenceServiceSpec(_Model):
     predictor: PredictorSpec
 
 
-class InferenceService(_Model):
+class InferenceService(_Resource):
     api_version: Literal["serving.kserve.io/v1beta1"] = "serving.kserve.io/v1beta1"
     kind: Literal["InferenceService"] = "InferenceService"
-    metadata: client.V1ObjectMeta
     spec: InferenceServiceSpec
-
-    def manifest(self) -> dict:
-        return to_dict(_plain(self))
 
 
 def serving_runtime(spec: DeploymentSpec, opts: DeployOptions) -> ServingRuntime:
