@@ -70,8 +70,11 @@ class Admission:
 
     def limit(self, model: str) -> int:
         """Requests in flight the budget allows now: max(floor, rate x budget)."""
-        load = self._models[model]
-        return max(load.min_in_flight, math.floor(self.rate(model) * load.budget_s))
+        return self._limit(self._models[model], self.rate(model))
+
+    @staticmethod
+    def _limit(load: ModelLoad, rate: float) -> int:
+        return max(load.min_in_flight, math.floor(rate * load.budget_s))
 
     def refusal(self, model: str) -> Overloaded | None:
         """Why one more request for ``model`` would be shed now (None: it would be admitted).
@@ -79,10 +82,10 @@ class Admission:
         load = self._models.get(model)
         if load is None or load.in_flight < load.min_in_flight:
             return None
-        limit = self.limit(model)
+        rate = self.rate(model)  # measured once: the limit and the wait come from the same figure
+        limit = self._limit(load, rate)
         if load.in_flight < limit:
             return None
-        rate = self.rate(model)
         # the queue's own length in time: a client that waits that long finds room, and
         # many refused clients retrying sooner would only be refused again (at a cost)
         wait = load.in_flight / rate if rate else load.budget_s
