@@ -193,9 +193,9 @@ def serve(
         try:
             gateway = None if no_gateway else GatewayOptions(
                 GatewayConfig(host=gateway_host, port=gateway_port, keys_file=keys_file, limits=Limits(rpm=rpm, tpm=tpm),
-                              redis_url=redis_url, limits_fail_closed=limits_fail_closed,
+                              redis_url=redis_url, limits_fail_closed=limits_fail_closed, drain_timeout_s=drain_timeout,
                               **_auth_option(allow_unauthenticated)),
-                in_process=gateway_workers == 1, drain_s=drain_timeout, workers=gateway_workers)
+                in_process=gateway_workers == 1, workers=gateway_workers)
             stack = Stack(repos, server_dir, first.ports, gateway, replicas=replicas)  # builds the gateway: a bad key file fails before Triton starts
         except ValueError as err:  # GatewayError, or a limit pydantic refuses
             console.print(f"[red]gateway config error[/]: {err}")
@@ -258,6 +258,8 @@ def gateway(
     allow_unauthenticated: bool = AllowUnauthenticatedOpt,
     redis: Optional[str] = typer.Option(None, "--redis", help=_REDIS_HELP),
     limits_fail_closed: bool = FailClosedOpt,
+    drain_timeout: Optional[float] = typer.Option(None, min=0, help="on SIGTERM: seconds in-flight requests may "
+                                                                    "finish, new ones getting 503 (default 30)"),
     config: Optional[Path] = typer.Option(None, help="YAML file with a `gateway:` mapping"),
     config_json: Optional[str] = typer.Option(None, hidden=True),
 ):
@@ -276,6 +278,7 @@ def gateway(
                               triton_grpc=triton[0], triton_replicas=triton[1:] or None, host=host, port=port,
                               keys_file=str(keys_file) if keys_file else None, max_body_bytes=max_body_bytes,
                               limits=limits or None, redis_url=redis, limits_fail_closed=limits_fail_closed or None,
+                              drain_timeout_s=drain_timeout,
                               **_auth_option(allow_unauthenticated or None))
         if not cfg.repositories:
             raise GatewayError("no model repository: pass --repository (a folder written by `kiln repo`)")

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from kiln.gateway.config import GatewayConfig
-from kiln.gateway.runner import DRAIN_S, GatewayGroup, GatewayProcess, GatewayThread
+from kiln.gateway.runner import GatewayGroup, GatewayProcess, GatewayThread
 from kiln.server import TritonServer, free_port, free_ports
 from kiln_core.spec import Ports
 
@@ -38,7 +38,6 @@ class GatewayOptions:
     in_process: bool = False  # a uvicorn thread here (`kiln serve`), else a `kiln gateway` child process
     keys: str | None = None  # child process: its config.keys_env ("" accepts every request); None: this environment's
     log_file: Path | None = None  # child process: its log (default WORKDIR/gateway.log)
-    drain_s: float = DRAIN_S  # in process: how long in-flight requests may finish when the gateway stops
     workers: int = 1  # > 1: that many child processes on one port (their limits must be in Redis)
 
     def __post_init__(self) -> None:
@@ -173,7 +172,7 @@ class Stack:
 
 def _make_gateway(options: GatewayOptions, config: GatewayConfig, workdir: Path) -> Gateway:
     if options.in_process:
-        return GatewayThread(config, options.drain_s)
+        return GatewayThread(config)
     env = {} if options.keys is None else {config.keys_env: options.keys}
     if options.workers > 1:
         return GatewayGroup.of(config, options.workers, options.log_file.parent if options.log_file else workdir, env)

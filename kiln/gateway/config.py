@@ -62,6 +62,8 @@ class GatewayConfig(BaseModel):
     embeddings_deadline_s: float = Field(30.0, gt=0, description="an embeddings request past it: 504, cancelled")
     generation_deadline_s: float = Field(600.0, gt=0, description="a generation past it: 504, cancelled in Triton")
     request_timeout_s: float = Field(600.0, gt=0)
+    drain_timeout_s: float = Field(30.0, ge=0, description="on SIGTERM / stop: seconds in-flight requests may finish "
+                                                           "(new ones get 503 shutting_down) before the process exits")
     log_level: str = "info"
 
 

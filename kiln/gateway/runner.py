@@ -31,7 +31,7 @@ from kiln.gateway.protocol import APIError
 
 STARTED_MARK = "kiln gateway: application started"  # printed by the app at start-up, whatever the log level
 KEEP_ALIVE_S = 75  # idle keep-alive connections are closed after this (nginx's default)
-DRAIN_S = 30.0  # in-flight requests get this long to finish when the gateway stops
+DRAIN_S = GatewayConfig.model_fields["drain_timeout_s"].default  # in-flight requests get this long by default
 RETRY_AFTER_SHUTDOWN_S = 5.0
 
 
@@ -98,7 +98,7 @@ class DrainingServer(uvicorn.Server):
         return await super().on_tick(counter) or self.gate.drained()
 
 
-def uvicorn_server(config: GatewayConfig, drain_s: float = DRAIN_S) -> DrainingServer:
+def uvicorn_server(config: GatewayConfig) -> DrainingServer:
     from kiln.gateway.app import build_app
 
     gate = DrainGate(build_app(config))  # reads repositories, tokenizers and keys now: bad config fails at start-up
@@ -107,7 +107,7 @@ def uvicorn_server(config: GatewayConfig, drain_s: float = DRAIN_S) -> DrainingS
                                          access_log=False, timeout_graceful_shutdown=1,
                                          # clients keep connections between requests (uvicorn's 5 s cut
                                          # them under a client that was about to reuse one: a lost request)
-                                         timeout_keep_alive=KEEP_ALIVE_S), gate, drain_s,
+                                         timeout_keep_alive=KEEP_ALIVE_S), gate, config.drain_timeout_s,
                           [shared_socket(config.host, config.port)] if config.reuse_port else None)
 
 
@@ -206,11 +206,12 @@ class GatewayProcess(_Gateway):
         self.stop()
         raise RuntimeError(f"the gateway did not answer /health within {timeout:.0f}s (log: {self.log_file})")
 
-    def stop(self, timeout: float = DRAIN_S + 5) -> int | None:
-        """SIGTERM: the gateway drains (up to its deadline), then it is killed if still there."""
+    def stop(self, timeout: float | None = None) -> int | None:
+        """SIGTERM: the gateway drains (up to its deadline), then it is killed if still there
+        (``timeout``: default the drain deadline and 5 s)."""
         from kiln.server import stop_process
 
-        return stop_process(self.process, timeout)
+        return stop_process(self.process, self.config.drain_timeout_s + 5 if timeout is None else timeout)
 
 
 @dataclass
@@ -251,13 +252,13 @@ class GatewayGroup(_Gateway):
             raise
         return self
 
-    def stop(self, timeout: float = DRAIN_S + 5) -> int | None:
+    def stop(self, timeout: float | None = None) -> int | None:
         """SIGTERM to all at once (each drains; a second one would stop it at once), then each
-        is waited for, its group killed past ``timeout``."""
+        is waited for, its group killed past ``timeout`` (default the drain deadline and 5 s)."""
         for w in self.workers:
             if w.running():
                 w.process.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + timeout
+        deadline = time.monotonic() + (self.config.drain_timeout_s + 5 if timeout is None else timeout)
         codes = []
         for w in self.workers:
             if w.process is None:
@@ -276,9 +277,9 @@ class GatewayThread(_Gateway):
     stderr). Built here: a bad key file or repository fails on construction, before anything
     is started. Signals stay with the main thread (uvicorn leaves them alone off it)."""
 
-    def __init__(self, config: GatewayConfig, drain_s: float = DRAIN_S):
+    def __init__(self, config: GatewayConfig):
         self.config = config
-        self.server = uvicorn_server(config, drain_s)
+        self.server = uvicorn_server(config)
         self.thread: threading.Thread | None = None
 
     def running(self) -> bool:

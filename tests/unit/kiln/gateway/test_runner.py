@@ -80,3 +80,15 @@ def test_the_first_signal_drains_and_a_second_stops_at_once():
     assert asyncio.run(server.on_tick(1)) is True  # nothing in flight: uvicorn may exit now
     server.handle_exit(signal.SIGTERM, None)
     assert server.should_exit
+
+
+def test_the_drain_deadline_is_the_gateways_setting_whichever_way_it_runs(make_repository):
+    """`kiln gateway --drain-timeout` / `kiln serve --drain-timeout` set it in the config, so a
+    gateway child process (one worker of several) drains as long as one in this process."""
+    from kiln.gateway.config import GatewayConfig
+    from kiln.gateway.runner import GatewayProcess, uvicorn_server
+
+    config = GatewayConfig(port=0, repositories=[make_repository("chat", "text-generation")], drain_timeout_s=3)
+    assert uvicorn_server(config).drain_s == 3
+    child = GatewayProcess(config, log_file=make_repository("x", "text-generation") / "gateway.log")
+    assert GatewayConfig.model_validate_json(child.command()[-1]).drain_timeout_s == 3
