@@ -10,11 +10,14 @@ process restarts nothing and shows 0).
 
 from __future__ import annotations
 
+import os
+
 from prometheus_client import (
     CollectorRegistry,
     Counter,
     Gauge,
     Histogram,
+    Info,
     generate_latest,
 )
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
@@ -49,6 +52,8 @@ class Metrics:
         self.rate_limited = Counter(p + "rate_limited", "requests refused by a per-key limit", ["limit"], registry=r)
         self.cancelled = Counter(p + "cancelled_generations", "generations cancelled because the client went away",
                                  ["model"], registry=r)
+        # several gateway processes may share a port (`--gateway-workers`): a scrape says which one answered
+        Info(p + "process", "the gateway process that answered this scrape", registry=r).info({"pid": str(os.getpid())})
         r.register(TRITON_RESTARTS)
 
     def render(self) -> bytes:

@@ -1,8 +1,10 @@
-"""Two Tritons behind one gateway (`Stack(replicas=2)`, what `kiln serve --replicas 2` runs):
-requests spread over both; kill -9 of one under steady embeddings and chat load loses no
-embedding (idempotent: they fail over, even those in flight on the dead one), every chat
-stream ends whole or with an error event (none hangs), the gateway stays ready while one is
-left, and the dead one rejoins once it is back."""
+"""Scale-out on one machine, what `kiln serve --replicas 2 --gateway-workers 2 --redis` runs:
+two Tritons, two gateway processes on one port (SO_REUSEPORT) and a real redis-server holding
+the per-key limits. A key's requests per minute hold across both gateway processes; requests
+spread over both Tritons; kill -9 of one Triton under steady embeddings and chat load loses no
+embedding (idempotent: they fail over, even those in flight on the dead one), every chat stream
+ends whole or with an error event (none hangs), the gateway stays ready while one is left, and
+the dead one rejoins once it is back."""
 
 from __future__ import annotations
 
@@ -10,32 +12,35 @@ import os
 import signal
 import threading
 import time
+import urllib.request
 
 import openai
 import pytest
+import yaml
 
 from kiln.faults import CHAT_MODEL
+from kiln.gateway.config import GatewayConfig
 from kiln.gateway.runner import http_get
+from kiln.redis_server import RedisServer
 from kiln.stack import GatewayOptions, Stack
+from kiln_testkit import per_process, status_with_key
+
+LOAD_KEY, LIMITED_KEY, LIMITED_RPM = "sk-replicas-load", "sk-replicas-limited", 6
 
 
-def backend_requests(stack: Stack) -> dict[str, float]:
-    """Requests answered per backend (the pool's counter on the gateway's /metrics, outcome ok)."""
-    import urllib.request
-
-    with urllib.request.urlopen(stack.gateway_url + "/metrics", timeout=10) as r:
+def triton_successes(backend) -> float:
+    """Inferences this Triton answered, per its own /metrics (every model; 0 after a restart)."""
+    with urllib.request.urlopen(backend.metrics_url, timeout=10) as r:
         text = r.read().decode()
-    out: dict[str, float] = {}
-    for line in text.splitlines():
-        if line.startswith("kiln_gateway_backend_requests_total{") and 'outcome="ok"' in line:
-            backend = line.split('backend="', 1)[1].split('"', 1)[0]
-            out[backend] = float(line.rsplit(" ", 1)[1])
-    return out
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith("nv_inference_request_success{"))
 
 
 @pytest.fixture(scope="module")
 def replicated(tiny_bert, tiny_llama, tmp_path_factory):
-    """Both tiny models (the fault suite's specs) on two Tritons, one gateway child process in front."""
+    """Both tiny models (the fault suite's specs) on two Tritons; two gateway worker processes
+    in front, their limits in one redis-server; a keys file with an unlimited key for the load
+    and one limited to LIMITED_RPM requests a minute."""
     from rich.console import Console
 
     from kiln.faults import export_specs, write_specs
@@ -46,18 +51,40 @@ def replicated(tiny_bert, tiny_llama, tmp_path_factory):
     export_specs(specs, Console(stderr=True))
     loaded = [load_spec(str(p)) for p in specs]
     repos = [write_repository(s) for s in loaded]
-    with Stack(repos, tmp_path_factory.mktemp("srv-replicas"), gateway=GatewayOptions(keys=""), replicas=2) as stack:
-        yield loaded[0], stack
+    work = tmp_path_factory.mktemp("srv-replicas")
+    keys = work / "keys.yaml"
+    keys.write_text(yaml.safe_dump([{"name": "load", "key": LOAD_KEY},
+                                    {"name": "limited", "key": LIMITED_KEY, "rpm": LIMITED_RPM}]))
+    with RedisServer(workdir=work / "redis") as redis:
+        gateway = GatewayOptions(GatewayConfig(port=0, keys_file=keys, redis_url=redis.url), keys="", workers=2)
+        with Stack(repos, work, gateway=gateway, replicas=2) as stack:
+            yield loaded[0], stack
+
+
+def client(stack: Stack, **kw) -> openai.OpenAI:
+    return openai.OpenAI(base_url=stack.gateway_url + "/v1", api_key=LOAD_KEY, max_retries=0, **kw)
+
+
+def test_a_keys_limit_holds_across_both_gateway_processes(replicated):
+    _, stack = replicated
+    assert len(stack.gateway.workers) == 2 and stack.gateway.running()
+    statuses = [status_with_key(stack.gateway_url, LIMITED_KEY) for _ in range(3 * LIMITED_RPM)]  # new connections
+    assert statuses.count(200) == LIMITED_RPM and statuses.count(429) == 2 * LIMITED_RPM, statuses
+    seen = per_process(stack.gateway_url, 2)  # each scrape lands on either worker
+    assert len(seen) == 2, seen
+    # both processes answered some of the key's requests, and together exactly its limit
+    assert all(ok + refused > 0 for ok, refused in seen.values()), seen
+    assert sum(ok for ok, _ in seen.values()) == LIMITED_RPM, seen
 
 
 def test_requests_spread_over_both_replicas(replicated):
     spec, stack = replicated
-    client = openai.OpenAI(base_url=stack.gateway_url + "/v1", api_key="none", max_retries=0)
+    before = [triton_successes(b) for b in stack.backends]
+    c = client(stack)
     for i in range(40):
-        assert len(client.embeddings.create(model=spec.name, input=f"hello {i}").data) == 1
-    per = backend_requests(stack)
-    urls = [b.grpc_url for b in stack.backends]
-    assert sorted(per) == sorted(urls) and all(per[u] >= 10 for u in urls), per
+        assert len(c.embeddings.create(model=spec.name, input=f"hello {i}").data) == 1
+    gained = [triton_successes(b) - x for b, x in zip(stack.backends, before)]
+    assert all(g >= 10 for g in gained), gained
 
 
 def test_killing_one_replica_under_load_loses_no_embedding_and_it_rejoins(replicated):
@@ -67,11 +94,11 @@ def test_killing_one_replica_under_load_loses_no_embedding_and_it_rejoins(replic
     streams: list[str] = []  # how each chat stream ended: "whole" or "error event"; a hang fails below
 
     def worker(k: int) -> None:
-        client = openai.OpenAI(base_url=stack.gateway_url + "/v1", api_key="none", max_retries=0, timeout=60)
+        c = client(stack, timeout=60)
         i = 0
         while not stop.is_set():
             try:
-                r = client.embeddings.create(model=spec.name, input=f"worker {k} text {i}")
+                r = c.embeddings.create(model=spec.name, input=f"worker {k} text {i}")
                 assert len(r.data) == 1
                 answered[0] += 1
             except Exception as err:  # every failure is the test's business
@@ -80,11 +107,11 @@ def test_killing_one_replica_under_load_loses_no_embedding_and_it_rejoins(replic
 
     def chatter() -> None:
         """Long streams, some on the replica that dies: each ends whole or with an error event."""
-        client = openai.OpenAI(base_url=stack.gateway_url + "/v1", api_key="none", max_retries=0, timeout=60)
+        c = client(stack, timeout=60)
         while not stop.is_set():
             finished = False
             try:
-                for chunk in client.chat.completions.create(
+                for chunk in c.chat.completions.create(
                         model=CHAT_MODEL, messages=[{"role": "user", "content": "count"}], max_tokens=300,
                         temperature=0, stream=True):
                     finished = finished or bool(chunk.choices and chunk.choices[0].finish_reason)
@@ -122,9 +149,8 @@ def test_killing_one_replica_under_load_loses_no_embedding_and_it_rejoins(replic
 
     dead.stop()  # reap it (what the supervisor does before it starts it again)
     dead.start(180)
-    client = openai.OpenAI(base_url=stack.gateway_url + "/v1", api_key="none", max_retries=0)
-    before = backend_requests(stack).get(dead.grpc_url, 0.0)
+    c = client(stack)
     deadline = time.monotonic() + 60
-    while backend_requests(stack).get(dead.grpc_url, 0.0) <= before and time.monotonic() < deadline:
-        client.embeddings.create(model=spec.name, input="are you back")
-    assert backend_requests(stack).get(dead.grpc_url, 0.0) > before  # it rejoined
+    while triton_successes(dead) == 0 and time.monotonic() < deadline:  # a restarted Triton counts from 0
+        c.embeddings.create(model=spec.name, input="are you back")
+    assert triton_successes(dead) > 0  # it rejoined: both gateway processes route to it again

@@ -17,6 +17,7 @@ from kiln.gateway.runner import GatewayProcess
 from kiln.redis_server import RedisServer
 from kiln.server import free_port
 from kiln_core.card import RepositoryCard
+from kiln_testkit import per_process, status_with_key
 
 KEY = "sk-shared-limit"
 RPM = 6
@@ -110,34 +111,10 @@ def test_gateway_workers_share_one_port_and_one_limit(shared, tmp_path):
     key = "sk-workers"
     with GatewayGroup.of(config, 2, tmp_path, {"KILN_API_KEYS": key}).start() as group:
         assert len({w.process.pid for w in group.workers}) == 2 and group.running()
-        statuses = [models_with(group.url, key)[0] for _ in range(3 * RPM)]  # a new connection each
+        statuses = [status_with_key(group.url, key) for _ in range(3 * RPM)]  # a new connection each
         assert statuses.count(200) == RPM and statuses.count(429) == 2 * RPM, statuses
-        # each worker counts what it answered: scrape (new connections land on either) until both are seen
-        seen: dict[tuple[float, float], None] = {}
-        for _ in range(60):
-            seen[answered_by(group.url)] = None
-            if len(seen) == 2:
-                break
-        assert len(seen) == 2, seen  # both processes answered
-        assert sum(ok for ok, _ in seen) == RPM and sum(refused for _, refused in seen) == 2 * RPM, seen
+        seen = per_process(group.url, 2)  # each worker counts what it answered
+        assert len(seen) == 2 and all(ok + r > 0 for ok, r in seen.values()), seen  # both answered some
+        assert sum(ok for ok, _ in seen.values()) == RPM and sum(r for _, r in seen.values()) == 2 * RPM, seen
     assert not any(w.running() for w in group.workers)
 
-
-def models_with(url: str, key: str) -> tuple[int, dict]:
-    req = urllib.request.Request(url + "/v1/models", headers={"authorization": f"Bearer {key}"})
-    try:
-        with urllib.request.urlopen(req, timeout=10) as r:
-            return r.status, json.loads(r.read())
-    except urllib.error.HTTPError as err:
-        return err.code, json.loads(err.read())
-
-
-def answered_by(url: str) -> tuple[float, float]:
-    """(200s, 429s) on /v1/models as counted by whichever worker answers this scrape."""
-    text = urllib.request.urlopen(url + "/metrics", timeout=10).read().decode()
-    counts = {"200": 0.0, "429": 0.0}
-    for line in text.splitlines():
-        if line.startswith('kiln_gateway_requests_total{route="/v1/models"'):
-            status = line.split('status="', 1)[1].split('"', 1)[0]
-            counts[status] = float(line.rsplit(" ", 1)[1])
-    return counts["200"], counts["429"]

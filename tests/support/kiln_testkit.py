@@ -140,3 +140,39 @@ def make_engine(lm, eos=None, max_concurrent=8, max_context=256, runner=None, ma
         cfg.hidden_size // cfg.num_attention_heads, [cfg.eos_token_id] if eos is None else eos,
         max_concurrent, max_context, tok, max_queue=max_queue,
     )
+
+
+def status_with_key(gateway_url: str, key: str) -> int:
+    """Status of GET /v1/models with ``key`` (a new connection each call: with several gateway
+    workers on one port, the kernel hands each connection to one of them)."""
+    req = urllib.request.Request(gateway_url + "/v1/models", headers={"authorization": f"Bearer {key}"})
+    try:
+        with urllib.request.urlopen(req, timeout=10) as r:
+            return r.status
+    except urllib.error.HTTPError as err:
+        return err.code
+
+
+def answered_by(gateway_url: str) -> tuple[str, float, float]:
+    """(pid, 200s, 429s on /v1/models) as counted by whichever gateway process answers this scrape."""
+    text = urllib.request.urlopen(gateway_url + "/metrics", timeout=10).read().decode()
+    pid, counts = "", {"200": 0.0, "429": 0.0}
+    for line in text.splitlines():
+        if line.startswith("kiln_gateway_process_info{"):
+            pid = line.split('pid="', 1)[1].split('"', 1)[0]
+        if line.startswith('kiln_gateway_requests_total{route="/v1/models"'):
+            status = line.split('status="', 1)[1].split('"', 1)[0]
+            counts[status] = float(line.rsplit(" ", 1)[1])
+    return pid, counts["200"], counts["429"]
+
+
+def per_process(gateway_url: str, processes: int, scrapes: int = 100) -> dict[str, tuple[float, float]]:
+    """pid -> (200s, 429s) on /v1/models of each gateway process on the port, scraped until all
+    ``processes`` answered (or ``scrapes`` ran out)."""
+    seen: dict[str, tuple[float, float]] = {}
+    for _ in range(scrapes):
+        pid, ok, refused = answered_by(gateway_url)
+        seen[pid] = (ok, refused)
+        if len(seen) == processes:
+            break
+    return seen

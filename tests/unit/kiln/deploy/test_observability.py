@@ -23,7 +23,7 @@ from kiln.gateway.metrics import Metrics
 from kiln_core.spec import load_spec
 
 SUFFIXES = {"counter": ("_total", "_created"), "gauge": ("",), "histogram": ("_bucket", "_count", "_sum", "_created"),
-            "summary": ("", "_count", "_sum", "_created")}
+            "summary": ("", "_count", "_sum", "_created"), "info": ("_info",)}
 
 
 def exported_names(registry) -> set[str]:
