@@ -26,7 +26,10 @@ def test_replica_bench_measures_both_gateways_and_its_requests_reach_both_triton
     assert sorted(routing) == sorted([one, two])
     assert all(r.requests == 30 and 0 < r.p50_ms <= r.p95_ms and math.isfinite(r.p95_ms) for r in routing.values())
     assert routing[one].added_p50_ms is None and math.isfinite(routing[two].added_p50_ms)
-    assert result.target.value == routing[two].added_p50_ms and result.target.verdict in ("PASS", "MISS")
+    paired = result.paired
+    assert paired.rounds == 30 and paired.low_ms <= paired.median_ms <= paired.high_ms
+    assert result.target.value == paired.median_ms and result.target.verdict in ("PASS", "MISS")
+    assert result.pool["backends"] == 2 and 0 < result.pool["bare_us"] < result.pool["pool_us"]
 
     throughput = {r.path: r for r in result.throughput}
     assert sorted(throughput) == sorted([one, two])
@@ -47,4 +50,5 @@ def test_replica_bench_measures_both_gateways_and_its_requests_reach_both_triton
     assert result.path.parent == spec.root and result.path.name == "bench-replicas.json"
     assert [r["path"] for r in doc["throughput"]["rows"]] == [one, two]
     assert doc["routing"]["target"]["threshold"] == 1.0 and doc["backend_requests"][two] == pooled
+    assert doc["routing"]["paired"]["median_ms"] == paired.median_ms and doc["routing"]["pool_in_process"]["pool_us"] > 0
     assert doc["machine"]["flags_line"] and "vnni" in doc["machine"]

@@ -16,7 +16,9 @@ from kiln.bench_replicas import (
     alternating,
     backend_ok_counts,
     one_backend_gateway,
+    paired_difference,
     path_name,
+    pool_cost_us,
     routing_table,
     routing_target,
     task_kind,
@@ -59,27 +61,51 @@ def test_the_pool_row_adds_its_p50_over_the_one_backend_row_and_the_baseline_add
 
 @pytest.mark.parametrize("added_s, verdict", [(0.0004, "PASS"), (-0.0002, "PASS"), (0.0015, "MISS")])
 def test_routing_target_passes_at_or_under_one_millisecond_added(added_s, verdict):
-    target = routing_target(routing_rows(added_s), 2, "embedding")
+    one = [0.004 + 0.0001 * i for i in range(200)]
+    target = routing_target(paired_difference([x + added_s for x in one], one), 2, "embedding")
     assert target.threshold == MAX_ROUTING_ADDED_P50_MS == 1.0 and target.at_most
     assert target.verdict == verdict
     assert target.value == pytest.approx(added_s * 1e3)
 
 
-def test_routing_target_is_not_applicable_without_the_pool_row_and_names_chat_ttft():
-    rows = overhead_rows({ONE: [0.01, 0.02]}, ONE, 1)
-    assert routing_target(rows, 2, "embedding").verdict == "N/A"
-    assert "time to first token" in routing_target(rows, 2, "chat").description
+def test_routing_target_is_not_applicable_unmeasured_and_names_chat_ttft():
+    assert routing_target(None, 2, "embedding").verdict == "N/A"
+    assert "time to first token" in routing_target(None, 2, "chat").description
 
 
-def test_a_ten_backend_row_is_not_mistaken_for_the_one_backend_row():
-    rows = overhead_rows({ONE: [0.010] * 5, path_name(10): [0.0105] * 5}, ONE, 1)
-    assert routing_target(rows, 10, "embedding").value == pytest.approx(0.5)
+def test_the_paired_difference_cancels_drift_that_the_difference_of_medians_keeps():
+    """Rounds drift from 5 to 45 ms and the two paths' samples are not equally spread over the
+    drift (the N-backend path ran slower rounds more often): medians differ by ~8 ms, while
+    each round's own difference is 0.3 ms, which the paired median reports, interval included."""
+    drift = [0.005 + 0.0002 * i for i in range(200)]
+    one = drift
+    two = [x + 0.0003 for x in drift]
+    # reorder the 2-backend samples as if its slow rounds were over-represented: same pairs kept
+    rows = overhead_rows({ONE: one[:100] + one[:100], TWO: two[100:] + two[100:]}, ONE, 1)
+    assert next(r for r in rows if r.path == TWO).added_p50_ms > 5  # the unpaired figure is misled
+    paired = paired_difference(two, one)
+    assert paired.median_ms == pytest.approx(0.3) and paired.low_ms == pytest.approx(0.3)
+    assert paired.high_ms == pytest.approx(0.3) and paired.rounds == 200
+    noisy = paired_difference([x + (0.002 if i % 2 else -0.002) for i, x in enumerate(one)], one)
+    assert noisy.low_ms < 0 < noisy.high_ms  # noise of +-2 ms: the interval says so
+    with pytest.raises(ValueError):
+        paired_difference([0.1], [0.1, 0.2])
+
+
+def test_the_pools_own_cost_is_measured_against_a_bare_await_of_one_backend():
+    cost = pool_cost_us(2, calls=2000, repeats=2)
+    assert cost["backends"] == 2 and cost["pool_us"] > cost["bare_us"] > 0
+    assert cost["added_us"] == pytest.approx(cost["pool_us"] - cost["bare_us"])
 
 
 def test_routing_table_shows_both_paths_and_the_added_p50_against_one_triton():
-    text = rendered(routing_table("routing overhead: tiny, 2 Tritons vs 1", routing_rows(0.0004)))
+    one = [0.004 + 0.0001 * i for i in range(200)]
+    paired = paired_difference([x + 0.0004 for x in one], one)
+    pool = {"backends": 2, "bare_us": 1.0, "pool_us": 9.5, "added_us": 8.5}
+    text = rendered(routing_table("routing overhead: tiny, 2 Tritons vs 1", routing_rows(0.0004), paired, pool))
     assert ONE in text and TWO in text and "+0.40" in text
     assert "1-Triton gateway's p50" in text and "direct gRPC" not in text
+    assert "paired: median over 200 rounds" in text and "+8.5 us a request" in text
 
 
 def test_alternating_swaps_the_order_every_other_round_and_keeps_only_timed_rounds():
