@@ -468,7 +468,8 @@ def run_bench(
     with ExitStack() as cleanup:
         step(f"writing {spec.repository_dir} and starting Triton")
         write_repository(spec, manifest)
-        stack = cleanup.enter_context(Stack(spec.repository_dir, spec.server_dir))
+        # the model's own speed: the bench repeats its texts, which the response cache would answer
+        stack = cleanup.enter_context(Stack(spec.repository_dir, spec.server_dir, cache_mb=0))
         server = stack.triton
         served_path = f"Triton gRPC {serve} {spec.serving} (direct)"
         call, client = _grpc_call(spec, server.grpc_url)

@@ -402,7 +402,7 @@ def run_replica_bench(spec: DeploymentSpec, console: Console | None = None, repl
         step(f"writing {spec.repository_dir}; starting {replicas} Tritons, a gateway over all of them and one over "
              "the first")
         write_repository(spec, manifest)
-        stack = cleanup.enter_context(Stack(spec.repository_dir, spec.server_dir, replicas=replicas,
+        stack = cleanup.enter_context(Stack(spec.repository_dir, spec.server_dir, replicas=replicas, cache_mb=0,
                                             gateway=gateway_options(spec.root / "bench-replicas-gateway.log")))
         single = cleanup.enter_context(one_backend_gateway(stack, spec.root / "bench-replicas-gateway-1.log"))
         single.wait_ready()

@@ -165,6 +165,8 @@ def serve(
                                                       "per-key limits there (what several gateways share)"),
     redis_url: Optional[str] = RedisUrlOpt,
     limits_fail_closed: bool = FailClosedOpt,
+    cache_mb: Optional[int] = typer.Option(None, min=0, help="Triton's response cache in MiB (0: off); default: the "
+                                                             "largest response_cache.size_mb of the served encoders"),
 ):
     """Start Triton on the specs' repositories and the OpenAI gateway in front; Triton is
     restarted when it dies; Ctrl-C / SIGTERM drains the gateway, then stops both."""
@@ -196,7 +198,7 @@ def serve(
                               redis_url=redis_url, limits_fail_closed=limits_fail_closed, drain_timeout_s=drain_timeout,
                               **_auth_option(allow_unauthenticated)),
                 in_process=gateway_workers == 1, workers=gateway_workers)
-            stack = Stack(repos, server_dir, first.ports, gateway, replicas=replicas)  # builds the gateway: a bad key file fails before Triton starts
+            stack = Stack(repos, server_dir, first.ports, gateway, replicas=replicas, cache_mb=cache_mb)  # builds the gateway: a bad key file fails before Triton starts
         except ValueError as err:  # GatewayError, or a limit pydantic refuses
             console.print(f"[red]gateway config error[/]: {err}")
             raise typer.Exit(2)

@@ -450,7 +450,9 @@ def write_specs(bert: Path, llama: Path, folder: Path) -> tuple[Path, Path]:
         folder / "emb.yaml": {"name": EMBED_MODEL, "source": {"kind": "folder", "path": str(bert)},
                               "max_length": EMBED_MAX_TOKENS, **common,
                               "batching": {"max_batch_size": 16, "preferred_batch_sizes": [4, 8],
-                                           "max_queue_delay_us": 1000}},
+                                           "max_queue_delay_us": 1000},
+                              # the suite loads the model itself: its few sentences would all be cache hits
+                              "response_cache": {"enabled": False}},
         folder / "chat.yaml": {"name": CHAT_MODEL, "source": {"kind": "folder", "path": str(llama)},
                                "task": "text-generation", "max_length": CHAT_CONTEXT, **common,
                                "generation": {"max_context": CHAT_CONTEXT, "default_max_tokens": 16,

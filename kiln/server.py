@@ -124,6 +124,8 @@ class TritonServer:
     workdir: Path = Path("build/server")
     extra_args: list[str] = field(default_factory=list)
     process: subprocess.Popen | None = None
+    # Triton's local response cache, in MiB (0: none); None: the largest its repositories' cards ask for
+    cache_mb: float | None = None  # (a fraction of a MiB: the tests' small caches)
     # the admin APIs' key: drawn per server unless given (KILN_ADMIN_KEY), kept across restarts
     admin_key: str = field(default_factory=lambda: os.environ.get("KILN_ADMIN_KEY") or secrets.token_hex(16))
 
@@ -165,7 +167,15 @@ class TritonServer:
     def metrics_url(self) -> str:
         return f"http://127.0.0.1:{self.ports.metrics}/metrics"
 
+    def response_cache_mb(self) -> float:
+        """The response cache's size: ``cache_mb``, else the largest any repository's card asks for."""
+        if self.cache_mb is not None:
+            return self.cache_mb
+        return max((RepositoryCard.read(r).response_cache_mb for r in self.repositories if RepositoryCard.exists(r)),
+                   default=0)
+
     def command(self) -> list[str]:
+        cache_mb = self.response_cache_mb()
         return [
             str(_wheel_root() / "bin" / "tritonserver"),
             *(f"--model-repository={r.resolve()}" for r in self.repositories),
@@ -182,6 +192,7 @@ class TritonServer:
             "--strict-readiness=true",
             "--log-verbose=0",
             *restricted_api_args(self.admin_key),
+            *([f"--cache-config=local,size={int(cache_mb * 2**20)}"] if cache_mb > 0 else []),
             *self.extra_args,
         ]
 

@@ -64,6 +64,7 @@ class Stack:
         gateway: GatewayOptions | None = None,
         *,
         replicas: int = 1,
+        cache_mb: float | None = None,
         triton_timeout: float = 180.0,
         triton_class: Callable[..., TritonServer] = TritonServer,
         gateway_class: Callable[[GatewayOptions, GatewayConfig, Path], Gateway] | None = None,
@@ -73,9 +74,10 @@ class Stack:
         self.triton_timeout = triton_timeout
         if replicas < 1:
             raise ValueError(f"replicas must be at least 1 (got {replicas})")
+        cache = {} if cache_mb is None else {"cache_mb": cache_mb}  # default: sized by the repositories' cards
         self.backends: list[TritonServer] = [
             triton_class(self.repositories, (ports or free_ports()) if i == 0 else free_ports(),
-                         workdir=self.workdir if i == 0 else self.workdir / f"replica-{i}")
+                         workdir=self.workdir if i == 0 else self.workdir / f"replica-{i}", **cache)
             for i in range(replicas)]
         self._gateway_class = gateway_class or _make_gateway
         self.gateway: Gateway | None = self._build_gateway(gateway) if gateway is not None else None

@@ -41,6 +41,7 @@ class RepositoryCard(BaseModel):
     variant_sha256: str
     parity: dict[str, Any]  # the served variant's gate figures
     batch_invariance: dict[str, Any] | None = None
+    response_cache_mb: int = 0  # Triton's response cache for the public model: its size (0: off)
     max_input_tokens: int  # encoders: max_length; generation: the context (prompt + completion)
     max_batch_size: int
     inputs: dict[str, TensorCard]

@@ -111,6 +111,18 @@ class Instances(_Frozen):
     allow_spinning: bool = True
 
 
+class ResponseCache(_Frozen):
+    """Triton's local response cache (the one shipped with the server), for encoders: an
+    identical request (same texts, same order) is answered from memory, not recomputed. Only
+    where answers are deterministic: never for generation (sampled, and decoupled, which the
+    cache does not serve), and only for a served variant that passed the batch-invariance
+    check, so a cached answer is the one any batch would have given."""
+
+    enabled: bool = True
+    size_mb: int = Field(64, ge=1, le=65536, description="the cache's size; `kiln serve` sizes Triton's cache by the "
+                                                         "largest of its models' (or --cache-mb)")
+
+
 class Parity(_Frozen):
     """Gates a variant must pass before anything downstream may use it."""
 
@@ -211,6 +223,7 @@ class DeploymentSpec(_Frozen):
     runtime: Runtime = Runtime.python_ort
     opset: int = Field(18, ge=17, le=23)
     batching: Batching = Batching()
+    response_cache: ResponseCache = ResponseCache()
     instances: Instances = Instances()
     parity: Parity = Parity()
     ports: Ports = Ports()

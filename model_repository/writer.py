@@ -67,6 +67,14 @@ def _tensors(values) -> dict[str, TensorCard]:
     return {t.name: TensorCard(dtype=configs.mc.DataType.Name(t.data_type), dims=list(t.dims)) for t in values}
 
 
+def response_cache_mb(spec: DeploymentSpec, variant) -> int:
+    """The response cache's size for this repository's public model, 0 where it must stay off:
+    generation, a spec that turned it off, or a variant not shown batch-invariant."""
+    if spec.task is Task.text_generation or not spec.response_cache.enabled:
+        return 0
+    return spec.response_cache.size_mb if (variant.batch_invariance or {}).get("invariant") is True else 0
+
+
 def _card(spec: DeploymentSpec, manifest: ExportManifest, precision: str, variant, public, models: list[str],
           tokenizer: str | None, max_input_tokens: int) -> RepositoryCard:
     return RepositoryCard(
@@ -81,6 +89,7 @@ def _card(spec: DeploymentSpec, manifest: ExportManifest, precision: str, varian
         variant_sha256=variant.sha256,
         parity=variant.parity.model_dump(),
         batch_invariance=variant.batch_invariance,
+        response_cache_mb=response_cache_mb(spec, variant),
         max_input_tokens=max_input_tokens,
         max_batch_size=spec.batching.max_batch_size,
         inputs=_tensors(public.input),
@@ -113,6 +122,9 @@ def write_repository(spec: DeploymentSpec, manifest: ExportManifest | None = Non
         public = configs.ensemble_config(spec, names, [tok, enc, post])
         configs.validate_ensemble(public, {m.name: m for m in (tok, enc, post)})
         members = [tok, enc, post, public]
+    # identical requests answered from Triton's cache: the public model (the ensemble caches
+    # the whole text -> answer path, so a hit skips tokenizer, encoder and postprocess)
+    public.response_cache.enable = response_cache_mb(spec, variant) > 0
 
     if spec.runtime is Runtime.tensorrt_plan:
         engine = spec.export_dir / f"model.{precision}.plan"

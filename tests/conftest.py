@@ -67,7 +67,8 @@ def minilm_fp32_server(minilm_export, tmp_path_factory):
     spec, manifest = minilm_export
     fp32 = spec.model_copy(update={"serve_precision": spec.precisions[0]})
     repo = write_repository(fp32, manifest, spec.root / "repo-fp32")
-    with serve(repo, tmp_path_factory.mktemp("srv-fp32")) as stack:
+    # its tests watch the model's own batching with repeated texts: no response cache
+    with serve(repo, tmp_path_factory.mktemp("srv-fp32"), cache_mb=0) as stack:
         yield fp32, stack.triton
 
 

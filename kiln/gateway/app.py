@@ -86,6 +86,7 @@ def build_app(config: GatewayConfig, backend: TritonBackend | None = None) -> Fa
 
     @app.get("/metrics")
     async def metrics() -> Response:
+        await gateway.refresh_cache_counts()
         return Response(gateway.metrics.render(), media_type=gateway.metrics.content_type)
 
     app.add_exception_handler(HTTPException, http_exception_response)

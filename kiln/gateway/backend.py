@@ -291,6 +291,18 @@ class TritonBackend:
             return False
         return await self.health(model) if self._generators[model] else True
 
+    async def cache_counts(self, model: str) -> tuple[int, int] | None:
+        """(hits, misses) of Triton's response cache for ``model``, from its statistics since
+        Triton started; None when Triton does not answer."""
+        if not self.up:
+            return None
+        try:
+            stats = await self.client.get_inference_statistics(model, client_timeout=CHECK_TIMEOUT_S)
+        except Exception:
+            return None
+        s = stats.model_stats[0].inference_stats if stats.model_stats else None
+        return (int(s.cache_hit.count), int(s.cache_miss.count)) if s is not None else None
+
     async def health(self, model: str) -> bool:
         """Ask a generation model whether its engine works: one HEALTH request on a short
         stream; it answers at once, without generating."""

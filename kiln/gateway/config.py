@@ -90,6 +90,7 @@ class ServedModel:
     repository: Path
     dim: int | None = None  # embedding size (encoders)
     engine_slots: int | None = None  # generators: sequences running + waiting in the model (more: refused)
+    response_cache: bool = False  # Triton answers identical requests from its response cache
 
     @property
     def kind(self) -> str:
@@ -116,6 +117,7 @@ def read_models(repositories: list[Path]) -> dict[str, ServedModel]:
             repository=Path(repo),
             dim=card.embedding_dim,
             engine_slots=engine_slots(card.spec),
+            response_cache=card.response_cache_mb > 0,
         )
         if models[name].tokenizer_file is not None and not models[name].tokenizer_file.is_file():
             raise GatewayError(f"{repo}: tokenizer {card.tokenizer} is missing; rewrite the repository with `kiln repo`")

@@ -109,6 +109,14 @@ class Gateway:
             if m.kind == "chat" and m.engine_slots:  # each replica holds as many
                 self.admission.configure(m.name, 0.0, m.engine_slots * (1 + len(config.triton_replicas)))
 
+    async def refresh_cache_counts(self) -> None:
+        """Triton's response-cache hits and misses of the cached models, for /metrics."""
+        for m in self.models.values():
+            if m.response_cache and hasattr(self.backend, "cache_counts"):
+                counts = await self.backend.cache_counts(m.name)
+                if counts is not None:
+                    self.metrics.cache.set(m.name, *counts)
+
     # --- checks, in the order a client must fix things
     def admit(self, request: Request) -> Principal:
         """The key, then one request of its per-minute budget: both before the body is read."""

@@ -20,6 +20,7 @@ from prometheus_client import (
     Info,
     generate_latest,
 )
+from prometheus_client.core import CounterMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
@@ -54,7 +55,32 @@ class Metrics:
                                  ["model"], registry=r)
         # several gateway processes may share a port (`--gateway-workers`): a scrape says which one answered
         Info(p + "process", "the gateway process that answered this scrape", registry=r).info({"pid": str(os.getpid())})
+        self.cache = CacheCounts()
+        r.register(self.cache)
         r.register(TRITON_RESTARTS)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class CacheCounts:
+    """``kiln_gateway_response_cache_{hits,misses}_total{model}``: Triton's response-cache
+    counts, summed over the backends; the gateway reads them from Triton's statistics before
+    each scrape (``set``), so they restart from 0 with a Triton, like any counter."""
+
+    def __init__(self) -> None:
+        self.counts: dict[str, tuple[int, int]] = {}
+
+    def set(self, model: str, hits: int, misses: int) -> None:
+        self.counts[model] = (hits, misses)
+
+    def collect(self):
+        p = "kiln_gateway_response_cache_"
+        hits = CounterMetricFamily(p + "hits", "requests Triton answered from its response cache, by model",
+                                   labels=["model"])
+        misses = CounterMetricFamily(p + "misses", "requests Triton computed and then cached, by model",
+                                     labels=["model"])
+        for model, (h, m) in sorted(self.counts.items()):
+            hits.add_metric([model], h)
+            misses.add_metric([model], m)
+        return [hits, misses]

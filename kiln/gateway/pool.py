@@ -347,6 +347,13 @@ class BackendPool:
                  "requests": m.requests, "failures": m.failures, "outcomes": dict(m.outcomes)}
                 for m in self.members]
 
+    async def cache_counts(self, model: str) -> tuple[int, int] | None:
+        """Response-cache (hits, misses) for ``model`` summed over the backends that answered
+        (each Triton has its own cache); None when none did."""
+        counts = [c for c in await asyncio.gather(*(m.backend.cache_counts(model) for m in self.members
+                                                   if hasattr(m.backend, "cache_counts"))) if c is not None]
+        return (sum(h for h, _ in counts), sum(m for _, m in counts)) if counts else None
+
     def register_metrics(self, registry: CollectorRegistry) -> PoolCollector:
         """Per-backend gauges and counters, read from ``stats()`` at each scrape."""
         collector = PoolCollector(self)

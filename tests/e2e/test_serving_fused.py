@@ -54,7 +54,8 @@ def served(minilm_export, tmp_path_factory):
             s.export_dir.symlink_to(spec.export_dir.resolve(), target_is_directory=True)
             repos[name] = write_repository(s, manifest, tmp / f"repo-{name}")
         names[variant] = (fused_name, ens_name)
-    with serve(list(repos.values()), tmp_path_factory.mktemp("srv-fused")) as stack:
+    # the batching test repeats its texts to watch the models' own runs: no response cache
+    with serve(list(repos.values()), tmp_path_factory.mktemp("srv-fused"), cache_mb=0) as stack:
         yield stack.triton, names, repos
 
 

@@ -161,7 +161,8 @@ def minilm_default_server(minilm_export, tmp_path_factory):
 
     spec, manifest = minilm_export
     repo = write_repository(spec, manifest, spec.root / "repo-default")
-    with serve(repo, tmp_path_factory.mktemp("srv-def")) as stack:
+    # no response cache: the co-batched requests repeat the texts sent alone, which it would answer
+    with serve(repo, tmp_path_factory.mktemp("srv-def"), cache_mb=0) as stack:
         yield spec, manifest, stack.triton
 
 

@@ -58,13 +58,14 @@ def packaged_export(name: str):
     return spec, ensure_export(spec, Console(stderr=True))
 
 
-def serve(repositories, workdir: Path, gateway=None):
+def serve(repositories, workdir: Path, gateway=None, cache_mb: float | None = None):
     """A started kiln.stack.Stack: Triton on free ports serving `repositories` (one path or
     several), and the gateway in front when `gateway` (GatewayOptions) is given. A fixture
-    uses it as `with serve(...) as stack:`, which stops everything on the way out."""
+    uses it as `with serve(...) as stack:`, which stops everything on the way out.
+    ``cache_mb=0``: no response cache (tests of the model's own batching repeat their texts)."""
     from kiln.stack import Stack
 
-    return Stack(repositories, workdir, gateway=gateway).start()
+    return Stack(repositories, workdir, gateway=gateway, cache_mb=cache_mb).start()
 
 
 def export_and_serve(spec, workdir: Path):

@@ -69,3 +69,23 @@ def test_error_lines_skip_what_every_cpu_only_start_says():
         'E1201 python_be.cc:1] "Stub process \'tiny_tokenizer_0_0\' is not healthy."',
     ])
     assert error_lines(log) == ['E1201 python_be.cc:1] "Stub process \'tiny_tokenizer_0_0\' is not healthy."']
+
+
+def test_tritons_response_cache_is_sized_by_the_largest_card_unless_told(tmp_path):
+    from kiln.server import TritonServer
+    from kiln_core.card import RepositoryCard
+
+    repos = []
+    for name, mb in (("a", 16), ("b", 64), ("lm", 0)):
+        repo = tmp_path / name
+        repo.mkdir()
+        RepositoryCard(public_model=name, task="feature-extraction", models=[name], runtime="python-ort",
+                       precision="fp32", variant_sha256="0" * 64, parity={}, max_input_tokens=8, max_batch_size=4,
+                       inputs={}, outputs={}, spec={}, response_cache_mb=mb).write(repo)
+        repos.append(repo)
+    cache = [a for a in TritonServer(repos, workdir=tmp_path).command() if a.startswith("--cache-config")]
+    assert cache == [f"--cache-config=local,size={64 << 20}"]
+    assert [a for a in TritonServer(repos, workdir=tmp_path, cache_mb=0.5).command()
+            if a.startswith("--cache-config")] == [f"--cache-config=local,size={1 << 19}"]
+    assert not any(a.startswith("--cache-config") for a in TritonServer(repos, workdir=tmp_path, cache_mb=0).command())
+    assert not any(a.startswith("--cache-config") for a in TritonServer(repos[2:], workdir=tmp_path).command())

@@ -185,7 +185,7 @@ def test_fused_needs_python_ort_and_tokenizer_inputs():
         configs.fused_config(_spec(serving="fused"), man, configs.Names("enc"), "model.onnx")
 
 
-def _written(tmp_path, serving, **kw):
+def _written(tmp_path, serving, invariance=None, **kw):
 
     import numpy as np
     import onnx
@@ -209,7 +209,8 @@ def _written(tmp_path, serving, **kw):
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=10), export / "model.fp32.onnx")
     man = _manifest().model_copy(update={"inputs": _manifest().inputs[:2], "variants": {"fp32": Variant(
         precision="fp32", file="model.fp32.onnx", sha256=sha256(export / "model.fp32.onnx"), bytes=1,
-        parity=ParityReport(reference="test", inputs=32, figures={}, thresholds={}, passed=True))}})
+        parity=ParityReport(reference="test", inputs=32, figures={}, thresholds={}, passed=True),
+        batch_invariance=invariance)}})
     repo = write_repository(spec, man)
     return repo, RepositoryCard.read(repo), read_models([repo])["enc"]
 
@@ -242,3 +243,37 @@ def test_fused_on_a_container_runtime_is_refused_before_anything_is_written(tmp_
         with pytest.raises(configs.ConfigError, match="needs runtime: python-ort"):
             _written(tmp_path / runtime, "fused", runtime=runtime, instances={"kind": "gpu"})
         assert not (tmp_path / runtime / "build" / "enc" / "model_repository").exists()
+
+
+INVARIANT, VARIES = {"invariant": True, "max_abs_diff": 0.0}, {"invariant": False, "max_abs_diff": 0.05}
+
+
+@pytest.mark.parametrize("serving", ["ensemble", "fused"])
+def test_a_batch_invariant_encoder_is_cached_by_triton_at_its_public_model(tmp_path, serving):
+    repo, card, served = _written(tmp_path, serving, invariance=INVARIANT, response_cache={"size_mb": 16})
+    assert card.response_cache_mb == 16 and served.response_cache
+    public = configs.parse_pbtxt((repo / "enc" / "config.pbtxt").read_text())
+    assert public.response_cache.enable  # the whole text -> answer path: a hit skips every step
+    for member in set(card.models) - {"enc"}:
+        assert not configs.parse_pbtxt((repo / member / "config.pbtxt").read_text()).response_cache.enable
+
+
+@pytest.mark.parametrize("invariance, kw, why", [
+    (VARIES, {}, "a variant whose answers change with the batch"),
+    (None, {}, "a variant never checked"),
+    (INVARIANT, {"response_cache": {"enabled": False}}, "turned off in the spec"),
+])
+def test_no_cache_where_a_cached_answer_could_differ_or_the_spec_says_no(tmp_path, invariance, kw, why):
+    repo, card, served = _written(tmp_path, "ensemble", invariance=invariance, **kw)
+    assert card.response_cache_mb == 0 and not served.response_cache, why
+    assert not configs.parse_pbtxt((repo / "enc" / "config.pbtxt").read_text()).response_cache.enable
+
+
+def test_generation_is_never_cached():
+    from model_repository.writer import response_cache_mb
+
+    spec = parse_spec({"name": "lm", "source": {"kind": "package", "package": "x"}, "task": "text-generation",
+                       "precisions": ["fp32"], "serve_precision": "fp32"})
+    assert spec.response_cache.enabled  # the default...
+    variant = type("V", (), {"batch_invariance": INVARIANT})()
+    assert response_cache_mb(spec, variant) == 0  # ...never applies to sampled, decoupled generation

@@ -517,3 +517,26 @@ def test_metrics_show_each_backend():
     assert 'kiln_gateway_backend_up{backend="triton-0:8001"} 1.0' in text
     assert 'kiln_gateway_backend_circuit_open{backend="triton-1:8001"} 1.0' in text
     assert 'kiln_gateway_backend_outstanding{backend="triton-0:8001"} 0.0' in text
+
+
+class CachedBackend:
+    """A backend that reports its Triton's response-cache counts (None: its Triton is away)."""
+
+    def __init__(self, url: str, counts):
+        self.url, self.up, self.counts = url, True, counts
+
+    async def cache_counts(self, model: str):
+        return self.counts
+
+
+def test_response_cache_counts_add_up_over_the_tritons_that_answer_and_reach_metrics():
+    from kiln.gateway.metrics import Metrics
+
+    pool = BackendPool([CachedBackend("a", (3, 5)), CachedBackend("b", (1, 2)), CachedBackend("c", None)])
+    assert asyncio.run(pool.cache_counts("emb")) == (4, 7)  # each Triton has its own cache
+    assert asyncio.run(BackendPool([CachedBackend("c", None)]).cache_counts("emb")) is None
+    metrics = Metrics()
+    metrics.cache.set("emb", 4, 7)
+    text = metrics.render().decode()
+    assert 'kiln_gateway_response_cache_hits_total{model="emb"} 4.0' in text
+    assert 'kiln_gateway_response_cache_misses_total{model="emb"} 7.0' in text
