@@ -99,15 +99,16 @@ def test_penalties_change_greedy_text_as_the_openai_formula_says(tiny_chat, tiny
     _, plain = post(server, spec.name, {"text_input": prompt, "max_tokens": 24})
     _, penalised = post(server, spec.name, {"text_input": prompt, "max_tokens": 24, "frequency_penalty": 1.5,
                                             "presence_penalty": 0.5})
-    plain_ids, penalised_ids = tok.encode(plain["text_output"]).ids, tok.encode(penalised["text_output"]).ids
-    top = max(set(plain_ids), key=plain_ids.count)
-    assert plain_ids.count(top) >= 4, plain  # greedy repeats itself here: something to penalise
+    plain_ids = tok.encode(plain["text_output"]).ids
+    assert len(set(plain_ids)) < len(plain_ids), plain  # greedy repeats itself here: something to penalise
     assert penalised["text_output"] != plain["text_output"]
-    assert penalised_ids.count(top) < plain_ids.count(top), (plain, penalised)
     prompt_ids = tok.encode(prompt).ids
     assert penalised["prompt_tokens"] == len(prompt_ids)
+    # the served text is the PyTorch greedy loop with OpenAI's formula applied by hand (whether a
+    # given token then repeats less depends on the trained weights, which differ between CPUs)
     expected = _penalised_reference(tiny_llama, prompt_ids, 24, 1.5, 0.5)
     assert penalised["text_output"] == tok.decode(expected).rstrip("\ufffd")
+    assert _penalised_reference(tiny_llama, prompt_ids, 24, 0.0, 0.0) != expected  # the penalties changed it
 
 
 def _grpc_inputs(prompt, max_tokens, stream=True):
