@@ -299,7 +299,7 @@ def routing_overhead(urls: dict[int, str], model: str, kind: str, texts: Sequenc
     return [replace(r, path=r.path + suffix) for r in rows], paired
 
 
-class _ModelEmbedder(Embedder):
+class ModelEmbedder(Embedder):
     def __init__(self, url: str, connections: int, model: str):
         super().__init__(url, connections)
         self.model = model
@@ -308,7 +308,7 @@ class _ModelEmbedder(Embedder):
         return {**super().body(text), "model": self.model}
 
 
-class _ModelChatter(Chatter):
+class ModelChatter(Chatter):
     def __init__(self, url: str, connections: int, max_tokens: int, model: str):
         super().__init__(url, connections, max_tokens)
         self.model = model
@@ -321,8 +321,8 @@ def closed_loop_run(url: str, model: str, kind: str, clients: int, seconds: floa
                     ) -> list[Outcome]:
     """One closed-loop run of `clients` through the gateway at `url` (one warm-up request each first)."""
     async def run() -> list[Outcome]:
-        send = (_ModelEmbedder(url, clients, model) if kind == "embedding"
-                else _ModelChatter(url, clients, max_tokens, model))
+        send = (ModelEmbedder(url, clients, model) if kind == "embedding"
+                else ModelChatter(url, clients, max_tokens, model))
         try:
             return await closed_loop(send, clients, seconds, deadline_s=30.0 if kind == "embedding" else 300.0)
         finally:
