@@ -291,6 +291,48 @@ def gateway(
     server.run()
 
 
+def _server_dirs(s: DeploymentSpec, server_dir: Optional[Path]) -> list[Path]:
+    """Where `kiln serve` keeps its Triton for this spec: alone, or with other specs (WORKDIR/serve)."""
+    return [server_dir] if server_dir else [s.server_dir, s.workdir / "serve"]
+
+
+ServerDirOpt = typer.Option(None, "--server-dir", help="the running `kiln serve`'s server folder (default: the "
+                                                       "spec's, else WORKDIR/serve)")
+
+
+@app.command()
+def reload(spec: str = SpecArg, workdir: Optional[Path] = WorkdirOpt, server_dir: Optional[Path] = ServerDirOpt):
+    """A new version of a served encoder with no dropped request: export and gate the spec
+    anew, load it beside the serving version, smoke-test it, switch, unload the old one."""
+    from kiln.reload import ReloadError, reload_version, running_tritons
+
+    s = _spec(spec, workdir)
+    try:
+        result = reload_version(s, running_tritons(_server_dirs(s, server_dir)),
+                                say=lambda msg: console.print(f"[bold cyan]reload[/] {msg}", highlight=False))
+    except ReloadError as err:
+        console.print(f"[red]reload refused[/]: {err}")
+        raise typer.Exit(1)
+    out.print(f"{result.model}: version {result.from_version} -> {result.to_version} ({result.precision}) in "
+              f"{result.seconds:.1f}s; smoke max |diff| {result.smoke['max_abs_diff']:.2g}")
+
+
+@app.command()
+def rollback(spec: str = SpecArg, workdir: Optional[Path] = WorkdirOpt, server_dir: Optional[Path] = ServerDirOpt):
+    """Back to the version served before the last `kiln reload` (still on disk), the same way."""
+    from kiln.reload import ReloadError, rollback_version, running_tritons
+
+    s = _spec(spec, workdir)
+    try:
+        result = rollback_version(s.repository_dir, running_tritons(_server_dirs(s, server_dir)),
+                                  say=lambda msg: console.print(f"[bold cyan]rollback[/] {msg}", highlight=False))
+    except ReloadError as err:
+        console.print(f"[red]rollback refused[/]: {err}")
+        raise typer.Exit(1)
+    out.print(f"{result.model}: version {result.from_version} -> {result.to_version} ({result.precision}) in "
+              f"{result.seconds:.1f}s")
+
+
 @app.command()
 def keygen(name: str = typer.Option("user", help="the key's name in the keys file")):
     """Print a new API key and the keys-file entry that stores only its SHA-256."""
@@ -307,12 +349,30 @@ def bench(
     workdir: Optional[Path] = WorkdirOpt,
     replicas: int = typer.Option(1, min=1, help="N >= 2: instead, throughput through a gateway over 1 Triton and "
                                                 "over N, and the routing overhead (kiln/bench_replicas.py)"),
+    cache: bool = typer.Option(False, "--cache", help="instead, embeddings throughput and latency with Triton's "
+                                                      "response cache on and off (kiln/bench_cache.py)"),
+    repeats: float = typer.Option(0.3, min=0.0, max=0.99, help="--cache: the share of requests that repeat an "
+                                                                "earlier text"),
 ):
     """PyTorch eager vs in-process ONNX Runtime vs served Triton, batch 1 and 32: one table
-    (--replicas N: a gateway over 1 Triton vs over N, throughput and routing overhead)."""
+    (--replicas N: a gateway over 1 Triton vs over N, throughput and routing overhead;
+    --cache: the response cache on vs off with a share of repeated requests)."""
     from kiln.bench import run_bench
 
     s = _spec(spec, workdir)
+    if cache:
+        from kiln.bench_cache import run_cache_bench
+
+        if s.task.value != "feature-extraction":
+            console.print(f"[red]bench error[/] --cache measures embeddings; {s.name} is {s.task.value}")
+            raise typer.Exit(2)
+        ensure_export(s)
+        try:
+            run_cache_bench(s, out, repeat_ratio=repeats)
+        except ValueError as err:
+            console.print(f"[red]bench error[/] {err}")
+            raise typer.Exit(2)
+        return
     if replicas >= 2:
         from kiln.bench_replicas import run_replica_bench, task_kind
 

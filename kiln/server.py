@@ -9,6 +9,7 @@ server, wait for readiness, and on a failed model load surface Triton's own erro
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import secrets
@@ -105,8 +106,18 @@ def stop_process(p: subprocess.Popen | None, timeout: float) -> int | None:
 # Triton's admin APIs (the same set and header as triton/Dockerfile): answered only to requests
 # carrying `kiln-admin: <key>`. Inference, health, metadata, model config and statistics stay open.
 ADMIN_HEADER = "kiln-admin"
+CONNECTION_FILE = "triton.json"  # in the server's folder while it runs: its addresses and admin key
 RESTRICTED_APIS = "shared-memory,logging,trace,model-repository"
 GRPC_HEADER_PREFIX = "triton-grpc-protocol-"  # Triton reads a gRPC restriction's header under this prefix
+
+
+def card_cache_mb(repo: Path) -> float:
+    """The response-cache size a repository's card asks for (0: none, or no readable card:
+    the cache is a setting of the card, and a repository without one runs without it)."""
+    try:
+        return float(json.loads(RepositoryCard.path(repo).read_text()).get("response_cache_mb", 0) or 0)
+    except (OSError, ValueError, AttributeError):
+        return 0
 
 
 def restricted_api_args(admin_key: str) -> list[str]:
@@ -171,8 +182,7 @@ class TritonServer:
         """The response cache's size: ``cache_mb``, else the largest any repository's card asks for."""
         if self.cache_mb is not None:
             return self.cache_mb
-        return max((RepositoryCard.read(r).response_cache_mb for r in self.repositories if RepositoryCard.exists(r)),
-                   default=0)
+        return max((card_cache_mb(r) for r in self.repositories), default=0)
 
     def command(self) -> list[str]:
         cache_mb = self.response_cache_mb()
@@ -190,6 +200,10 @@ class TritonServer:
             "--allow-gpu-metrics=false",
             "--exit-on-error=true",
             "--strict-readiness=true",
+            # every model at start, then loads and unloads only when kiln asks (`kiln reload`,
+            # with the admin key): a new version goes in beside the serving one
+            "--model-control-mode=explicit",
+            "--load-model=*",
             "--log-verbose=0",
             *restricted_api_args(self.admin_key),
             *([f"--cache-config=local,size={int(cache_mb * 2**20)}"] if cache_mb > 0 else []),
@@ -215,7 +229,22 @@ class TritonServer:
         )
         log.close()
         self.wait_ready(timeout)
+        self.write_connection()
         return self
+
+    @property
+    def connection_file(self) -> Path:
+        return self.workdir / CONNECTION_FILE
+
+    def write_connection(self) -> None:
+        """Where this Triton answers and its admin key, readable by this user only: what
+        `kiln reload` in another process needs to load and unload model versions."""
+        path = self.connection_file
+        path.unlink(missing_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            json.dump({"grpc": self.grpc_url, "http": self.http_url, "admin_key": self.admin_key,
+                       "pid": self.process.pid if self.process else None}, f)
 
     def ready(self) -> bool:
         try:
@@ -248,6 +277,7 @@ class TritonServer:
                 os.killpg(self.process.pid, signal.SIGKILL)
             except (ProcessLookupError, PermissionError):
                 pass
+        self.connection_file.unlink(missing_ok=True)
         return stop_process(self.process, timeout)
 
     def __enter__(self) -> "TritonServer":

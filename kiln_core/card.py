@@ -31,6 +31,8 @@ class RepositoryCard(BaseModel):
     FILE: ClassVar[str] = "kiln.json"
 
     public_model: str
+    version: int = 1  # the model version Triton serves (`kiln reload` adds the next; the models pin it)
+    previous: list[dict[str, Any]] = []  # earlier versions still on disk, newest first: {version, precision, variant_sha256}
     task: str  # feature-extraction | text-classification | text-generation
     serving: str | None = None  # encoders: ensemble | fused; generation: None (one decoupled model)
     models: list[str]  # every model folder in the repository

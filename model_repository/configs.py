@@ -264,6 +264,34 @@ def ensemble_config(spec: DeploymentSpec, names: Names, steps: list[mc.ModelConf
     return cfg
 
 
+def pin_versions(cfg: mc.ModelConfig, versions: list[int]) -> mc.ModelConfig:
+    """Triton loads exactly these versions of the model (``version_policy: specific``): a
+    new version is loaded beside the serving one, and an old one unloaded, by changing this."""
+    del cfg.version_policy.specific.versions[:]
+    cfg.version_policy.specific.versions.extend(sorted(versions))
+    return cfg
+
+
+def pin_steps(ensemble: mc.ModelConfig, version: int) -> mc.ModelConfig:
+    """Every step of the ensemble names this version of its model (never "latest"), so no
+    step changes under live traffic: a switch is a new ensemble version pinned to new steps."""
+    for step in ensemble.ensemble_scheduling.step:
+        step.model_version = version
+    return ensemble
+
+
+def same_but_versions(a: mc.ModelConfig, b: mc.ModelConfig) -> bool:
+    """Two configs that differ at most in their version policy (and an ensemble's pinned versions)."""
+    x, y = mc.ModelConfig(), mc.ModelConfig()
+    x.CopyFrom(a)
+    y.CopyFrom(b)
+    for cfg in (x, y):
+        cfg.ClearField("version_policy")
+        for step in cfg.ensemble_scheduling.step:
+            step.model_version = -1
+    return x == y
+
+
 def validate_ensemble(ensemble: mc.ModelConfig, members: dict[str, mc.ModelConfig]) -> None:
     """Every tensor an ensemble step reads is produced upstream (or is an ensemble input)
     with the same data type; every ensemble output is produced. Fails before serving."""

@@ -45,14 +45,28 @@ def _place(src: Path, dst: Path) -> None:
         shutil.copy2(src, dst)
 
 
-def _write_model(repo: Path, cfg, model_py: str | None = None) -> Path:
+def _write_model(repo: Path, cfg, model_py: str | None = None, version: int = 1, config: bool = True) -> Path:
+    """The model's folder: its config (unless ``config`` is False: a version added beside a
+    serving one, whose config changes only when Triton is asked to load it) and ``<version>/``."""
     folder = repo / cfg.name
-    (folder / "1").mkdir(parents=True, exist_ok=True)
-    (folder / "config.pbtxt").write_text(configs.to_pbtxt(cfg))
+    (folder / str(version)).mkdir(parents=True, exist_ok=True)
+    if config:
+        write_config(repo, cfg)
     if model_py:
-        (folder / "1" / "model.py").write_text(_python_source(model_py))
-        shutil.copytree(RUNTIME_PACKAGE, folder / "1" / "kiln_runtime", ignore=shutil.ignore_patterns("__pycache__"))
+        (folder / str(version) / "model.py").write_text(_python_source(model_py))
+        shutil.copytree(RUNTIME_PACKAGE, folder / str(version) / "kiln_runtime",
+                        ignore=shutil.ignore_patterns("__pycache__"))
     return folder
+
+
+def write_config(repo: Path, cfg) -> Path:
+    path = repo / cfg.name / "config.pbtxt"
+    path.write_text(configs.to_pbtxt(cfg))
+    return path
+
+
+def read_config(repo: Path, name: str):
+    return configs.parse_pbtxt((repo / name / "config.pbtxt").read_text())
 
 
 def _selection_card(manifest: ExportManifest) -> dict | None:
@@ -76,8 +90,9 @@ def response_cache_mb(spec: DeploymentSpec, variant) -> int:
 
 
 def _card(spec: DeploymentSpec, manifest: ExportManifest, precision: str, variant, public, models: list[str],
-          tokenizer: str | None, max_input_tokens: int) -> RepositoryCard:
+          tokenizer: str | None, max_input_tokens: int, version: int = 1) -> RepositoryCard:
     return RepositoryCard(
+        version=version,
         public_model=public.name,
         task=manifest.task,
         serving=None if spec.task is Task.text_generation else spec.serving,
@@ -101,61 +116,91 @@ def _card(spec: DeploymentSpec, manifest: ExportManifest, precision: str, varian
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja", "generation_config.json")
 
 
+class EncoderVersion:
+    """One version of an encoder repository: its models' configs (every step pinned to this
+    version, each model loading only it) and how to write its files."""
+
+    def __init__(self, spec: DeploymentSpec, manifest: ExportManifest, version: int = 1):
+        self.spec, self.manifest, self.version = spec, manifest, version
+        self.names = names = configs.Names(spec.name)
+        self.precision = manifest.served_precision(spec.serve_precision)  # "auto": what the export picked
+        self.variant = manifest.usable_variant(self.precision)  # refuses a variant that failed its gate
+        self.model_file = ENGINE_FILES["tensorrt_plan" if spec.runtime is Runtime.tensorrt_plan else "onnxruntime_onnx"]
+        # configs first: a spec they cannot serve (fused on a container runtime) fails before anything else
+        if spec.serving == "fused":
+            self.public = configs.fused_config(spec, manifest, names, self.model_file)  # python-ort only
+            self.members = [self.public]
+        else:
+            tok = configs.tokenizer_config(spec, manifest, names)
+            enc = configs.encoder_config(spec, manifest, names, self.model_file)
+            post = configs.postprocess_config(spec, manifest, names)
+            self.public = configs.ensemble_config(spec, names, [tok, enc, post])
+            configs.validate_ensemble(self.public, {m.name: m for m in (tok, enc, post)})
+            configs.pin_steps(self.public, version)
+            self.members = [tok, enc, post, self.public]
+        for cfg in self.members:
+            configs.pin_versions(cfg, [version])
+        # identical requests answered from Triton's cache: the public model (the ensemble caches
+        # the whole text -> answer path, so a hit skips tokenizer, encoder and postprocess)
+        self.public.response_cache.enable = response_cache_mb(spec, self.variant) > 0
+
+    @property
+    def steps(self) -> list:
+        """The models under the public one (none when fused)."""
+        return [m for m in self.members if m is not self.public]
+
+    def source(self) -> Path:
+        if self.spec.runtime is Runtime.tensorrt_plan:
+            engine = self.spec.export_dir / f"model.{self.precision}.plan"
+            if not engine.is_file():
+                raise FileNotFoundError(
+                    f"{engine} not found: TensorRT engines are built on a GPU machine with `kiln engines` "
+                    "(TensorRT cannot be installed on CPU-only machines)"
+                )
+            return engine
+        return self.spec.export_dir / self.variant.file
+
+    def write_files(self, repo: Path, configs_too: bool = True, copy: bool = False) -> Path:
+        """Every model's ``<version>/`` (and, with ``configs_too``, its config); returns the
+        folder holding the tokenizer files. ``copy``: the graph copied, not hard-linked (a
+        version added to a live repository must not share an inode with an export that a
+        later re-export may overwrite)."""
+        v, place = self.version, (shutil.copy2 if copy else _place)
+        source = self.source()
+        if self.spec.serving == "fused":
+            # one folder: config, model.py + kiln_runtime.py, the tokenizer files and the graph
+            tok_dir = _write_model(repo, self.public, "encoder_fused.py", v, configs_too)
+            place(source, tok_dir / str(v) / self.model_file)
+        else:
+            tok, enc, post, public = self.members
+            tok_dir = _write_model(repo, tok, "tokenizer.py", v, configs_too)
+            enc_dir = _write_model(repo, enc, "encoder_ort.py" if self.spec.runtime is Runtime.python_ort else None, v,
+                                   configs_too)
+            place(source, enc_dir / str(v) / self.model_file)
+            _write_model(repo, post, "postprocess.py", v, configs_too)
+            _write_model(repo, public, None, v, configs_too)
+        shutil.copytree(self.spec.export_dir / self.manifest.tokenizer_dir, tok_dir / str(v) / TOKENIZER_DIR)
+        return tok_dir
+
+    def card(self, repo: Path, tok_dir: Path) -> RepositoryCard:
+        # the gateway counts tokens with the served tokenizer (usage, limits, too-long 400s)
+        tokenizer = str((tok_dir / str(self.version) / configs.TOKENIZER_FILE).relative_to(repo))
+        return _card(self.spec, self.manifest, self.precision, self.variant, self.public,
+                     [m.name for m in self.members], tokenizer, self.spec.max_length, self.version)
+
+
 def write_repository(spec: DeploymentSpec, manifest: ExportManifest | None = None, out: Path | None = None) -> Path:
     manifest = manifest or ExportManifest.read(spec.export_dir)
     repo = out or spec.repository_dir
     if spec.task is Task.text_generation:
         return _write_generation_repository(spec, manifest, repo)
-    names = configs.Names(spec.name)
-
-    precision = manifest.served_precision(spec.serve_precision)  # "auto": what the export picked
-    variant = manifest.usable_variant(precision)  # refuses a variant that failed its gate
-    model_file = ENGINE_FILES["tensorrt_plan" if spec.runtime is Runtime.tensorrt_plan else "onnxruntime_onnx"]
-    # configs first: a spec they cannot serve (fused on a container runtime) fails before anything else
-    if spec.serving == "fused":
-        public = configs.fused_config(spec, manifest, names, model_file)  # python-ort only
-        members = [public]
-    else:
-        tok = configs.tokenizer_config(spec, manifest, names)
-        enc = configs.encoder_config(spec, manifest, names, model_file)
-        post = configs.postprocess_config(spec, manifest, names)
-        public = configs.ensemble_config(spec, names, [tok, enc, post])
-        configs.validate_ensemble(public, {m.name: m for m in (tok, enc, post)})
-        members = [tok, enc, post, public]
-    # identical requests answered from Triton's cache: the public model (the ensemble caches
-    # the whole text -> answer path, so a hit skips tokenizer, encoder and postprocess)
-    public.response_cache.enable = response_cache_mb(spec, variant) > 0
-
-    if spec.runtime is Runtime.tensorrt_plan:
-        engine = spec.export_dir / f"model.{precision}.plan"
-        if not engine.is_file():
-            raise FileNotFoundError(
-                f"{engine} not found: TensorRT engines are built on a GPU machine with `kiln engines` "
-                "(TensorRT cannot be installed on CPU-only machines)"
-            )
-        source = engine
-    else:
-        source = spec.export_dir / variant.file
-
+    version = EncoderVersion(spec, manifest)
+    version.source()  # a missing engine fails before the old repository is removed
     if repo.exists():
         shutil.rmtree(repo)
     repo.mkdir(parents=True)
-    # tok_dir: the model folder that carries the tokenizer files (the gateway reads them too)
-    if spec.serving == "fused":
-        # one folder: config, model.py + kiln_runtime.py, the tokenizer files and the graph
-        tok_dir = _write_model(repo, public, "encoder_fused.py")
-        _place(source, tok_dir / "1" / model_file)
-    else:
-        tok_dir = _write_model(repo, tok, "tokenizer.py")
-        enc_dir = _write_model(repo, enc, "encoder_ort.py" if spec.runtime is Runtime.python_ort else None)
-        _place(source, enc_dir / "1" / model_file)
-        _write_model(repo, post, "postprocess.py")
-        _write_model(repo, public)
-    shutil.copytree(spec.export_dir / manifest.tokenizer_dir, tok_dir / "1" / TOKENIZER_DIR)
-
-    # the gateway counts tokens with the served tokenizer (usage, limits, too-long 400s)
-    tokenizer = str((tok_dir / "1" / configs.TOKENIZER_FILE).relative_to(repo))
-    _card(spec, manifest, precision, variant, public, [m.name for m in members], tokenizer, spec.max_length).write(repo)
+    tok_dir = version.write_files(repo)
+    version.card(repo, tok_dir).write(repo)
     return repo
 
 
@@ -166,7 +211,7 @@ def _write_generation_repository(spec: DeploymentSpec, manifest: ExportManifest,
     variant = manifest.usable_variant(precision)
     if not manifest.decoder:
         raise ValueError("the manifest has no decoder section: re-export with a text-generation spec")
-    cfg = configs.generation_config(spec, manifest, "model.onnx")
+    cfg = configs.pin_versions(configs.generation_config(spec, manifest, "model.onnx"), [1])
     if repo.exists():
         shutil.rmtree(repo)
     folder = _write_model(repo, cfg, "generate.py")

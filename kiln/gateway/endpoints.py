@@ -13,8 +13,10 @@ stays charged, so a limit cannot be dodged by disconnecting.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import anyio
 from pydantic import ValidationError
@@ -51,6 +53,7 @@ from kiln.gateway.limits import (
 )
 from kiln.gateway.metrics import Metrics
 from kiln.gateway.protocol import APIError
+from kiln_core.card import RepositoryCard
 from kiln_runtime import contract
 
 DEFAULT_COMPLETION_ESTIMATE = 256  # tokens reserved against a TPM limit when max_tokens is not given
@@ -77,6 +80,22 @@ def token_counters(models: dict[str, ServedModel]) -> dict[str, Tokenizer]:
     return counters
 
 
+CARD_CHECK_S = 1.0  # how often a gateway looks whether a repository card was rewritten (a version switch)
+log = logging.getLogger("kiln.gateway")
+
+
+def card_stamps(repositories: list[Path]) -> tuple:
+    """What tells a rewritten card: each card's modification time and size."""
+    out = []
+    for repo in repositories:
+        try:
+            st = RepositoryCard.path(repo).stat()
+            out.append((st.st_mtime_ns, st.st_size))
+        except OSError:
+            out.append(None)
+    return tuple(out)
+
+
 def limits_unavailable(err: LimitsUnavailable) -> APIError:
     """The shared limit store is out and the gateway fails closed: the server's fault, not the key's."""
     return APIError(503, str(err), None, "limits_unavailable", retry_after=err.retry_after)
@@ -86,6 +105,7 @@ class Gateway:
     def __init__(self, config: GatewayConfig, limiter: Limiter, backend: TritonBackend):
         self.config = config
         self.models: dict[str, ServedModel] = read_models(config.repositories)
+        self._card_stamps, self._cards_checked = card_stamps(config.repositories), time.monotonic()
         self.keys = KeyStore.load(config.keys_file, environ_keys(config), config.limits)
         if not self.keys.enabled and not is_loopback(config.host) and not config.allow_unauthenticated:
             raise GatewayError(
@@ -165,7 +185,28 @@ class Gateway:
                 raise protocol.bad_request("The request body must be a JSON object.", None, "invalid_json") from None
             raise protocol.validation_error(err) from None
 
+    def watch_cards(self) -> None:
+        """`kiln reload` switched a model to a new version and rewrote its card: read the
+        models (and the new version's tokenizer) again, at most once a second, with no
+        restart; the ids stay. A card that cannot be read keeps the models as they were."""
+        now = time.monotonic()
+        if now - self._cards_checked < CARD_CHECK_S:
+            return
+        self._cards_checked = now
+        stamps = card_stamps(self.config.repositories)
+        if stamps == self._card_stamps:
+            return
+        try:
+            models = read_models(self.config.repositories)
+            counters = token_counters(models)
+        except Exception as err:  # a card half written, a tokenizer not there yet: look again next time
+            log.warning("a repository card changed but cannot be read (%s); serving as before", err)
+            return
+        self.models, self.counters, self._card_stamps = models, counters, stamps
+        log.info("repository cards re-read: %s", ", ".join(f"{m.name} ({m.repository})" for m in models.values()))
+
     def model(self, name: str, kind: str, endpoint: str) -> ServedModel:
+        self.watch_cards()
         m = self.models.get(name)
         if m is None:
             known = ", ".join(sorted(self.models)) or "none"
@@ -439,6 +480,7 @@ class Gateway:
 
     async def list_models(self, request: Request) -> Response:
         self.admit(request)  # counts against the key's requests per minute
+        self.watch_cards()
         data = [protocol.model_card(m.name, m.created, task=m.task, max_input_tokens=m.max_input_tokens)
                 for m in self.models.values()]
         return FastJSON({"object": "list", "data": data})

@@ -277,3 +277,30 @@ def test_generation_is_never_cached():
     assert spec.response_cache.enabled  # the default...
     variant = type("V", (), {"batch_invariance": INVARIANT})()
     assert response_cache_mb(spec, variant) == 0  # ...never applies to sampled, decoupled generation
+
+
+def test_a_written_encoder_pins_every_step_to_its_version_and_loads_only_that_version(tmp_path):
+    repo, card, _ = _written(tmp_path, "ensemble")
+    assert card.version == 1 and card.previous == []
+    for name in card.models:
+        cfg = configs.parse_pbtxt((repo / name / "config.pbtxt").read_text())
+        assert list(cfg.version_policy.specific.versions) == [1], name
+    public = configs.parse_pbtxt((repo / "enc" / "config.pbtxt").read_text())
+    assert [s.model_version for s in public.ensemble_scheduling.step] == [1, 1, 1]  # never "latest" (-1)
+
+
+def test_configs_that_differ_only_in_versions_are_the_same_and_any_other_change_is_seen():
+    spec, man = _spec(), _manifest()
+    _, steps, ens = _all(spec, man)
+    a, b = mc.ModelConfig(), mc.ModelConfig()
+    a.CopyFrom(ens)
+    b.CopyFrom(ens)
+    configs.pin_versions(configs.pin_steps(a, 1), [1])
+    configs.pin_versions(configs.pin_steps(b, 2), [1, 2])
+    assert [s.model_version for s in b.ensemble_scheduling.step] == [2, 2, 2]
+    assert list(b.version_policy.specific.versions) == [1, 2]
+    assert configs.same_but_versions(a, b)
+    b.max_batch_size += 1
+    assert not configs.same_but_versions(a, b)
+    _, other_steps, _ = _all(_spec(batching={"max_batch_size": 8, "preferred_batch_sizes": [4]}), man)
+    assert not configs.same_but_versions(steps[1], other_steps[1])

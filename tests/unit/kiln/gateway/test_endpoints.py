@@ -170,3 +170,31 @@ def test_tokenization_comes_after_the_cheap_checks_and_a_long_batch_off_the_even
     assert client.post("/v1/embeddings", json=short).status_code == 429  # out of requests this minute
     # a sentence is counted in place (a thread hop costs more); a long batch on a worker thread
     assert spy.calls == 3 and spy.on_loop == [True, False, False], (spy.calls, spy.on_loop)
+
+
+def test_a_rewritten_card_is_read_again_within_a_second_with_the_new_versions_tokenizer(make_repository, monkeypatch):
+    """`kiln reload` switches versions and rewrites the card: the gateway follows, no restart."""
+    import shutil
+
+    from kiln.gateway import endpoints
+    from kiln.gateway.config import GatewayConfig
+    from kiln.gateway.limits import RateLimiter
+    from kiln_core.card import RepositoryCard
+
+    repo = make_repository("emb", "feature-extraction")
+    gw = endpoints.Gateway(GatewayConfig(repositories=[repo]), RateLimiter(), backend=None)
+    clock = [1000.0]
+    monkeypatch.setattr(endpoints.time, "monotonic", lambda: clock[0])
+    gw._cards_checked = clock[0]
+    assert gw.model("emb", "embedding", "/v1/embeddings").tokenizer_file == repo / "tok" / "tokenizer.json"
+    shutil.copytree(repo / "tok", repo / "tok2")
+    card = RepositoryCard.read(repo)
+    card.model_copy(update={"tokenizer": "tok2/tokenizer.json", "version": 2}).write(repo)
+    clock[0] += 0.5
+    assert gw.model("emb", "embedding", "/v1/embeddings").tokenizer_file == repo / "tok" / "tokenizer.json"  # not yet
+    clock[0] += 1.0
+    assert gw.model("emb", "embedding", "/v1/embeddings").tokenizer_file == repo / "tok2" / "tokenizer.json"
+    assert set(gw.counters) == {"emb"}
+    RepositoryCard.path(repo).write_text("{half written")  # unreadable: serve as before
+    clock[0] += 1.5
+    assert gw.model("emb", "embedding", "/v1/embeddings").tokenizer_file == repo / "tok2" / "tokenizer.json"

@@ -1,0 +1,345 @@
+"""`kiln reload SPEC` and `kiln rollback SPEC`: a new version of an encoder into the live
+repository while Triton serves, with no request dropped.
+
+Versions are pinned (model_repository.writer): every model of an encoder repository loads
+only the versions its ``version_policy`` names, and the ensemble's steps name their version.
+A reload of version n to n+1:
+
+1. exports the spec anew (under ``<root>/versions/<n+1>/``) and gates it: a variant that
+   fails its gate never reaches the repository;
+2. writes ``<step>/<n+1>/`` beside ``<step>/<n>/`` (graph copied, tokenizer, model.py) and asks
+   Triton to load both versions of each step (version n keeps serving);
+3. loads a candidate ensemble (``<name>__candidate``, pinned to n+1, no response cache) and
+   sends it a smoke request: the gate's calibration texts, whose answers must equal what the
+   same code computes in process on the gated graph;
+4. only then switches: a new ensemble version n+1 pinned to the new steps (Triton loads it
+   and drops version n; requests in flight finish on the old steps), rewrites the card (the
+   gateway re-reads it within a second), and unloads the old steps' version n.
+
+A failure before the switch (export, gate, load, smoke) unloads what was added, removes its
+files and leaves version n serving; the command exits 1 saying why. Version n stays on disk
+for ``kiln rollback``, which switches back the same way (its files were gated when they were
+served); the two versions before the serving one are kept, older ones removed.
+
+Triton is reached through the connection file ``kiln serve`` writes in its server folder (its
+gRPC address and the admin key that repository control needs). Not yet: generation models,
+``serving: fused``, the gateway's admin route and canary mode (README "Open work").
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from kiln.server import ADMIN_HEADER, CONNECTION_FILE, GRPC_HEADER_PREFIX
+from kiln_core.card import RepositoryCard
+from kiln_core.manifest import ExportManifest, sha256
+from kiln_core.spec import DeploymentSpec
+from kiln_runtime.contract import TEXT, TOKENIZER_DIR, head_outputs
+from model_repository import configs
+from model_repository.writer import EncoderVersion, read_config, write_config
+
+CANDIDATE = "__candidate"  # suffix of the ensemble that carries the smoke request to a new version
+SMOKE_TEXTS = 8
+SMOKE_MAX_ABS = 1e-4  # served vs in process, same graph and code: only batching may differ (invariant variants)
+KEEP_PREVIOUS = 2  # versions kept on disk below the serving one
+LOAD_TIMEOUT_S = 300.0
+
+
+class ReloadError(RuntimeError):
+    pass
+
+
+@dataclass(frozen=True)
+class TritonAdmin:
+    """Repository control of a running Triton: its gRPC address and admin key."""
+
+    grpc_url: str
+    admin_key: str
+
+    @classmethod
+    def of(cls, server) -> "TritonAdmin":
+        return cls(server.grpc_url, server.admin_key)
+
+    @classmethod
+    def from_file(cls, path: Path) -> "TritonAdmin":
+        data = json.loads(Path(path).read_text())
+        return cls(data["grpc"], data["admin_key"])
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {GRPC_HEADER_PREFIX + ADMIN_HEADER: self.admin_key}
+
+    def client(self):
+        import tritonclient.grpc as grpcclient
+
+        return grpcclient.InferenceServerClient(self.grpc_url)
+
+    def load(self, model: str) -> None:
+        self.client().load_model(model, headers=self.headers, client_timeout=LOAD_TIMEOUT_S)
+
+    def unload(self, model: str) -> None:
+        self.client().unload_model(model, headers=self.headers, client_timeout=LOAD_TIMEOUT_S)
+
+    def infer(self, model: str, texts: list[str], outputs: tuple[str, ...]) -> dict[str, np.ndarray]:
+        import tritonclient.grpc as grpcclient
+
+        data = np.array([t.encode("utf-8") for t in texts], dtype=np.object_).reshape(-1, 1)
+        inp = grpcclient.InferInput(TEXT, list(data.shape), "BYTES")
+        inp.set_data_from_numpy(data)
+        res = self.client().infer(model, [inp], outputs=[grpcclient.InferRequestedOutput(o) for o in outputs],
+                                  client_timeout=60)
+        return {o: res.as_numpy(o) for o in outputs}
+
+
+@dataclass(frozen=True)
+class ReloadResult:
+    model: str
+    from_version: int
+    to_version: int
+    precision: str
+    smoke: dict[str, float]
+    seconds: float
+
+
+def running_tritons(server_dirs: list[Path]) -> list[TritonAdmin]:
+    """Every Triton `kiln serve` runs for these folders (the first one's, and its replicas'
+    under replica-N/), from their connection files; ReloadError when none runs."""
+    found = []
+    for folder in server_dirs:
+        for path in [Path(folder) / CONNECTION_FILE, *sorted(Path(folder).glob(f"replica-*/{CONNECTION_FILE}"))]:
+            if path.is_file():
+                found.append(TritonAdmin.from_file(path))
+        if found:
+            return found
+    raise ReloadError("no running `kiln serve` found (no " + " or ".join(str(Path(f) / CONNECTION_FILE)
+                                                              for f in server_dirs) + "): start it first")
+
+
+# ----------------------------------------------------------------------------- pure parts
+def on_disk_versions(repo: Path, card: RepositoryCard) -> list[int]:
+    """Version folders of the repository's public model, ascending."""
+    folder = repo / card.public_model
+    return sorted(int(p.name) for p in folder.iterdir() if p.is_dir() and p.name.isdigit())
+
+
+def served_entry(card: RepositoryCard) -> dict:
+    """What the card says of its serving version, kept when another one takes over (a rollback
+    restores it as it was)."""
+    return {k: getattr(card, k) for k in ("version", "precision", "variant_sha256", "parity", "batch_invariance",
+                                         "selection", "tokenizer", "response_cache_mb", "spec")}
+
+
+def to_keep(serving: int, previous: list[dict]) -> set[int]:
+    return {serving, *(int(p["version"]) for p in previous[:KEEP_PREVIOUS])}
+
+
+def smoke_figures(served: dict[str, np.ndarray], expected: dict[str, np.ndarray]) -> dict[str, float]:
+    """Max |diff| over the float outputs (label strings must be equal)."""
+    worst = 0.0
+    for name, want in expected.items():
+        got = served[name]
+        if want.dtype.kind in "fc":
+            worst = max(worst, float(np.abs(got.astype(np.float64) - want.astype(np.float64)).max()))
+        elif not np.array_equal(got.astype(str), want.astype(str)):
+            worst = float("inf")
+    return {"max_abs_diff": worst, "texts": float(len(next(iter(expected.values()))))}
+
+
+def in_process(spec: DeploymentSpec, manifest: ExportManifest, precision: str) -> Callable[[list[str]], dict]:
+    """What the served model must answer, computed here on the gated graph by the code the
+    served python models run (kiln_runtime.FusedEncoder: same tokenizer, session and head)."""
+    from kiln_runtime.encoder import FusedEncoder, make_head
+    from kiln_runtime.ort import open_session
+    from kiln_runtime.text import load_tokenizer
+
+    cfg = configs.fused_config(spec.model_copy(update={"serving": "fused"}), manifest, configs.Names(spec.name),
+                               "model.onnx")
+    p = {k: v.string_value for k, v in cfg.parameters.items()}
+    tokenizer = spec.export_dir / manifest.tokenizer_dir / Path(p["tokenizer_file"]).relative_to(TOKENIZER_DIR)
+    encoder = FusedEncoder(
+        load_tokenizer(str(tokenizer), int(p["max_length"])),
+        open_session(str(spec.export_dir / manifest.usable_variant(precision).file), int(p["intra_op_threads"])),
+        input_names=p["input_names"].split(","), hidden_output=p["hidden_output"],
+        head=make_head(p["task"], p.get("pooling"), p.get("normalize") == "1",
+                       p["labels"].split("\n") if "labels" in p else None))
+
+    def run(texts: list[str]) -> dict[str, np.ndarray]:
+        (out,) = encoder([np.array([t.encode("utf-8") for t in texts], dtype=np.object_).reshape(-1, 1)])
+        return out
+
+    return run
+
+
+def _check_reloadable(card: RepositoryCard) -> None:
+    if card.generation:
+        raise ReloadError("kiln reload serves encoders so far; a generation model is reloaded by restarting "
+                          "`kiln serve` (README \"Open work\")")
+    if card.serving != "ensemble":
+        raise ReloadError(f"kiln reload needs serving: ensemble (this repository is {card.serving!r})")
+
+
+# ----------------------------------------------------------------------------- the switch
+class Switch:
+    """Moves a live encoder repository from its serving version to another on disk."""
+
+    def __init__(self, repo: Path, admins: list[TritonAdmin]):
+        self.repo, self.admins = repo, list(admins)
+        self.card = RepositoryCard.read(repo)
+        _check_reloadable(self.card)
+        self.public = self.card.public_model
+        self.steps = [m for m in self.card.models if m != self.public]
+
+    def add_steps(self, old: int, new: int) -> None:
+        """Both versions of every step loaded (the serving one keeps answering)."""
+        for step in self.steps:
+            write_config(self.repo, configs.pin_versions(read_config(self.repo, step), [old, new]))
+            self._load(step)
+
+    def drop_steps(self, keep: int) -> None:
+        for step in self.steps:
+            write_config(self.repo, configs.pin_versions(read_config(self.repo, step), [keep]))
+            self._load(step)  # Triton unloads the other version once its requests are done
+
+    def _load(self, model: str) -> None:
+        for admin in self.admins:  # every replica serves the same repository
+            admin.load(model)
+
+    def smoke(self, new: int, expected: Callable[[list[str]], dict], texts: list[str]) -> dict[str, float]:
+        """A candidate ensemble pinned to `new` answers `texts` as `expected` does, or ReloadError."""
+        name = self.public + CANDIDATE
+        cand = configs.pin_versions(configs.pin_steps(read_config(self.repo, self.public), new), [1])
+        cand.name = name
+        cand.response_cache.enable = False
+        (self.repo / name / "1").mkdir(parents=True, exist_ok=True)
+        write_config(self.repo, cand)
+        want = expected(texts)
+        figures: dict[str, float] = {}
+        try:
+            self._load(name)
+            for admin in self.admins:  # each replica answers, and must answer right
+                got = smoke_figures(admin.infer(name, texts, head_outputs(self.card.task)), want)
+                if not figures or got["max_abs_diff"] > figures["max_abs_diff"]:
+                    figures = got
+        finally:
+            try:
+                for admin in self.admins:
+                    admin.unload(name)
+            finally:
+                shutil.rmtree(self.repo / name, ignore_errors=True)
+        if not figures["max_abs_diff"] <= SMOKE_MAX_ABS:
+            raise ReloadError(f"version {new}'s smoke request does not match its gated graph: max |diff| "
+                              f"{figures['max_abs_diff']:.3g} > {SMOKE_MAX_ABS:g} over {len(texts)} texts")
+        return figures
+
+    def switch(self, new: int, ensemble=None) -> None:
+        """The public model's version `new`, pinned to the steps' `new`: Triton loads it, then
+        drops the serving version (its requests in flight finish). ``ensemble``: the new
+        version's own config (default: the serving one's)."""
+        ensemble = configs.pin_versions(configs.pin_steps(ensemble or read_config(self.repo, self.public), new), [new])
+        (self.repo / self.public / str(new)).mkdir(exist_ok=True)
+        write_config(self.repo, ensemble)
+        self._load(self.public)
+
+    def prune(self, keep: set[int]) -> None:
+        for model in self.card.models:
+            for p in (self.repo / model).iterdir():
+                if p.is_dir() and p.name.isdigit() and int(p.name) not in keep:
+                    shutil.rmtree(p)
+
+
+def reload_version(spec: DeploymentSpec, admins: list[TritonAdmin], repo: Path | None = None,
+                   say: Callable[[str], None] = lambda msg: None) -> ReloadResult:
+    """Export and gate `spec` as the next version of its live repository, smoke-test it
+    beside the serving one, switch, and unload the old one (see the module's docstring)."""
+    from export.reuse import ensure_export
+
+    t0 = time.perf_counter()
+    repo = Path(repo or spec.repository_dir)
+    sw = Switch(repo, admins)
+    old = sw.card.version
+    new = max(on_disk_versions(repo, sw.card)) + 1
+    staged = spec.model_copy(update={"workdir": spec.root / "versions" / str(new)})
+    say(f"version {new} of {sw.public}: exporting and gating into {staged.root}")
+    try:
+        manifest = ensure_export(staged)
+        version = EncoderVersion(staged, manifest, new)
+    except Exception as err:  # the gate (ParityError), a bad checkpoint, a variant that must not be served
+        raise ReloadError(f"version {new} was not exported: {err}") from err
+    # the steps' configs are shared by both versions loaded side by side: they must not change;
+    # the public ensemble is replaced whole at the switch (its cache setting may change), its tensors may not
+    changed = [m.name for m in version.steps if not configs.same_but_versions(m, read_config(repo, m.name))]
+    serving = read_config(repo, sw.public)
+    if (list(version.public.input), list(version.public.output)) != (list(serving.input), list(serving.output)):
+        changed.append(sw.public)
+    if changed:
+        raise ReloadError(f"the new version changes the config of {changed} (batching, tensors, instances): a reload "
+                          "swaps weights and tokenizer only; restart `kiln serve` with the new spec for the rest")
+    say(f"writing version {new} beside version {old} and loading both")
+    tok_dir = version.write_files(repo, configs_too=False, copy=True)
+    try:
+        graph = repo / version.names.encoder / str(new) / version.model_file
+        if graph.is_file() and version.source() == staged.export_dir / version.variant.file \
+                and sha256(graph) != version.variant.sha256:
+            raise ReloadError(f"{graph} is not the graph that passed the gate (sha256 differs from the manifest's)")
+        sw.add_steps(old, new)
+        say("smoke request through a candidate ensemble pinned to the new version")
+        smoke = sw.smoke(new, in_process(staged, manifest, version.precision),
+                         _smoke_texts())
+    except Exception as err:
+        say(f"version {new} refused ({err}); version {old} keeps serving")
+        _undo(sw, old, new)
+        raise err if isinstance(err, ReloadError) else ReloadError(f"version {new} did not load: {err}") from err
+    say(f"smoke request matches (max |diff| {smoke['max_abs_diff']:.2g}); switching {sw.public} to version {new}")
+    sw.switch(new, version.public)
+    previous = [served_entry(sw.card), *sw.card.previous]
+    version.card(repo, tok_dir).model_copy(update={"previous": previous[:KEEP_PREVIOUS]}).write(repo)
+    sw.drop_steps(new)
+    sw.prune(to_keep(new, previous))
+    return ReloadResult(sw.public, old, new, version.precision, smoke, time.perf_counter() - t0)
+
+
+def rollback_version(repo: Path, admins: list[TritonAdmin], say: Callable[[str], None] = lambda msg: None) -> ReloadResult:
+    """Back to the newest earlier version still on disk (gated when it was served), the same way."""
+    t0 = time.perf_counter()
+    sw = Switch(repo, admins)
+    if not sw.card.previous:
+        raise ReloadError(f"{sw.public} has no earlier version on disk to roll back to")
+    back, old = sw.card.previous[0], sw.card.version
+    target = int(back["version"])
+    say(f"rolling {sw.public} back from version {old} to version {target}")
+    try:
+        sw.add_steps(old, target)
+    except Exception as err:
+        _undo(sw, old, target, remove=False)
+        raise ReloadError(f"version {target} did not load: {err}") from err
+    ensemble = read_config(repo, sw.public)
+    ensemble.response_cache.enable = bool(back.get("response_cache_mb"))  # as that version was served
+    sw.switch(target, ensemble)
+    card = sw.card
+    previous = [served_entry(card), *card.previous[1:]]
+    card.model_copy(update={**back, "previous": previous[:KEEP_PREVIOUS]}).write(repo)
+    sw.drop_steps(target)
+    return ReloadResult(sw.public, old, target, back["precision"], {}, time.perf_counter() - t0)
+
+
+def _undo(sw: Switch, old: int, new: int, remove: bool = True) -> None:
+    """Back to serving `old` only; `new`'s files removed (``remove``)."""
+    try:
+        sw.drop_steps(old)
+    finally:
+        if remove:
+            for model in sw.card.models:
+                shutil.rmtree(sw.repo / model / str(new), ignore_errors=True)
+
+
+def _smoke_texts() -> list[str]:
+    from export.variants import calibration_texts
+
+    return list(calibration_texts())[:SMOKE_TEXTS]

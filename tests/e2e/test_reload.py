@@ -1,0 +1,152 @@
+"""`kiln reload` under steady load, with real servers: the tiny encoder served in fp32 (Triton
+and the gateway, as `kiln serve` runs them) is reloaded to a re-export in fp16. No request
+fails; a probe text's answer switches from the fp32 answer to the fp16 one at one moment and
+never back; /v1/models keeps its ids; `kiln rollback` returns to fp32 the same way. A new
+version whose graph was corrupted after its gate, or whose tokenizer cannot load, is refused
+and the serving version keeps answering, bit for bit."""
+
+from __future__ import annotations
+
+import shutil
+import threading
+import time
+
+import numpy as np
+import openai
+import pytest
+
+from kiln.reload import ReloadError, TritonAdmin, reload_version, rollback_version
+from kiln.stack import GatewayOptions, Stack
+from kiln_core.card import RepositoryCard
+from kiln_testkit import tiny_spec
+
+PROBE = "the probe sentence"
+
+
+@pytest.fixture(scope="module")
+def live(tiny_bert, tmp_path_factory):
+    """(fp32 spec, fp16 spec, stack): the fp32 version served with the gateway in front."""
+    from export.pipeline import run_export
+    from model_repository.writer import write_repository
+
+    work = tmp_path_factory.mktemp("reload")
+    spec = tiny_spec(tiny_bert, work, name="live", precisions=["fp32", "fp16"])
+    run_export(spec)
+    repo = write_repository(spec)
+    with Stack(repo, work / "srv", gateway=GatewayOptions(keys="")) as stack:
+        yield spec, spec.with_precision("fp16"), stack
+
+
+def client(stack) -> openai.OpenAI:
+    return openai.OpenAI(base_url=stack.gateway_url + "/v1", api_key="none", max_retries=0, timeout=60)
+
+
+def probe(c: openai.OpenAI) -> bytes:
+    return np.array(c.embeddings.create(model="live", input=PROBE).data[0].embedding, dtype=np.float32).tobytes()
+
+
+class Load:
+    """4 clients sending new texts, and one sending the probe, until stopped: every failure kept,
+    every probe answer kept in order."""
+
+    def __init__(self, stack):
+        self.stack, self.stop, self.failures, self.answered, self.probes = stack, threading.Event(), [], [0], []
+
+    def __enter__(self) -> "Load":
+        def worker(k: int) -> None:
+            c, i = client(self.stack), 0
+            while not self.stop.is_set():
+                try:
+                    c.embeddings.create(model="live", input=f"client {k} text {i}")
+                    self.answered[0] += 1
+                except Exception as err:
+                    self.failures.append(repr(err))
+                i += 1
+
+        def prober() -> None:
+            c = client(self.stack)
+            while not self.stop.is_set():
+                try:
+                    self.probes.append(probe(c))
+                except Exception as err:
+                    self.failures.append(repr(err))
+
+        self.threads = [threading.Thread(target=worker, args=(k,)) for k in range(4)] + [threading.Thread(target=prober)]
+        for t in self.threads:
+            t.start()
+        time.sleep(1.0)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        time.sleep(1.5)  # the gateway re-reads the card within a second: answers after the switch too
+        self.stop.set()
+        for t in self.threads:
+            t.join()
+
+
+def transitions(answers: list[bytes]) -> list[bytes]:
+    """The distinct answers in the order they first appeared, a repeat of an earlier one included."""
+    out: list[bytes] = []
+    for a in answers:
+        if not out or a != out[-1]:
+            out.append(a)
+    return out
+
+
+def test_reload_to_fp16_under_load_drops_nothing_and_switches_once_then_rolls_back(live):
+    spec32, spec16, stack = live
+    c = client(stack)
+    ids = [m.id for m in c.models.list().data]
+    before = probe(c)
+    admins = [TritonAdmin.of(stack.triton)]
+    with Load(stack) as load:
+        result = reload_version(spec16, admins, repo=spec32.repository_dir)
+    assert not load.failures, load.failures[:5]
+    assert result.from_version == 1 and result.to_version == 2 and result.precision == "fp16"
+    assert result.smoke["max_abs_diff"] <= 1e-4
+    seen = transitions(load.probes)
+    assert seen[0] == before and len(seen) == 2 and seen[1] != before, len(seen)  # one switch, never back
+    after = probe(c)
+    assert after == seen[1]
+    np.testing.assert_allclose(np.frombuffer(after, np.float32), np.frombuffer(before, np.float32), atol=1e-2)
+    assert [m.id for m in c.models.list().data] == ids
+    card = RepositoryCard.read(spec32.repository_dir)
+    assert card.version == 2 and card.precision == "fp16" and card.previous[0]["version"] == 1
+    print(f"\nreload: {load.answered[0]} answered during it, 0 failed, {len(load.probes)} probes")
+
+    with Load(stack) as load:
+        back = rollback_version(spec32.repository_dir, admins)
+    assert not load.failures, load.failures[:5]
+    assert back.to_version == 1 and transitions(load.probes) == [after, before]
+    assert RepositoryCard.read(spec32.repository_dir).precision == "fp32" and probe(c) == before
+
+
+@pytest.mark.parametrize("damage", ["graph", "tokenizer"])
+def test_a_damaged_new_version_is_refused_and_the_serving_one_keeps_answering(live, damage):
+    spec32, spec16, stack = live
+    c = client(stack)
+    card = RepositoryCard.read(spec32.repository_dir)
+    before = probe(c)
+    next_version = max(int(p.name) for p in (spec32.repository_dir / "live").iterdir() if p.name.isdigit()) + 1
+    staged = spec16.model_copy(update={"workdir": spec32.root / "versions" / str(next_version)})
+    # the next version's export exists already (reload reuses it) and is damaged after its gate
+    from export.reuse import ensure_export
+
+    manifest = ensure_export(staged)
+    if damage == "graph":
+        path = staged.export_dir / manifest.variants["fp16"].file
+        data = bytearray(path.read_bytes())
+        data[len(data) // 2: len(data) // 2 + 64] = b"\0" * 64
+        path.write_bytes(bytes(data))
+    else:
+        (staged.export_dir / manifest.tokenizer_dir / "tokenizer.json").write_text("{not json")
+    on_disk = sorted(p.name for p in (spec32.repository_dir / "live_encoder").iterdir())
+    with Load(stack) as load:
+        with pytest.raises(ReloadError) as refused:
+            reload_version(spec16, [TritonAdmin.of(stack.triton)], repo=spec32.repository_dir)
+    assert not load.failures, load.failures[:5]
+    assert set(load.probes) == {before}  # the serving version answered throughout
+    assert ("sha256" in str(refused.value)) if damage == "graph" else ("did not load" in str(refused.value))
+    assert RepositoryCard.read(spec32.repository_dir) == card and probe(c) == before
+    assert sorted(p.name for p in (spec32.repository_dir / "live_encoder").iterdir()) == on_disk  # nothing left behind
+    shutil.rmtree(staged.root.parent)  # the damaged export: the next case exports its own
