@@ -300,37 +300,39 @@ ServerDirOpt = typer.Option(None, "--server-dir", help="the running `kiln serve`
                                                        "spec's, else WORKDIR/serve)")
 
 
+def _version_switch(verb: str, spec: str, workdir: Optional[Path], server_dir: Optional[Path], run) -> None:
+    """`kiln reload` / `kiln rollback`: ``run(spec, tritons, say)`` on every Triton the running
+    `kiln serve` has for the spec; a refusal exits 1 saying why (the serving version stays)."""
+    from kiln.reload import ReloadError, running_tritons
+
+    s = _spec(spec, workdir)
+    try:
+        result = run(s, running_tritons(_server_dirs(s, server_dir)),
+                     lambda msg: console.print(f"[bold cyan]{verb}[/] {msg}", highlight=False))
+    except ReloadError as err:
+        console.print(f"[red]{verb} refused[/]: {err}")
+        raise typer.Exit(1)
+    smoke = f"; smoke max |diff| {result.smoke['max_abs_diff']:.2g}" if result.smoke else ""
+    out.print(f"{result.model}: version {result.from_version} -> {result.to_version} ({result.precision}) in "
+              f"{result.seconds:.1f}s{smoke}")
+
+
 @app.command()
 def reload(spec: str = SpecArg, workdir: Optional[Path] = WorkdirOpt, server_dir: Optional[Path] = ServerDirOpt):
     """A new version of a served encoder with no dropped request: export and gate the spec
     anew, load it beside the serving version, smoke-test it, switch, unload the old one."""
-    from kiln.reload import ReloadError, reload_version, running_tritons
+    from kiln.reload import reload_version
 
-    s = _spec(spec, workdir)
-    try:
-        result = reload_version(s, running_tritons(_server_dirs(s, server_dir)),
-                                say=lambda msg: console.print(f"[bold cyan]reload[/] {msg}", highlight=False))
-    except ReloadError as err:
-        console.print(f"[red]reload refused[/]: {err}")
-        raise typer.Exit(1)
-    out.print(f"{result.model}: version {result.from_version} -> {result.to_version} ({result.precision}) in "
-              f"{result.seconds:.1f}s; smoke max |diff| {result.smoke['max_abs_diff']:.2g}")
+    _version_switch("reload", spec, workdir, server_dir, lambda s, tritons, say: reload_version(s, tritons, say=say))
 
 
 @app.command()
 def rollback(spec: str = SpecArg, workdir: Optional[Path] = WorkdirOpt, server_dir: Optional[Path] = ServerDirOpt):
     """Back to the version served before the last `kiln reload` (still on disk), the same way."""
-    from kiln.reload import ReloadError, rollback_version, running_tritons
+    from kiln.reload import rollback_version
 
-    s = _spec(spec, workdir)
-    try:
-        result = rollback_version(s.repository_dir, running_tritons(_server_dirs(s, server_dir)),
-                                  say=lambda msg: console.print(f"[bold cyan]rollback[/] {msg}", highlight=False))
-    except ReloadError as err:
-        console.print(f"[red]rollback refused[/]: {err}")
-        raise typer.Exit(1)
-    out.print(f"{result.model}: version {result.from_version} -> {result.to_version} ({result.precision}) in "
-              f"{result.seconds:.1f}s")
+    _version_switch("rollback", spec, workdir, server_dir,
+                    lambda s, tritons, say: rollback_version(s.repository_dir, tritons, say=say))
 
 
 @app.command()

@@ -70,3 +70,15 @@ def test_what_cannot_be_reloaded_yet_is_refused_before_anything_changes(tmp_path
     card(task=task, serving=serving).write(tmp_path)
     with pytest.raises(ReloadError, match=why):
         Switch(tmp_path, [])
+
+
+@pytest.mark.parametrize("verb", ["reload", "rollback"])
+def test_the_commands_refuse_clearly_when_no_kiln_serve_runs_for_the_spec(tmp_path, verb):
+    from typer.testing import CliRunner
+
+    from kiln.cli import app
+
+    result = CliRunner().invoke(app, [verb, "minilm", "--workdir", str(tmp_path)])
+    assert result.exit_code == 1
+    assert f"{verb} refused" in result.output and "no running `kiln serve`" in result.output
+    assert not (tmp_path / "minilm" / "versions").exists()  # nothing was exported for a reload that cannot run
