@@ -177,3 +177,10 @@ def test_hostile_bodies_are_many_cover_all_three_routes_and_follow_the_models():
     assert any(b'"max_tokens": 512}' in b for _, b in bodies)  # the whole context: never fits a prompt
     assert any(len(b) > 1 << 20 for _, b in bodies)  # over the body limit: 413
     assert all(b'"model": "lm"' not in b for _, b in bodies)
+
+
+def test_an_overload_clients_deadline_outlasts_the_models_own_queue_bound():
+    from kiln.faults import queue_deadline_s
+
+    assert queue_deadline_s(40.0, 23_000) == 40.0  # int4 on a fast CPU: the case deadline suffices
+    assert abs(queue_deadline_s(40.0, 54_000) - 86.0) < 1e-9  # fp32 on AVX2: 1.5x the bound and 5 s
