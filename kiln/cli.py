@@ -6,6 +6,7 @@
     kiln bench  [SPEC]   PyTorch vs ONNX Runtime vs served, one table
     kiln demo   [SPEC]   all of the above on the packaged default, with real requests
     kiln engines [SPEC]  TensorRT engines (GPU machines only)
+    kiln tune   [SPEC] --slo FILE  the batching / instance settings with the most load within an SLO
 
 SPEC is a YAML file or a packaged spec name (default: minilm). Exit codes: 0 ok,
 1 a gate or the server failed, 2 the spec or the command line is wrong.
@@ -498,6 +499,41 @@ def loadtest(
         if stack is not None:
             stack.stop()
     raise typer.Exit(summary["exit_code"])
+
+
+@app.command()
+def tune(
+    spec: str = SpecArg,
+    slo: Path = typer.Option(..., "--slo", help="YAML with a `loadtest:` mapping: the targets to meet, and the "
+                                                "capacity search's shape (start_rate, step_factor, step_time_s, ...)"),
+    workdir: Optional[Path] = WorkdirOpt,
+    budget: float = typer.Option(600.0, min=1.0, help="seconds: no candidate is started that would not end within it"),
+    out_file: Optional[Path] = typer.Option(None, "--out", help="where the best spec goes (default <workdir>/<name>/tune/tuned.yaml)"),
+    max_candidates: int = typer.Option(16, min=1, help="candidates at most, the spec as given first"),
+):
+    """Search batching, queue delay, instances and threads (chat: concurrent sequences) for the
+    highest load that meets the SLO; write the best as a spec. Exit 1 when none meets it."""
+    from gevent import monkey
+
+    monkey.patch_all()  # before any socket is made: the load tests run Locust on gevent
+    import yaml
+
+    from kiln.tune import run_tune
+    from kiln_core.spec import merge_overrides, parse_spec, spec_file
+
+    s = _spec(spec, workdir)
+    try:
+        raw = (yaml.safe_load(slo.read_text()) or {}).get("loadtest", {})
+        # laid over the spec's own load test, as `kiln loadtest --slo` does
+        data = s.model_dump(mode="json")
+        target = parse_spec(merge_overrides(data, {"loadtest": raw}), origin=f"--slo {slo}").loadtest
+    except (OSError, yaml.YAMLError, AttributeError, SpecError) as err:
+        console.print(f"[red]cannot use --slo {slo}[/]: {err}")
+        raise typer.Exit(2)
+    wide = console if console.is_terminal else Console(stderr=True, width=180)  # a log has no width: keep rows whole
+    outcome = run_tune(s, spec_file(spec), target, wide, budget_s=budget,
+                       out=out_file, workdir=str(workdir) if workdir else None, max_candidates=max_candidates)
+    raise typer.Exit(outcome.exit_code)
 
 
 @app.command()

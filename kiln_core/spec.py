@@ -298,30 +298,37 @@ def parse_spec(data: dict, origin: str = "spec") -> DeploymentSpec:
         raise SpecError(f"{origin} is not a valid deployment spec:\n{_format_errors(err)}") from None
 
 
-def load_spec(path: str | Path, **overrides) -> DeploymentSpec:
-    """Load a spec file, or a packaged one by name (e.g. ``minilm``)."""
+def spec_file(path: str | Path) -> Path:
+    """The file a spec argument names: a path, or a packaged spec's name (e.g. ``minilm``)."""
     p = Path(path)
     if not p.exists() and (PACKAGED_SPECS / f"{path}.yaml").exists():
         p = PACKAGED_SPECS / f"{path}.yaml"
     if not p.exists():
         known = ", ".join(sorted(s.stem for s in PACKAGED_SPECS.glob("*.yaml")))
         raise SpecError(f"no spec file {path!r} (packaged specs: {known})")
+    return p
+
+
+def load_spec(path: str | Path, **overrides) -> DeploymentSpec:
+    """Load a spec file, or a packaged one by name (e.g. ``minilm``)."""
+    p = spec_file(path)
     try:
         data = yaml.safe_load(p.read_text())
     except yaml.YAMLError as err:
         raise SpecError(f"{p}: not valid YAML: {err}") from None
     if isinstance(data, dict):
-        data = _merge(data, overrides)
+        data = merge_overrides(data, overrides)
     return parse_spec(data, origin=str(p))
 
 
-def _merge(base: dict, overrides: dict) -> dict:
+def merge_overrides(base: dict, overrides: dict) -> dict:
+    """`base` with `overrides` laid over it, mappings merged key by key (None: keep base's)."""
     out = dict(base)
     for k, v in overrides.items():
         if v is None:
             continue
         if isinstance(v, dict) and isinstance(out.get(k), dict):
-            out[k] = _merge(out[k], v)
+            out[k] = merge_overrides(out[k], v)
         else:
             out[k] = v
     return out
