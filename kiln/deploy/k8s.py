@@ -173,13 +173,22 @@ def _lost_fields(obj: Any, out: Any, where: str) -> list[str]:
 
 
 # ----------------------------------------------------------------------------- Triton
-def triton_args(repository: str, ports: Ports) -> list[str]:
+def triton_args(repository: str, ports: Ports, cache_mb: int = 0) -> list[str]:
     """tritonserver's command line: the admin APIs answer only requests carrying the
-    ``kiln-admin`` header key, read from the pod's environment (Kubernetes expands ``$(VAR)``)."""
+    ``kiln-admin`` header key, read from the pod's environment (Kubernetes expands ``$(VAR)``);
+    with `cache_mb`, Triton's local response cache of that size (each model's config says
+    whether it uses it, as `kiln serve` runs it)."""
     restricted = f"{TRITON_RESTRICTED}:{ADMIN_HEADER}=$({ADMIN_ENV})"
     return [f"--model-repository={repository}", f"--http-port={ports.http}", f"--grpc-port={ports.grpc}",
             f"--metrics-port={ports.metrics}", f"--http-restricted-api={restricted}",
-            f"--grpc-restricted-protocol={restricted}"]
+            f"--grpc-restricted-protocol={restricted}",
+            *([f"--cache-config=local,size={cache_mb * 2**20}"] if cache_mb > 0 else [])]
+
+
+def cache_mb(spec: DeploymentSpec) -> int:
+    """The response cache a pod's Triton gets: the spec's size for an encoder with the cache on
+    (only a batch-invariant variant's config turns it on), none for generation (never cached)."""
+    return spec.response_cache.size_mb if spec.task is not Task.text_generation and spec.response_cache.enabled else 0
 
 
 def triton_resources(spec: DeploymentSpec) -> client.V1ResourceRequirements:
@@ -219,7 +228,7 @@ def triton_container(spec: DeploymentSpec, opts: DeployOptions, names: Names, na
         name=name,
         image=opts.triton_image(spec),
         command=["tritonserver"],
-        args=triton_args(repository, ports),
+        args=triton_args(repository, ports, cache_mb(spec)),
         ports=[client.V1ContainerPort(name=HTTP, container_port=ports.http),
                client.V1ContainerPort(name=GRPC, container_port=ports.grpc),
                client.V1ContainerPort(name=METRICS, container_port=ports.metrics)],

@@ -4,7 +4,9 @@ behind the queue-time autoscaler, and a Grafana dashboard for the gateway and Tr
 The dashboard's queries name only series that are really exported: the gateway's own
 (``kiln.gateway.metrics.Metrics``), Triton's (checked against a running Triton by
 tests/e2e/test_deploy_metrics.py) and Prometheus's per-target ``up``. :func:`promql_metric_names`
-reads them back out of the queries, so the test checks the dashboard as written.
+reads them back out of the queries, so the test checks the dashboard as written. Triton's
+response-cache series exist only where a model has the cache on, so tests/e2e/test_response_cache.py
+checks those on a cached Triton.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from kiln.deploy.k8s import (
     QUEUE_TIME_METRIC,
     Names,
 )
-from kiln_core.spec import DeploymentSpec
+from kiln_core.spec import DeploymentSpec, Task
 
 # Triton's series the rule and the dashboard read (names as Triton 2.51 / 25.07 export them)
 TRITON_QUEUE = "nv_inference_queue_duration_us"  # cumulative queue time, per model
@@ -29,6 +31,11 @@ TRITON_FAILURE = "nv_inference_request_failure"
 TRITON_REQUEST_TIME = "nv_inference_request_duration_us"  # cumulative end-to-end time in Triton
 TRITON_COMPUTE_TIME = "nv_inference_compute_infer_duration_us"
 TRITON_PENDING = "nv_inference_pending_request_count"
+# the response cache's, per model that has it on (absent from a Triton without --cache-config)
+TRITON_CACHE_HITS = "nv_cache_num_hits_per_model"
+TRITON_CACHE_MISSES = "nv_cache_num_misses_per_model"
+TRITON_CACHE_HIT_TIME = "nv_cache_hit_duration_per_model"  # cumulative µs fetching cached answers
+TRITON_CACHE_MISS_TIME = "nv_cache_miss_duration_per_model"  # cumulative µs looking up and inserting on misses
 # made by Prometheus for every scrape target, not exported by a server: 1 while the target answers
 PROMETHEUS_SYNTHETIC = frozenset({"up"})
 
@@ -106,10 +113,39 @@ def _quantiles(series: str, by: str, sel: str) -> tuple[tuple[str, str], ...]:
                   f"p{round(q * 100)} {{{{{by}}}}}") for q in (0.5, 0.95))
 
 
+def _cache_panels(sel: str) -> list[Panel]:
+    """Triton's response cache per model. A ratio's denominator keeps only windows with lookups
+    (``> 0``): an idle model shows no point rather than a hit rate of 0."""
+    def per_s(series: str) -> str:
+        return f"sum by (model) (rate({series}{sel}[{RATE}]))"
+
+    def per(total: str, count: str) -> str:
+        return f"{per_s(total)} / ({per_s(count)} > 0)"
+
+    def hit_rate(hits: str, misses: str) -> str:
+        return f"{per_s(hits)} / ({per_s(hits)} + {per_s(misses)} > 0)"
+
+    return [
+        # the gateway's line: Triton's counts as its gateways read them from the Tritons they call
+        # (kiln.gateway.metrics.CacheCounts), a cross-check; only the ratio, as gateways may share a Triton
+        Panel("Response cache hit rate by model", "percentunit",
+              ((hit_rate(TRITON_CACHE_HITS, TRITON_CACHE_MISSES), "Triton {{model}}"),
+               (hit_rate("kiln_gateway_response_cache_hits_total", "kiln_gateway_response_cache_misses_total"),
+                "gateway sees {{model}}"))),
+        Panel("Response cache hits and misses /s", "reqps",
+              ((per_s(TRITON_CACHE_HITS), "hits {{model}}"), (per_s(TRITON_CACHE_MISSES), "misses {{model}}"))),
+        Panel("Response cache time per lookup", "µs",
+              ((per(TRITON_CACHE_HIT_TIME, TRITON_CACHE_HITS), "hit (fetch) {{model}}"),
+               (per(TRITON_CACHE_MISS_TIME, TRITON_CACHE_MISSES), "miss (lookup + insert) {{model}}"))),
+    ]
+
+
 def panels(spec: DeploymentSpec) -> list[Panel]:
     sel = f'{{{INSTANCE_LABEL}="{Names.of(spec).base}"}}'
     per_request = (lambda total: f"sum by (model) (rate({total}{sel}[{RATE}])) / "
                    f"clamp_min(sum by (model) (rate({TRITON_SUCCESS}{sel}[{RATE}])), 1e-9) / 1000")
+    # generation is never cached (model_repository.writer.response_cache_mb): no empty panels for it
+    cache = _cache_panels(sel) if spec.task is not Task.text_generation and spec.response_cache.enabled else []
     return [
         Panel("Gateway requests/s by route and status", "reqps",
               ((f"sum by (route, status) (rate(kiln_gateway_requests_total{sel}[{RATE}]))", "{{route}} {{status}}"),)),
@@ -137,6 +173,7 @@ def panels(spec: DeploymentSpec) -> list[Panel]:
         Panel("Work in flight per pod", "short", (
             (f"sum by (pod) (kiln_gateway_requests_in_flight{sel})", "gateway {{pod}}"),
             (f"sum by (pod) ({TRITON_PENDING}{sel})", "Triton pending {{pod}}"))),
+        *cache,
     ]
 
 

@@ -211,3 +211,12 @@ def test_kiln_deploy_writes_and_reports_the_files(tmp_path):
     assert len(list((tmp_path / "k8s").glob("*.yaml"))) == len(docs())
     bad = CliRunner().invoke(app, ["deploy", "minilm", "--target", "helm", "--out", str(tmp_path)])
     assert bad.exit_code == 2
+
+
+def test_an_encoders_triton_gets_the_response_cache_the_spec_sizes_and_a_chat_models_none():
+    """As `kiln serve` runs it: the models' configs say whether they use the cache, the server
+    must have one for them to use (the dashboard's cache panels read what it counts)."""
+    args = container(one(docs(), "Deployment", "kiln-minilm-triton"), "triton")["args"]
+    assert f"--cache-config=local,size={load_spec('minilm').response_cache.size_mb * 2**20}" in args
+    chat = container(one(docs("smollm2"), "Deployment", "kiln-smollm2-triton"), "triton")["args"]
+    assert not any(a.startswith("--cache-config") for a in chat)

@@ -13,6 +13,7 @@ from kiln.deploy import observability, writer
 from kiln.deploy.k8s import DeployOptions
 from kiln.deploy.observability import (
     PROMETHEUS_SYNTHETIC,
+    RATE,
     adapter_values,
     dashboard_metric_names,
     grafana_dashboard,
@@ -20,7 +21,7 @@ from kiln.deploy.observability import (
     promql_metric_names,
 )
 from kiln.gateway.metrics import Metrics
-from kiln_core.spec import load_spec
+from kiln_core.spec import ResponseCache, load_spec
 
 SUFFIXES = {"counter": ("_total", "_created"), "gauge": ("",), "histogram": ("_bucket", "_count", "_sum", "_created"),
             "summary": ("", "_count", "_sum", "_created"), "info": ("_info",)}
@@ -68,7 +69,8 @@ def test_every_series_the_dashboard_queries_is_exported(name):
     dashboard = grafana_dashboard(load_spec(name))
     assert unexported(dashboard) == set()
     triton = dashboard_metric_names(dashboard) - GATEWAY - PROMETHEUS_SYNTHETIC
-    assert triton and all(n.startswith("nv_inference_") for n in triton)  # the e2e test checks them on Triton
+    # the e2e tests check them on Triton: test_deploy_metrics.py, test_response_cache.py (nv_cache_*)
+    assert triton and all(n.startswith(("nv_inference_", "nv_cache_")) for n in triton)
 
 
 def test_a_misspelt_series_in_the_dashboard_is_caught():
@@ -87,6 +89,35 @@ def test_the_dashboard_shows_what_an_operator_needs():
         assert series in names
     queries = " ".join(t["expr"] for p in grafana_dashboard(load_spec("smollm2"))["panels"] for t in p["targets"])
     assert "histogram_quantile(0.5," in queries and "histogram_quantile(0.95," in queries
+
+
+def test_an_encoders_dashboard_shows_its_response_cache_hit_rate_and_traffic():
+    by_title = {p["title"]: p for p in grafana_dashboard(load_spec("minilm"))["panels"]}
+    rate = by_title["Response cache hit rate by model"]
+    assert rate["fieldConfig"]["defaults"]["unit"] == "percentunit"
+    sources = {(observability.TRITON_CACHE_HITS, observability.TRITON_CACHE_MISSES),  # Triton's own
+               ("kiln_gateway_response_cache_hits_total", "kiln_gateway_response_cache_misses_total")}  # the gateway's
+    ratios = set()
+    for target in rate["targets"]:  # hits / (hits + misses), per model, over Grafana's rate window
+        numerator, denominator = target["expr"].split(" / ", 1)
+        (hits,) = promql_metric_names(numerator)
+        (misses,) = promql_metric_names(denominator) - {hits}
+        assert "sum by (model) (rate(" in numerator and f"{RATE}]" in numerator and "{{model}}" in target["legendFormat"]
+        assert promql_metric_names(denominator) == {hits, misses} and " + " in denominator
+        ratios.add((hits, misses))
+    assert ratios == sources
+    traffic = by_title["Response cache hits and misses /s"]
+    assert traffic["fieldConfig"]["defaults"]["unit"] == "reqps"
+    assert [promql_metric_names(t["expr"]) for t in traffic["targets"]] == [
+        {observability.TRITON_CACHE_HITS}, {observability.TRITON_CACHE_MISSES}]
+
+
+@pytest.mark.parametrize("name, cache", [("smollm2", ResponseCache()), ("minilm", ResponseCache(enabled=False))])
+def test_no_cache_panels_where_the_cache_is_never_on(name, cache):
+    """Generation is never cached and a spec may turn the cache off: no panel that stays empty."""
+    spec = load_spec(name).model_copy(update={"response_cache": cache})
+    names = dashboard_metric_names(grafana_dashboard(spec))
+    assert not {n for n in names if n.startswith("nv_cache_") or "response_cache" in n}
 
 
 def test_the_adapter_rule_reads_only_tritons_series():
