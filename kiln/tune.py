@@ -247,7 +247,7 @@ def measure_on_triton(spec: DeploymentSpec, manifest, slo: LoadTest, root: Path,
         repo = write_repository(cspec, manifest, out=folder / "model_repository")
         try:
             with Stack(repo, folder / "server", cache_mb=0, triton_timeout=triton_timeout) as stack:
-                url = stack.triton.grpc_url if shape.protocol in ("grpc", "stream") else stack.triton.http_url
+                url = stack.triton.grpc_url if shape.protocol == "grpc" else stack.triton.http_url  # stream: HTTP SSE
                 ep = Endpoint(url, cspec.name, output, task=cspec.task.value)
                 # first runs are slow (ONNX Runtime's first calls, Python's imports): not part of any step
                 run_once(shape, ep, slo.targets, console, run_time=WARMUP_S, rate=shape.start_rate, label="warm-up")
