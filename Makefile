@@ -9,7 +9,7 @@ export PYTHONSAFEPATH := 1
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: demo test export repo serve bench engines loadtest deploy unit functional e2e faults clean setup
+.PHONY: demo test export repo serve bench engines loadtest tune deploy unit functional e2e faults clean setup
 
 setup: $(STAMP)
 
@@ -43,6 +43,12 @@ engines: $(STAMP)
 # headless Locust run against a Triton it starts (or URL=host:port); exits 1 on a missed SLO
 loadtest: $(STAMP)
 	$(KILN) loadtest $(SPEC) $(if $(URL),--url $(URL))
+
+# the batching / instance settings with the most load within an SLO (SLO=file), written as a spec
+SLO ?= ci/slo-$(SPEC).yaml
+BUDGET ?= 600
+tune: $(STAMP)
+	$(KILN) tune $(SPEC) --slo $(SLO) --budget $(BUDGET)
 
 # Kubernetes (TARGET=k8s) or KServe (TARGET=kserve) manifests in build/<name>/deploy/, validated offline
 TARGET ?= k8s
