@@ -292,34 +292,38 @@ def gateway(
     server.run()
 
 
-def _server_dirs(s: DeploymentSpec, server_dir: Optional[Path]) -> list[Path]:
-    """Where `kiln serve` keeps its Triton for this spec: alone, or with other specs (WORKDIR/serve)."""
-    return [server_dir] if server_dir else [s.server_dir, s.workdir / "serve"]
+def _server_dirs(s: DeploymentSpec, server_dirs: Optional[list[Path]]) -> list[Path]:
+    """Where `kiln serve` keeps its Triton for this spec: the folders named, else alone or with
+    other specs (WORKDIR/serve)."""
+    return list(server_dirs) if server_dirs else [s.server_dir, s.workdir / "serve"]
 
 
 ServerDirOpt = typer.Option(None, "--server-dir", help="the running `kiln serve`'s server folder (default: the "
-                                                       "spec's, else WORKDIR/serve)")
+                                                       "spec's, else WORKDIR/serve); repeat to name several, each "
+                                                       "of which must have its Triton running")
 
 
-def _version_switch(verb: str, spec: str, workdir: Optional[Path], server_dir: Optional[Path], run) -> None:
+def _version_switch(verb: str, spec: str, workdir: Optional[Path], server_dirs: Optional[list[Path]], run) -> None:
     """`kiln reload` / `kiln rollback`: ``run(spec, tritons, say)`` on every Triton the running
-    `kiln serve` has for the spec; a refusal exits 1 saying why (the serving version stays)."""
+    `kiln serve` has for the spec (with --server-dir: every Triton of every folder named); a
+    refusal exits 1 saying why (the serving version stays)."""
     from kiln.reload import ReloadError, running_tritons
 
     s = _spec(spec, workdir)
     try:
-        result = run(s, running_tritons(_server_dirs(s, server_dir)),
+        result = run(s, running_tritons(_server_dirs(s, server_dirs), every=bool(server_dirs)),
                      lambda msg: console.print(f"[bold cyan]{verb}[/] {msg}", highlight=False))
     except ReloadError as err:
         console.print(f"[red]{verb} refused[/]: {err}")
         raise typer.Exit(1)
-    smoke = f"; smoke max |diff| {result.smoke['max_abs_diff']:.2g}" if result.smoke else ""
+    smoke = f"; {result.smoke_summary}" if result.smoke_summary else ""
     out.print(f"{result.model}: version {result.from_version} -> {result.to_version} ({result.precision}) in "
               f"{result.seconds:.1f}s{smoke}")
 
 
 @app.command()
-def reload(spec: str = SpecArg, workdir: Optional[Path] = WorkdirOpt, server_dir: Optional[Path] = ServerDirOpt):
+def reload(spec: str = SpecArg, workdir: Optional[Path] = WorkdirOpt,
+           server_dir: Optional[list[Path]] = ServerDirOpt):
     """A new version of a served encoder with no dropped request: export and gate the spec
     anew, load it beside the serving version, smoke-test it, switch, unload the old one."""
     from kiln.reload import reload_version
@@ -328,7 +332,8 @@ def reload(spec: str = SpecArg, workdir: Optional[Path] = WorkdirOpt, server_dir
 
 
 @app.command()
-def rollback(spec: str = SpecArg, workdir: Optional[Path] = WorkdirOpt, server_dir: Optional[Path] = ServerDirOpt):
+def rollback(spec: str = SpecArg, workdir: Optional[Path] = WorkdirOpt,
+             server_dir: Optional[list[Path]] = ServerDirOpt):
     """Back to the version served before the last `kiln reload` (still on disk), the same way."""
     from kiln.reload import rollback_version
 

@@ -22,8 +22,15 @@ for ``kiln rollback``, which switches back the same way (its files were gated wh
 served); the two versions before the serving one are kept, older ones removed.
 
 Triton is reached through the connection file ``kiln serve`` writes in its server folder (its
-gRPC address and the admin key that repository control needs). Not yet: generation models,
-``serving: fused``, the gateway's admin route and canary mode (README "Open work").
+gRPC address and the admin key that repository control needs). The gateway's admin route
+(``kiln.gateway.admin``) runs this same command as a child process.
+
+A generation model (one decoupled python model) moves the same way with no ensemble in
+front (``GenerationSwitch``): version n+1 is written beside n, smoke-tested as
+``<name>__candidate`` on the same files (greedy answers equal to the same engine run in process
+on the gated graph), then the model is loaded with version n+1 only: Triton answers with n
+until n+1 is ready and ends n's streams in flight before unloading it. Not yet: ``serving:
+fused`` and canary mode (README "Open work").
 """
 
 from __future__ import annotations
@@ -41,7 +48,15 @@ from kiln.server import ADMIN_HEADER, CONNECTION_FILE, GRPC_HEADER_PREFIX
 from kiln_core.card import RepositoryCard
 from kiln_core.manifest import ExportManifest, sha256
 from kiln_core.spec import DeploymentSpec
-from kiln_runtime.contract import TEXT, TOKENIZER_DIR, head_outputs
+from kiln_runtime.contract import (
+    MAX_TOKENS,
+    TEMPERATURE,
+    TEXT,
+    TEXT_INPUT,
+    TEXT_OUTPUT,
+    TOKENIZER_DIR,
+    head_outputs,
+)
 from model_repository import configs
 from model_repository.writer import EncoderVersion, read_config, write_config
 
@@ -62,15 +77,16 @@ class TritonAdmin:
 
     grpc_url: str
     admin_key: str
+    http_url: str = ""  # host:port of its HTTP endpoint (a generation model's smoke request)
 
     @classmethod
     def of(cls, server) -> "TritonAdmin":
-        return cls(server.grpc_url, server.admin_key)
+        return cls(server.grpc_url, server.admin_key, server.http_url)
 
     @classmethod
     def from_file(cls, path: Path) -> "TritonAdmin":
         data = json.loads(Path(path).read_text())
-        return cls(data["grpc"], data["admin_key"])
+        return cls(data["grpc"], data["admin_key"], data.get("http", ""))
 
     @property
     def headers(self) -> dict[str, str]:
@@ -97,6 +113,16 @@ class TritonAdmin:
                                   client_timeout=60)
         return {o: res.as_numpy(o) for o in outputs}
 
+    def generate(self, model: str, prompt: str, max_tokens: int) -> dict:
+        """One greedy generation, whole (Triton's HTTP generate endpoint)."""
+        import urllib.request
+
+        body = json.dumps({TEXT_INPUT: prompt, MAX_TOKENS: max_tokens, TEMPERATURE: 0}).encode()
+        req = urllib.request.Request(f"http://{self.http_url}/v2/models/{model}/generate", body,
+                                     {"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=120) as r:
+            return json.loads(r.read().decode())
+
 
 @dataclass(frozen=True)
 class ReloadResult:
@@ -107,17 +133,40 @@ class ReloadResult:
     smoke: dict[str, float]
     seconds: float
 
+    @property
+    def smoke_summary(self) -> str:
+        """What the smoke request showed, in words ("": none was sent, a rollback)."""
+        if "max_abs_diff" in self.smoke:
+            return f"smoke max |diff| {self.smoke['max_abs_diff']:.2g}"
+        if "identical" in self.smoke:
+            return f"smoke {int(self.smoke['identical'])}/{int(self.smoke['prompts'])} greedy answers identical"
+        return ""
 
-def running_tritons(server_dirs: list[Path]) -> list[TritonAdmin]:
-    """Every Triton `kiln serve` runs for these folders (the first one's, and its replicas'
-    under replica-N/), from their connection files; ReloadError when none runs."""
-    found = []
+
+def _tritons_in(folder: Path) -> list[TritonAdmin]:
+    """The Triton `kiln serve` runs in this folder and its replicas' (under replica-N/)."""
+    paths = [Path(folder) / CONNECTION_FILE, *sorted(Path(folder).glob(f"replica-*/{CONNECTION_FILE}"))]
+    return [TritonAdmin.from_file(p) for p in paths if p.is_file()]
+
+
+def running_tritons(server_dirs: list[Path], every: bool = False) -> list[TritonAdmin]:
+    """Every Triton `kiln serve` runs for these folders, from their connection files: those of
+    the first folder where one runs (its replicas' included), or with ``every`` those of each
+    folder (each must have one: a switch must reach every replica), each Triton once.
+    ReloadError when none runs."""
+    if every:
+        found: dict[str, TritonAdmin] = {}
+        for folder in server_dirs:
+            here = _tritons_in(folder)
+            if not here:
+                raise ReloadError(f"no Triton runs in {folder} (no {Path(folder) / CONNECTION_FILE}): every server "
+                                  "folder named must have its `kiln serve` running (a replica being restarted: retry)")
+            found.update({t.grpc_url: t for t in here if t.grpc_url not in found})
+        return list(found.values())
     for folder in server_dirs:
-        for path in [Path(folder) / CONNECTION_FILE, *sorted(Path(folder).glob(f"replica-*/{CONNECTION_FILE}"))]:
-            if path.is_file():
-                found.append(TritonAdmin.from_file(path))
-        if found:
-            return found
+        found_here = _tritons_in(folder)
+        if found_here:
+            return found_here
     raise ReloadError("no running `kiln serve` found (no " + " or ".join(str(Path(f) / CONNECTION_FILE)
                                                               for f in server_dirs) + "): start it first")
 
@@ -177,12 +226,20 @@ def in_process(spec: DeploymentSpec, manifest: ExportManifest, precision: str) -
     return run
 
 
+def reload_refusal(task: str, serving: str | None) -> str | None:
+    """Why a repository of this task and serving cannot be reloaded yet (None: it can); the
+    gateway's admin route says the same before it starts anything."""
+    if task == "text-generation":
+        return None  # one decoupled model: GenerationSwitch
+    if serving != "ensemble":
+        return f"kiln reload needs serving: ensemble (this repository is {serving!r})"
+    return None
+
+
 def _check_reloadable(card: RepositoryCard) -> None:
-    if card.generation:
-        raise ReloadError("kiln reload serves encoders so far; a generation model is reloaded by restarting "
-                          "`kiln serve` (README \"Open work\")")
-    if card.serving != "ensemble":
-        raise ReloadError(f"kiln reload needs serving: ensemble (this repository is {card.serving!r})")
+    why = reload_refusal(card.task, card.serving)
+    if why is not None:
+        raise ReloadError(why)
 
 
 # ----------------------------------------------------------------------------- the switch
@@ -193,6 +250,8 @@ class Switch:
         self.repo, self.admins = repo, list(admins)
         self.card = RepositoryCard.read(repo)
         _check_reloadable(self.card)
+        if self.card.generation:
+            raise ReloadError("a generation model is one decoupled model, switched by GenerationSwitch")
         self.public = self.card.public_model
         self.steps = [m for m in self.card.models if m != self.public]
 
@@ -262,6 +321,8 @@ def reload_version(spec: DeploymentSpec, admins: list[TritonAdmin], repo: Path |
 
     t0 = time.perf_counter()
     repo = Path(repo or spec.repository_dir)
+    if RepositoryCard.read(repo).generation:
+        return reload_generation(spec, admins, repo, say)
     sw = Switch(repo, admins)
     old = sw.card.version
     new = max(on_disk_versions(repo, sw.card)) + 1
@@ -308,6 +369,8 @@ def reload_version(spec: DeploymentSpec, admins: list[TritonAdmin], repo: Path |
 def rollback_version(repo: Path, admins: list[TritonAdmin], say: Callable[[str], None] = lambda msg: None) -> ReloadResult:
     """Back to the newest earlier version still on disk (gated when it was served), the same way."""
     t0 = time.perf_counter()
+    if RepositoryCard.read(repo).generation:
+        return rollback_generation(repo, admins, say)
     sw = Switch(repo, admins)
     if not sw.card.previous:
         raise ReloadError(f"{sw.public} has no earlier version on disk to roll back to")
@@ -343,3 +406,153 @@ def _smoke_texts() -> list[str]:
     from export.variants import calibration_texts
 
     return list(calibration_texts())[:SMOKE_TEXTS]
+
+
+# ----------------------------------------------------------------------------- generation models
+SMOKE_PROMPTS = 3
+SMOKE_TOKENS = 8
+
+
+def lm_in_process(spec: DeploymentSpec, manifest: ExportManifest, precision: str) -> Callable[[str, int], str]:
+    """What the served generation model must answer to a greedy request, computed here on the
+    gated graph by the engine the served model runs (kiln_runtime.generation: same tokenizer,
+    session, prompt encoding and detokenizer), one sequence at a time as the smoke request is."""
+    from tokenizers import Tokenizer
+
+    from kiln_runtime.contract import TOKENIZER_FILE
+    from kiln_runtime.generation.chat_template import encode_prompt
+    from kiln_runtime.generation.engine import Engine
+    from kiln_runtime.generation.params import SamplingParams
+    from kiln_runtime.ort import open_session, session_runner
+
+    d = manifest.decoder
+    tokenizer = Tokenizer.from_file(str(spec.export_dir / manifest.tokenizer_dir / Path(TOKENIZER_FILE).name))
+    session = open_session(str(spec.export_dir / manifest.usable_variant(precision).file), spec.instances.intra_op_threads)
+    engine = Engine(session_runner(session), num_layers=d["num_layers"], num_kv_heads=d["num_kv_heads"],
+                    head_dim=d["head_dim"], eos_token_ids=d["eos_token_ids"], max_concurrent=1,
+                    max_context=int(d["max_context"]), tokenizer=tokenizer)
+
+    def run(prompt: str, max_tokens: int) -> str:
+        rid = f"smoke-{time.monotonic_ns()}"
+        engine.submit(rid, encode_prompt(tokenizer, prompt=prompt), SamplingParams(max_tokens=max_tokens, temperature=0))
+        text = ""
+        while True:
+            for ev in engine.step():
+                if ev.request_id == rid:
+                    text += ev.text
+                    if ev.finished:
+                        if ev.error:
+                            raise ReloadError(f"the gated graph failed in process: {ev.error}")
+                        return text
+
+    return run
+
+
+class GenerationSwitch:
+    """Moves a live generation repository (one decoupled model) between versions on disk.
+    Triton answers a request that names no version with the newest loaded one, so the new
+    version is smoke-tested under another name first (``<name>__candidate``, the same files),
+    and the switch is loading the model with only the new version: Triton loads it while the
+    old one answers, then unloads the old one once its streams in flight have ended."""
+
+    def __init__(self, repo: Path, admins: list[TritonAdmin]):
+        self.repo, self.admins = Path(repo), list(admins)
+        self.card = RepositoryCard.read(repo)
+        self.public = self.card.public_model
+
+    def smoke(self, version, expected: Callable[[str, int], str], prompts: list[str]) -> dict[str, float]:
+        """The candidate answers every prompt, greedy, with the in-process text, or ReloadError."""
+        name = self.public + CANDIDATE
+        version.write_files(self.repo, name=name)
+        figures = {"prompts": float(len(prompts)), "identical": 0.0}
+        try:
+            for admin in self.admins:
+                admin.load(name)
+            want = [expected(p, SMOKE_TOKENS) for p in prompts]
+            for admin in self.admins:  # each replica answers, and must answer right
+                for prompt, text in zip(prompts, want):
+                    got = admin.generate(name, prompt, SMOKE_TOKENS)[TEXT_OUTPUT]
+                    if got != text:
+                        raise ReloadError(f"version {version.version}'s smoke request does not match its gated graph: "
+                                          f"{prompt!r} -> {got!r} served, {text!r} in process (greedy, "
+                                          f"{SMOKE_TOKENS} tokens)")
+            figures["identical"] = float(len(prompts))
+        finally:
+            try:
+                for admin in self.admins:
+                    admin.unload(name)
+            finally:
+                shutil.rmtree(self.repo / name, ignore_errors=True)
+        return figures
+
+    def switch(self, new: int) -> None:
+        write_config(self.repo, configs.pin_versions(read_config(self.repo, self.public), [new]))
+        for admin in self.admins:
+            admin.load(self.public)
+
+    def prune(self, keep: set[int]) -> None:
+        for p in (self.repo / self.public).iterdir():
+            if p.is_dir() and p.name.isdigit() and int(p.name) not in keep:
+                shutil.rmtree(p)
+
+
+def reload_generation(spec: DeploymentSpec, admins: list[TritonAdmin], repo: Path,
+                      say: Callable[[str], None] = lambda msg: None) -> ReloadResult:
+    """`reload_version` for a generation model: export and gate version n+1, write it beside n,
+    smoke-test it as the candidate, then load the model with n+1 only (see GenerationSwitch)."""
+    from export.lm_parity import chat_prompts
+    from export.reuse import ensure_export
+    from model_repository.writer import GenerationVersion
+
+    t0 = time.perf_counter()
+    sw = GenerationSwitch(repo, admins)
+    old = sw.card.version
+    new = max(on_disk_versions(repo, sw.card)) + 1
+    staged = spec.model_copy(update={"workdir": spec.root / "versions" / str(new)})
+    say(f"version {new} of {sw.public}: exporting and gating into {staged.root}")
+    try:
+        manifest = ensure_export(staged)
+        version = GenerationVersion(staged, manifest, new)
+    except Exception as err:
+        raise ReloadError(f"version {new} was not exported: {err}") from err
+    if not configs.same_but_versions(version.public, read_config(repo, sw.public)):
+        raise ReloadError(f"the new version changes {sw.public}'s config (concurrency, queue, context, threads): a "
+                          "reload swaps weights and tokenizer only; restart `kiln serve` with the new spec for the rest")
+    say(f"writing version {new} beside version {old}")
+    version.write_files(repo, config=False, copy=True)
+    try:
+        graph = repo / sw.public / str(new) / version.model_file
+        if sha256(graph) != version.variant.sha256:
+            raise ReloadError(f"{graph} is not the graph that passed the gate (sha256 differs from the manifest's)")
+        say(f"smoke request: {SMOKE_PROMPTS} greedy prompts through {sw.public}{CANDIDATE} (version {new}'s files)")
+        smoke = sw.smoke(version, lm_in_process(staged, manifest, version.precision), chat_prompts(SMOKE_PROMPTS))
+    except Exception as err:
+        say(f"version {new} refused ({err}); version {old} keeps serving")
+        shutil.rmtree(repo / sw.public / str(new), ignore_errors=True)
+        raise err if isinstance(err, ReloadError) else ReloadError(f"version {new} did not load: {err}") from err
+    say(f"smoke request matches ({int(smoke['identical'])} of {SMOKE_PROMPTS} identical); switching {sw.public} "
+        f"to version {new} (streams on version {old} finish there)")
+    sw.switch(new)
+    previous = [served_entry(sw.card), *sw.card.previous]
+    version.card().model_copy(update={"previous": previous[:KEEP_PREVIOUS]}).write(repo)
+    sw.prune(to_keep(new, previous))
+    return ReloadResult(sw.public, old, new, version.precision, smoke, time.perf_counter() - t0)
+
+
+def rollback_generation(repo: Path, admins: list[TritonAdmin],
+                        say: Callable[[str], None] = lambda msg: None) -> ReloadResult:
+    t0 = time.perf_counter()
+    sw = GenerationSwitch(repo, admins)
+    if not sw.card.previous:
+        raise ReloadError(f"{sw.public} has no earlier version on disk to roll back to")
+    back, old = sw.card.previous[0], sw.card.version
+    target = int(back["version"])
+    say(f"rolling {sw.public} back from version {old} to version {target}")
+    try:
+        sw.switch(target)
+    except Exception as err:
+        sw.switch(old)
+        raise ReloadError(f"version {target} did not load: {err}") from err
+    previous = [served_entry(sw.card), *sw.card.previous[1:]]
+    sw.card.model_copy(update={**back, "previous": previous[:KEEP_PREVIOUS]}).write(repo)
+    return ReloadResult(sw.public, old, target, back["precision"], {}, time.perf_counter() - t0)

@@ -31,8 +31,8 @@ Gateway = GatewayProcess | GatewayThread | GatewayGroup
 
 @dataclass(frozen=True)
 class GatewayOptions:
-    """How the stack runs the gateway. The stack sets ``config``'s Triton address and
-    repositories (always its own), and picks a free port when ``config.port`` is 0."""
+    """How the stack runs the gateway. The stack sets ``config``'s Triton addresses, server
+    folders and repositories (always its own), and picks a free port when ``config.port`` is 0."""
 
     config: GatewayConfig = field(default_factory=lambda: GatewayConfig(port=0))
     in_process: bool = False  # a uvicorn thread here (`kiln serve`), else a `kiln gateway` child process
@@ -164,7 +164,10 @@ class Stack:
         port = options.config.port or free_port()
         config = options.config.model_copy(update={"triton_grpc": self.triton.grpc_url,
                                                    "triton_replicas": [b.grpc_url for b in self.backends[1:]],
-                                                   "repositories": self.repositories, "port": port})
+                                                   "repositories": self.repositories, "port": port,
+                                                   # where each Triton's connection file is: the admin routes'
+                                                   # `kiln reload --server-dir`
+                                                   "server_dirs": [b.workdir for b in self.backends]})
         return self._gateway_class(options, config, self.workdir)
 
     def _start_gateway(self) -> None:

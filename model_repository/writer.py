@@ -204,25 +204,60 @@ def write_repository(spec: DeploymentSpec, manifest: ExportManifest | None = Non
     return repo
 
 
+class GenerationVersion:
+    """One version of a generation repository: the decoupled model's config (loading only this
+    version) and its ``<version>/`` folder: graph, tokenizer files with the chat template,
+    model.py and the kiln_runtime package (self-contained)."""
+
+    def __init__(self, spec: DeploymentSpec, manifest: ExportManifest, version: int = 1):
+        if not manifest.decoder:
+            raise ValueError("the manifest has no decoder section: re-export with a text-generation spec")
+        self.spec, self.manifest, self.version = spec, manifest, version
+        self.precision = manifest.served_precision(spec.serve_precision)
+        self.variant = manifest.usable_variant(self.precision)  # refuses a variant that failed its gate
+        self.model_file = "model.onnx"
+        self.public = configs.pin_versions(configs.generation_config(spec, manifest, self.model_file), [version])
+
+    def source(self) -> Path:
+        return self.spec.export_dir / self.variant.file
+
+    def write_files(self, repo: Path, config: bool = True, copy: bool = False, name: str | None = None) -> Path:
+        """``<name>/<version>/`` (and, with ``config``, the config); returns the model folder.
+        ``copy``: the graph copied, not hard-linked (see EncoderVersion.write_files). ``name``:
+        another model folder for the same files (the smoke test's candidate)."""
+        cfg = self.public
+        if name is not None:
+            cfg = configs.pin_versions(_copy_config(self.public), [self.version])
+            cfg.name = name
+        folder = _write_model(repo, cfg, "generate.py", self.version, config)
+        here = folder / str(self.version)
+        (shutil.copy2 if copy else _place)(self.source(), here / self.model_file)
+        data = self.spec.export_dir / (self.variant.file + ".data")
+        if data.exists():  # external weights beside a > 2 GB graph
+            _place(data, here / data.name)
+        tok_src = self.spec.export_dir / self.manifest.tokenizer_dir
+        (here / TOKENIZER_DIR).mkdir(exist_ok=True)
+        for file in TOKENIZER_FILES:
+            if (tok_src / file).is_file():
+                shutil.copy2(tok_src / file, here / TOKENIZER_DIR / file)
+        return folder
+
+    def card(self) -> RepositoryCard:
+        return _card(self.spec, self.manifest, self.precision, self.variant, self.public, [self.spec.name], None,
+                     self.spec.generation.max_context, self.version)
+
+
+def _copy_config(cfg):
+    out = type(cfg)()
+    out.CopyFrom(cfg)
+    return out
+
+
 def _write_generation_repository(spec: DeploymentSpec, manifest: ExportManifest, repo: Path) -> Path:
-    """<repo>/<name>/: the decoupled generation model (public), self-contained: graph,
-    tokenizer files with the chat template, model.py and the kiln_runtime package."""
-    precision = manifest.served_precision(spec.serve_precision)
-    variant = manifest.usable_variant(precision)
-    if not manifest.decoder:
-        raise ValueError("the manifest has no decoder section: re-export with a text-generation spec")
-    cfg = configs.pin_versions(configs.generation_config(spec, manifest, "model.onnx"), [1])
+    """<repo>/<name>/: the decoupled generation model (public), version 1 (see GenerationVersion)."""
+    version = GenerationVersion(spec, manifest)
     if repo.exists():
         shutil.rmtree(repo)
-    folder = _write_model(repo, cfg, "generate.py")
-    _place(spec.export_dir / variant.file, folder / "1" / "model.onnx")
-    data = spec.export_dir / (variant.file + ".data")
-    if data.exists():  # external weights beside a > 2 GB graph
-        _place(data, folder / "1" / data.name)
-    tok_src = spec.export_dir / manifest.tokenizer_dir
-    (folder / "1" / TOKENIZER_DIR).mkdir()
-    for name in TOKENIZER_FILES:
-        if (tok_src / name).is_file():
-            shutil.copy2(tok_src / name, folder / "1" / TOKENIZER_DIR / name)
-    _card(spec, manifest, precision, variant, cfg, [spec.name], None, spec.generation.max_context).write(repo)
+    version.write_files(repo)
+    version.card().write(repo)
     return repo

@@ -7,6 +7,8 @@
     GET  /health                the gateway process is up
     GET  /ready                 Triton is ready and every model is loaded (else 503)
     GET  /metrics               Prometheus
+    POST /v1/admin/models/{model}/reload | rollback   admin keys: a new version, or the one before (202, a job)
+    GET  /v1/admin/jobs[/{id}]  those jobs (``admin.py``)
 
 Every answer carries ``x-request-id`` (the client's, when it sent a sane one); errors use
 OpenAI's envelope. Without keys the gateway listens on loopback only (unless
@@ -27,10 +29,17 @@ from starlette.exceptions import HTTPException
 from starlette.responses import Response
 
 from kiln.gateway import protocol
+from kiln.gateway.admin import Admin
 from kiln.gateway.backend import TritonBackend
 from kiln.gateway.config import GatewayConfig
 from kiln.gateway.endpoints import Gateway
-from kiln.gateway.http import Edge, FastJSON, guarded, http_exception_response
+from kiln.gateway.http import (
+    ADMIN_ROUTES,
+    Edge,
+    FastJSON,
+    guarded,
+    http_exception_response,
+)
 from kiln.gateway.limits_redis import limiter_from_url
 from kiln.gateway.pool import BackendPool
 from kiln.gateway.runner import STARTED_MARK
@@ -54,6 +63,7 @@ def build_app(config: GatewayConfig, backend: TritonBackend | None = None) -> Fa
                       backend or pool)
     if pool is not None:
         pool.register_metrics(gateway.metrics.registry)  # per backend: up, circuit, outstanding, outcomes
+    admin = Admin(gateway)
 
     @asynccontextmanager
     async def lifespan(app):
@@ -61,6 +71,9 @@ def build_app(config: GatewayConfig, backend: TritonBackend | None = None) -> Fa
         if not gateway.keys.enabled:
             log.warning("no API keys configured: the gateway on %s accepts every request, all sharing one "
                         "anonymous limit (set %s or --keys-file)", config.host, config.keys_env)
+        if gateway.keys.has_admin and admin.runner is None:
+            log.warning("admin keys are configured but the gateway knows no server folder of its Tritons: the admin "
+                        "routes answer 501 (set server_dirs)")
         yield
         await gateway.backend.close()
         close = getattr(gateway.limiter, "close", None)
@@ -69,7 +82,7 @@ def build_app(config: GatewayConfig, backend: TritonBackend | None = None) -> Fa
 
     app = FastAPI(title="kiln gateway", version="1", summary="OpenAI-compatible API in front of Triton",
                   lifespan=lifespan)
-    app.state.gateway = gateway
+    app.state.gateway, app.state.admin = gateway, admin
 
     app.add_api_route("/v1/chat/completions", guarded(gateway.chat), methods=["POST"],
                       openapi_extra=request_schema(protocol.ChatCompletionRequest))
@@ -79,6 +92,13 @@ def build_app(config: GatewayConfig, backend: TritonBackend | None = None) -> Fa
                       openapi_extra=request_schema(protocol.EmbeddingRequest))
     app.add_api_route("/v1/models", guarded(gateway.list_models), methods=["GET"])
     app.add_api_route("/ready", guarded(gateway.ready), methods=["GET"])
+    overrides = {"requestBody": {"required": False, "content": {"application/json": {"schema": {
+        "type": "object", "description": "deployment-spec fields to change, e.g. {\"serve_precision\": \"fp16\"}"}}}}}
+    reload_path, rollback_path, jobs_path, job_path = ADMIN_ROUTES
+    app.add_api_route(reload_path, guarded(admin.reload), methods=["POST"], status_code=202, openapi_extra=overrides)
+    app.add_api_route(rollback_path, guarded(admin.rollback), methods=["POST"], status_code=202)
+    app.add_api_route(jobs_path, guarded(admin.list_jobs), methods=["GET"])
+    app.add_api_route(job_path, guarded(admin.job), methods=["GET"])
 
     @app.get("/health")
     async def health() -> Response:

@@ -1,5 +1,6 @@
 """API keys, kept as SHA-256 digests and compared in constant time, and the principal each
-one stands for (its name and its limits; the limits are enforced in ``limits.py``)."""
+one stands for (its name, its limits, enforced in ``limits.py``, and whether it may use the
+admin routes: only a keys-file entry with ``admin: true``, never a key from the environment)."""
 
 from __future__ import annotations
 
@@ -24,10 +25,11 @@ def new_key() -> str:
 
 @dataclass(frozen=True)
 class Principal:
-    """Who a request comes from, and their limits."""
+    """Who a request comes from, their limits, and whether they may use the admin routes."""
 
     name: str
     limits: Limits
+    admin: bool = False
 
 
 ANONYMOUS = "anonymous"
@@ -49,6 +51,11 @@ class KeyStore:
 
     def __len__(self) -> int:
         return len(self._entries)
+
+    @property
+    def has_admin(self) -> bool:
+        """Some key may use the admin routes (without keys nobody may)."""
+        return any(p.admin for _, p in self._entries)
 
     def check(self, presented: str | None) -> Principal | None:
         if not self._entries:
@@ -73,7 +80,7 @@ class KeyStore:
 
 
 def _read_keys_file(path: Path, defaults: Limits) -> list[tuple[str, Principal]]:
-    """YAML list of {name, key | sha256, rpm?, tpm?}; a bare string is a key."""
+    """YAML list of {name, key | sha256, rpm?, tpm?, admin?}; a bare string is a key (not admin)."""
     import yaml
 
     try:
@@ -96,6 +103,10 @@ def _read_keys_file(path: Path, defaults: Limits) -> list[tuple[str, Principal]]
         d = digest(str(item["key"])) if "key" in item else str(item["sha256"]).lower().removeprefix("sha256:")
         if len(d) != 64 or any(c not in "0123456789abcdef" for c in d):
             raise GatewayError(f"{path}: entry {i}: sha256 must be 64 hex digits")
+        name = str(item.get("name", f"key-{i}"))
+        admin = item.get("admin", False)
+        if not isinstance(admin, bool):  # `admin: "no"` must not grant admin by being truthy
+            raise GatewayError(f"{path}: entry {i} ({name!r}): admin must be true or false (got {admin!r})")
         limits = Limits(rpm=item.get("rpm", defaults.rpm), tpm=item.get("tpm", defaults.tpm))
-        out.append((d, Principal(str(item.get("name", f"key-{i}")), limits)))
+        out.append((d, Principal(name, limits, admin)))
     return out

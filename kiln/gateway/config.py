@@ -2,8 +2,8 @@
 
 Which models exist, their task and limits come from each repository's ``kiln.json``
 (written by ``kiln repo``, read through ``kiln_core.card.RepositoryCard``); nothing about them is typed in twice. Keys come from a file
-(YAML: a list of {name, key | sha256, rpm, tpm}) and/or an environment variable
-(comma-separated keys); only their SHA-256 digests are kept in memory.
+(YAML: a list of {name, key | sha256, rpm, tpm, admin}) and/or an environment variable
+(comma-separated keys, never admin); only their SHA-256 digests are kept in memory.
 """
 
 from __future__ import annotations
@@ -64,7 +64,20 @@ class GatewayConfig(BaseModel):
     request_timeout_s: float = Field(600.0, gt=0)
     drain_timeout_s: float = Field(30.0, ge=0, description="on SIGTERM / stop: seconds in-flight requests may finish "
                                                            "(new ones get 503 shutting_down) before the process exits")
+    server_dirs: list[Path] = Field(default_factory=list, description="the server folders of the `kiln serve` "
+                                    "Tritons behind this gateway (each holds triton.json, its address and admin key): "
+                                    "what the admin routes pass to `kiln reload --server-dir`; none: no admin routes")
+    jobs_dir: Path | None = Field(None, description="where admin jobs (reload / rollback) keep their spec, log and "
+                                                    "outcome, shared by every gateway process that names it "
+                                                    "(default: admin-jobs/ in the first server folder)")
     log_level: str = "info"
+
+    @property
+    def admin_jobs_dir(self) -> Path | None:
+        """The jobs folder the admin routes use; None when no server folder is known."""
+        if self.jobs_dir is not None:
+            return self.jobs_dir
+        return self.server_dirs[0] / "admin-jobs" if self.server_dirs else None
 
 
 def is_loopback(host: str) -> bool:

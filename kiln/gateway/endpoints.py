@@ -157,7 +157,8 @@ class Gateway:
             raise APIError(401, msg, None, "invalid_api_key")
         return who
 
-    async def body(self, request: Request, model_cls):
+    async def raw_body(self, request: Request) -> bytes:
+        """The body's bytes, 413 past ``max_body_bytes`` (counted as it arrives)."""
         limit = self.config.max_body_bytes
         chunks, size = [], 0
         async for part in request.stream():
@@ -166,7 +167,10 @@ class Gateway:
                 raise APIError(413, f"Request body exceeds {limit} bytes; send fewer or shorter inputs.", None,
                                "request_too_large")
             chunks.append(part)
-        raw = b"".join(chunks)
+        return b"".join(chunks)
+
+    async def body(self, request: Request, model_cls):
+        raw = await self.raw_body(request)
         if not raw.strip():
             raise protocol.bad_request("The request body is empty; send a JSON object.", None, "invalid_json")
         try:

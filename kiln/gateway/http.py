@@ -30,7 +30,11 @@ from kiln.gateway.protocol import APIError
 
 log = logging.getLogger("kiln.gateway")
 
-ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/models", "/health", "/ready", "/metrics")
+ADMIN_ROUTES = ("/v1/admin/models/{model}/reload", "/v1/admin/models/{model}/rollback", "/v1/admin/jobs",
+                "/v1/admin/jobs/{id}")
+ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/models", "/health", "/ready", "/metrics",
+          *ADMIN_ROUTES)
+_ADMIN_TEMPLATES = [(re.compile("^" + re.sub(r"\{\w+\}", "[^/]+", t) + "$"), t) for t in ADMIN_ROUTES]
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 RETRY_AFTER_BUSY_S = 1.0
 CLIENT_GONE = "client_closed_request"
@@ -60,7 +64,7 @@ class Edge:
                 length = v
         rid = rid or f"req_{uuid.uuid4().hex}"
         scope.setdefault("state", {})["request_id"] = rid
-        route = scope["path"] if scope["path"] in ROUTES else "other"
+        route = route_label(scope["path"])
         status = [500]
         rid_header = (b"x-request-id", rid.encode())
 
@@ -95,6 +99,17 @@ class Edge:
             metrics.in_flight.dec()
             metrics.requests.labels(route, str(status[0])).inc()
             metrics.latency.labels(route).observe(time.perf_counter() - start)
+
+
+def route_label(path: str) -> str:
+    """A request's route for metrics: its template (``/v1/admin/jobs/{id}``), ``other`` when unknown."""
+    if path in ROUTES:
+        return path
+    if path.startswith("/v1/admin/"):
+        for pattern, template in _ADMIN_TEMPLATES:
+            if pattern.match(path):
+                return template
+    return "other"
 
 
 def retry_after_header(seconds: float) -> str:

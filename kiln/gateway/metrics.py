@@ -53,6 +53,9 @@ class Metrics:
         self.rate_limited = Counter(p + "rate_limited", "requests refused by a per-key limit", ["limit"], registry=r)
         self.cancelled = Counter(p + "cancelled_generations", "generations cancelled because the client went away",
                                  ["model"], registry=r)
+        self.admin_actions = Counter(p + "admin_actions", "admin requests to reload or roll back a model, by action "
+                                     "and outcome (started, conflict: one running already, refused: a bad request, "
+                                     "forbidden: not an admin key)", ["action", "outcome"], registry=r)
         # several gateway processes may share a port (`--gateway-workers`): a scrape says which one answered
         Info(p + "process", "the gateway process that answered this scrape", registry=r).info({"pid": str(os.getpid())})
         self.cache = CacheCounts()

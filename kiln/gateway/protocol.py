@@ -42,9 +42,9 @@ class APIError(Exception):
     """An answer in OpenAI's error envelope. ``status`` picks the HTTP code; 5xx carry no
     internals (the cause is logged with the request id)."""
 
-    TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
-             413: "invalid_request_error", 429: "rate_limit_error", 503: "service_unavailable", 500: "server_error",
-             504: "server_error"}
+    TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+             404: "not_found_error", 409: "conflict_error", 413: "invalid_request_error", 429: "rate_limit_error",
+             503: "service_unavailable", 500: "server_error", 501: "server_error", 504: "server_error"}
 
     def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
                  retry_after: float | None = None, headers: dict[str, str] | None = None):

@@ -191,7 +191,7 @@ def test_backend_counts_read_only_the_ok_outcome_of_each_backend():
 
 class FakeTriton:
     def __init__(self, repositories, ports: Ports, workdir: Path):
-        self.ports = ports
+        self.ports, self.workdir = ports, workdir
 
     @property
     def grpc_url(self) -> str:

@@ -64,7 +64,19 @@ def test_running_tritons_are_found_with_their_replicas_from_connection_files(tmp
     assert found[0].headers == {"triton-grpc-protocol-kiln-admin": "k0"}
 
 
-@pytest.mark.parametrize("task, serving, why", [("text-generation", None, "generation model"),
+def test_with_every_each_folder_named_must_have_a_triton_and_each_is_switched_once(tmp_path):
+    for folder, port in (("a", 1), ("a/replica-1", 2), ("b", 3)):
+        (tmp_path / folder).mkdir(parents=True)
+        (tmp_path / folder / CONNECTION_FILE).write_text(json.dumps({"grpc": f"127.0.0.1:{port}", "admin_key": "k"}))
+    named = [tmp_path / "a", tmp_path / "a" / "replica-1", tmp_path / "b"]  # what a gateway passes: every backend's
+    assert [t.grpc_url for t in running_tritons(named, every=True)] == ["127.0.0.1:1", "127.0.0.1:2", "127.0.0.1:3"]
+    assert [t.grpc_url for t in running_tritons(named)] == ["127.0.0.1:1", "127.0.0.1:2"]  # the first folder's
+    (tmp_path / "a" / "replica-1" / CONNECTION_FILE).unlink()  # a replica being restarted
+    with pytest.raises(ReloadError, match="no Triton runs in .*replica-1"):
+        running_tritons(named, every=True)
+
+
+@pytest.mark.parametrize("task, serving, why", [("text-generation", None, "GenerationSwitch"),
                                                 ("feature-extraction", "fused", "serving: ensemble")])
 def test_what_cannot_be_reloaded_yet_is_refused_before_anything_changes(tmp_path, task, serving, why):
     card(task=task, serving=serving).write(tmp_path)
@@ -82,3 +94,16 @@ def test_the_commands_refuse_clearly_when_no_kiln_serve_runs_for_the_spec(tmp_pa
     assert result.exit_code == 1
     assert f"{verb} refused" in result.output and "no running `kiln serve`" in result.output
     assert not (tmp_path / "minilm" / "versions").exists()  # nothing was exported for a reload that cannot run
+
+
+def test_the_commands_refuse_when_a_server_folder_named_has_no_triton(tmp_path):
+    from typer.testing import CliRunner
+
+    from kiln.cli import app
+
+    (tmp_path / "srv").mkdir()
+    (tmp_path / "srv" / CONNECTION_FILE).write_text(json.dumps({"grpc": "127.0.0.1:1", "admin_key": "k"}))
+    result = CliRunner().invoke(app, ["reload", "minilm", "--workdir", str(tmp_path), "--server-dir",
+                                      str(tmp_path / "srv"), "--server-dir", str(tmp_path / "gone")])
+    assert result.exit_code == 1 and "reload refused" in result.output and "no Triton runs in" in result.output
+    assert not (tmp_path / "minilm" / "versions").exists()

@@ -211,3 +211,5 @@ def test_replicas_each_get_their_own_ports_and_folder_and_the_gateway_all_of_the
     assert len({b.ports.grpc for b in s.backends}) == 3
     cfg = s.gateway.config
     assert cfg.triton_grpc == s.backends[0].grpc_url and cfg.triton_replicas == [b.grpc_url for b in s.backends[1:]]
+    # the admin routes' `kiln reload --server-dir`s: every Triton's folder, where its connection file is
+    assert cfg.server_dirs == [b.workdir for b in s.backends] and cfg.admin_jobs_dir == tmp_path / "srv" / "admin-jobs"

@@ -5,6 +5,7 @@ assembled in front of it."""
 from __future__ import annotations
 
 import asyncio
+import sys
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -150,3 +151,29 @@ def make_gateway(make_repository, triton, monkeypatch):
     yield make
     for c in clients:
         c.__exit__(None, None, None)
+
+
+# argv: -c RELEASE CODE <action> <spec.yaml> <args...>: prints what it got, waits for RELEASE, exits CODE
+FAKE_KILN = """
+import pathlib, sys, time
+release, code = pathlib.Path(sys.argv[1]), int(sys.argv[2])
+print("fake kiln", *sys.argv[3:], flush=True)
+print("spec:", " | ".join(pathlib.Path(sys.argv[4]).read_text().splitlines()), flush=True)
+deadline = time.monotonic() + 60
+while not release.exists() and time.monotonic() < deadline:
+    time.sleep(0.02)
+print("fake kiln exits", code, flush=True)
+sys.exit(code)
+"""
+
+
+@pytest.fixture
+def fake_kiln() -> Callable[..., list[str]]:
+    """``fake_kiln(release, code=0)``: a command admin jobs run instead of `kiln` (the action and
+    its arguments appended): it prints them and its spec file, waits until ``release`` exists
+    (60 s at most), then exits ``code``."""
+
+    def command(release: Path, code: int = 0) -> list[str]:
+        return [sys.executable, "-c", FAKE_KILN, str(release), str(code)]
+
+    return command

@@ -1,4 +1,5 @@
-"""API keys: kept as digests only, and a keys file that would turn authentication off fails at start."""
+"""API keys: kept as digests only, a keys file that would turn authentication off fails at start,
+and only a keys-file entry with `admin: true` is an admin."""
 
 from __future__ import annotations
 
@@ -32,3 +33,22 @@ def test_without_keys_every_client_shares_the_anonymous_limits(make_gateway):
     assert client.get("/v1/models", headers={"authorization": "Bearer anything"}).status_code == 200
     r = client.get("/v1/models", headers={"authorization": "Bearer something-else"})  # another client, same bucket
     assert r.status_code == 429 and "'anonymous'" in r.json()["error"]["message"] and r.headers["retry-after"]
+
+
+def test_only_keys_file_entries_with_admin_true_are_admins(tmp_path):
+    f = tmp_path / "keys.yaml"
+    f.write_text(f"- {{name: ops, sha256: {digest('sk-ops')}, admin: true}}\n- {{name: app, key: sk-app, admin: false}}\n"
+                 "- {name: old, key: sk-old}\n- sk-bare\n")
+    store = KeyStore.load(f, ["sk-env"], Limits())
+    assert store.check("sk-ops").admin and store.has_admin
+    assert not any(store.check(k).admin for k in ("sk-app", "sk-old", "sk-bare", "sk-env"))  # env keys never are
+    assert not KeyStore.load(None, ["sk-env"], Limits()).has_admin
+    assert not KeyStore.load(None, [], Limits()).check(None).admin  # nor the anonymous principal
+
+
+@pytest.mark.parametrize("value", ['"yes"', "1", '"true"', "[true]"])
+def test_an_admin_flag_that_is_not_a_boolean_fails_naming_its_entry(tmp_path, value):
+    f = tmp_path / "keys.yaml"
+    f.write_text(f"- {{name: app, key: sk-app}}\n- {{name: ops, key: sk-ops, admin: {value}}}\n")
+    with pytest.raises(GatewayError, match=r"entry 1 \('ops'\): admin must be true or false"):
+        KeyStore.load(f, [], Limits())
