@@ -317,18 +317,33 @@ def _version_switch(verb: str, spec: str, workdir: Optional[Path], server_dirs: 
         console.print(f"[red]{verb} refused[/]: {err}")
         raise typer.Exit(1)
     smoke = f"; {result.smoke_summary}" if result.smoke_summary else ""
+    if result.canary:
+        out.print(result.canary)
     out.print(f"{result.model}: version {result.from_version} -> {result.to_version} ({result.precision}) in "
               f"{result.seconds:.1f}s{smoke}")
 
 
 @app.command()
 def reload(spec: str = SpecArg, workdir: Optional[Path] = WorkdirOpt,
-           server_dir: Optional[list[Path]] = ServerDirOpt):
-    """A new version of a served encoder with no dropped request: export and gate the spec
-    anew, load it beside the serving version, smoke-test it, switch, unload the old one."""
+           server_dir: Optional[list[Path]] = ServerDirOpt,
+           canary: Optional[float] = typer.Option(None, "--canary", min=1.0, max=99.0, help="percent of the traffic "
+                                                  "through the gateway sent to the new version first; promoted or "
+                                                  "rolled back by its error rate, p95 and agreement (kiln/canary.py)"),
+           canary_requests: int = typer.Option(200, min=1, help="--canary: judge once it answered this many ..."),
+           canary_seconds: float = typer.Option(60.0, min=1.0, help="--canary: ... or after this long")):
+    """A new version of a served model with no dropped request: export and gate the spec
+    anew, load it beside the serving version, smoke-test it (optionally give it a canary
+    share of the traffic first), switch, unload the old one."""
+    from kiln.canary import CanaryPlan, gateways_in
     from kiln.reload import reload_version
 
-    _version_switch("reload", spec, workdir, server_dir, lambda s, tritons, say: reload_version(s, tritons, say=say))
+    plan = None if canary is None else CanaryPlan(canary / 100.0, canary_requests, canary_seconds)
+
+    def run(s, tritons, say):
+        gateways = gateways_in(_server_dirs(s, server_dir)) if plan is not None else []
+        return reload_version(s, tritons, say=say, canary=plan, gateways=gateways)
+
+    _version_switch("reload", spec, workdir, server_dir, run)
 
 
 @app.command()

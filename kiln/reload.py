@@ -44,6 +44,7 @@ from typing import Callable
 
 import numpy as np
 
+from kiln.canary import cosine_gate
 from kiln.server import ADMIN_HEADER, CONNECTION_FILE, GRPC_HEADER_PREFIX
 from kiln_core.card import RepositoryCard
 from kiln_core.manifest import ExportManifest, sha256
@@ -69,6 +70,14 @@ LOAD_TIMEOUT_S = 300.0
 
 class ReloadError(RuntimeError):
     pass
+
+
+class CanaryRolledBack(ReloadError):
+    """The canary did worse than the serving version: rolled back (the comparison says why)."""
+
+    def __init__(self, comparison):
+        super().__init__("the canary was rolled back; version before it keeps serving\n" + comparison.table())
+        self.comparison = comparison
 
 
 @dataclass(frozen=True)
@@ -132,6 +141,7 @@ class ReloadResult:
     precision: str
     smoke: dict[str, float]
     seconds: float
+    canary: str | None = None  # --canary: the comparison that promoted it, as printed
 
     @property
     def smoke_summary(self) -> str:
@@ -297,6 +307,57 @@ class Switch:
                               f"{figures['max_abs_diff']:.3g} > {SMOKE_MAX_ABS:g} over {len(texts)} texts")
         return figures
 
+    def canary(self, new: int, plan, gateways: list[tuple[str, int]], gate: float, say: Callable[[str], None]):
+        """`plan.share` of the gateways' traffic to an ensemble pinned to `new` until the plan's
+        window ends; the card names it meanwhile. Returns the kiln.canary.Comparison; the canary
+        is unloaded (after the gateways stopped sending to it) whatever happens."""
+        from kiln.canary import (
+            CANARY,
+            CANARY_ARM,
+            SETTLE_S,
+            STABLE,
+            Arm,
+            agreement,
+            judge,
+            scrape,
+            watch,
+        )
+
+        name = self.public + CANARY
+        cand = configs.pin_versions(configs.pin_steps(read_config(self.repo, self.public), new), [1])
+        cand.name = name
+        cand.response_cache.enable = False
+        (self.repo / name / "1").mkdir(parents=True, exist_ok=True)
+        write_config(self.repo, cand)
+        card = RepositoryCard.read(self.repo)
+        try:
+            self._load(name)
+            texts, outputs = _smoke_texts(), head_outputs(self.card.task)
+            serving, trial = (self.admins[0].infer(m, texts, outputs) for m in (self.public, name))
+            first = next(o for o in outputs if serving[o].dtype.kind == "f")
+            cos = agreement(serving[first], trial[first])
+            card.model_copy(update={"canary": {"model": name, "version": new, "share": plan.share}}).write(self.repo)
+            say(f"canary: {plan.share:.0%} of {self.public}'s requests through {len(gateways)} gateway(s) go to version "
+                f"{new} until it has answered {plan.min_requests} or {plan.max_seconds:g} s have passed")
+
+            def read() -> dict:
+                total = {STABLE: Arm(), CANARY_ARM: Arm()}
+                for url, workers in gateways:
+                    got = scrape(url, workers, self.public)
+                    total = {k: total[k].plus(got[k]) for k in total}
+                return total
+
+            stable, trial_arm, seconds = watch(read, plan, say=say)
+            return judge(stable, trial_arm, cos, gate, seconds, plan)
+        finally:
+            try:
+                card.model_copy(update={"canary": None}).write(self.repo)
+                time.sleep(SETTLE_S)  # gateways re-read the card, requests in flight on the canary end
+                for admin in self.admins:
+                    admin.unload(name)
+            finally:
+                shutil.rmtree(self.repo / name, ignore_errors=True)
+
     def switch(self, new: int, ensemble=None) -> None:
         """The public model's version `new`, pinned to the steps' `new`: Triton loads it, then
         drops the serving version (its requests in flight finish). ``ensemble``: the new
@@ -314,15 +375,25 @@ class Switch:
 
 
 def reload_version(spec: DeploymentSpec, admins: list[TritonAdmin], repo: Path | None = None,
-                   say: Callable[[str], None] = lambda msg: None) -> ReloadResult:
+                   say: Callable[[str], None] = lambda msg: None, canary=None,
+                   gateways: list[tuple[str, int]] = ()) -> ReloadResult:
     """Export and gate `spec` as the next version of its live repository, smoke-test it
-    beside the serving one, switch, and unload the old one (see the module's docstring)."""
+    beside the serving one, switch, and unload the old one (see the module's docstring).
+    ``canary`` (a kiln.canary.CanaryPlan): between the smoke request and the switch, that
+    share of the traffic through ``gateways`` ((url, workers) each) goes to the new version,
+    which is promoted or rolled back (CanaryRolledBack) by how it compares (kiln/canary.py)."""
     from export.reuse import ensure_export
 
     t0 = time.perf_counter()
     repo = Path(repo or spec.repository_dir)
     if RepositoryCard.read(repo).generation:
+        if canary is not None:
+            raise ReloadError("--canary serves encoders so far: a generation model is switched at once after its "
+                              "smoke request (README \"Open work\")")
         return reload_generation(spec, admins, repo, say)
+    if canary is not None and not gateways:
+        raise ReloadError("--canary needs the gateway `kiln serve` runs in front of Triton (its traffic is split and "
+                          "counted there; no gateway.json in the server folder): serve with the gateway")
     sw = Switch(repo, admins)
     old = sw.card.version
     new = max(on_disk_versions(repo, sw.card)) + 1
@@ -353,6 +424,12 @@ def reload_version(spec: DeploymentSpec, admins: list[TritonAdmin], repo: Path |
         say("smoke request through a candidate ensemble pinned to the new version")
         smoke = sw.smoke(new, in_process(staged, manifest, version.precision),
                          _smoke_texts())
+        compared = None
+        if canary is not None:
+            compared = sw.canary(new, canary, gateways, cosine_gate(staged, version.precision), say)
+            say(compared.table())
+            if not compared.promoted:
+                raise CanaryRolledBack(compared)
     except Exception as err:
         say(f"version {new} refused ({err}); version {old} keeps serving")
         _undo(sw, old, new)
@@ -363,7 +440,8 @@ def reload_version(spec: DeploymentSpec, admins: list[TritonAdmin], repo: Path |
     version.card(repo, tok_dir).model_copy(update={"previous": previous[:KEEP_PREVIOUS]}).write(repo)
     sw.drop_steps(new)
     sw.prune(to_keep(new, previous))
-    return ReloadResult(sw.public, old, new, version.precision, smoke, time.perf_counter() - t0)
+    return ReloadResult(sw.public, old, new, version.precision, smoke, time.perf_counter() - t0,
+                        compared.table() if compared is not None else None)
 
 
 def rollback_version(repo: Path, admins: list[TritonAdmin], say: Callable[[str], None] = lambda msg: None) -> ReloadResult:

@@ -17,10 +17,14 @@ starts that many Tritons on the same repositories, each on its own free ports (t
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
+from kiln.canary import (
+    GATEWAY_FILE,  # in the stack's folder while its gateway runs: {url, workers}
+)
 from kiln.gateway.config import GatewayConfig
 from kiln.gateway.runner import GatewayGroup, GatewayProcess, GatewayThread
 from kiln.server import TritonServer, free_port, free_ports
@@ -141,6 +145,7 @@ class Stack:
 
     def stop_gateway(self) -> None:
         if self.gateway is not None:
+            (self.workdir / GATEWAY_FILE).unlink(missing_ok=True)
             self.gateway.stop()
 
     def stop(self) -> int | None:
@@ -173,6 +178,10 @@ class Stack:
     def _start_gateway(self) -> None:
         self.gateway.start()
         self.gateway.wait_ready()
+        # where `kiln reload --canary` reads the gateway's per-arm counts (every worker's)
+        workers = len(getattr(self.gateway, "workers", None) or [1])
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        (self.workdir / GATEWAY_FILE).write_text(json.dumps({"url": self.gateway.url, "workers": workers}) + "\n")
 
 
 def _make_gateway(options: GatewayOptions, config: GatewayConfig, workdir: Path) -> Gateway:

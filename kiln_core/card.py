@@ -44,6 +44,9 @@ class RepositoryCard(BaseModel):
     parity: dict[str, Any]  # the served variant's gate figures
     batch_invariance: dict[str, Any] | None = None
     response_cache_mb: int = 0  # Triton's response cache for the public model: its size (0: off)
+    # `kiln reload --canary`: while set, gateways send `share` of the public model's requests to
+    # `model` (version `version`'s steps, not yet switched to) and count both arms apart
+    canary: dict[str, Any] | None = None  # {model, version, share}
     max_input_tokens: int  # encoders: max_length; generation: the context (prompt + completion)
     max_batch_size: int
     inputs: dict[str, TensorCard]

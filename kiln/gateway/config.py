@@ -104,6 +104,8 @@ class ServedModel:
     dim: int | None = None  # embedding size (encoders)
     engine_slots: int | None = None  # generators: sequences running + waiting in the model (more: refused)
     response_cache: bool = False  # Triton answers identical requests from its response cache
+    canary_model: str | None = None  # `kiln reload --canary`: the Triton model a share of requests goes to
+    canary_share: float = 0.0
 
     @property
     def kind(self) -> str:
@@ -131,6 +133,8 @@ def read_models(repositories: list[Path]) -> dict[str, ServedModel]:
             dim=card.embedding_dim,
             engine_slots=engine_slots(card.spec),
             response_cache=card.response_cache_mb > 0,
+            canary_model=(card.canary or {}).get("model"),
+            canary_share=float((card.canary or {}).get("share", 0.0)),
         )
         if models[name].tokenizer_file is not None and not models[name].tokenizer_file.is_file():
             raise GatewayError(f"{repo}: tokenizer {card.tokenizer} is missing; rewrite the repository with `kiln repo`")

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -290,6 +291,21 @@ class Gateway:
         if err.code == "queue_full":
             self.metrics.queue_rejections.labels(model).inc()
 
+    # --- canary (`kiln reload --canary`)
+    def arm(self, m: ServedModel) -> tuple[str, str | None]:
+        """(the Triton model to call, the arm counted): while a canary runs, its share of the
+        requests goes to the canary model; otherwise the public model, uncounted."""
+        if m.canary_model is None:
+            return m.name, None
+        return (m.canary_model, "canary") if random.random() < m.canary_share else (m.name, "stable")
+
+    def count_arm(self, m: ServedModel, arm: str | None, started: float, failed: bool) -> None:
+        if arm is None:
+            return
+        self.metrics.canary_requests.labels(m.name, arm, "error" if failed else "ok").inc()
+        if not failed:
+            self.metrics.canary_latency.labels(m.name, arm).observe(time.perf_counter() - started)
+
     # --- endpoints
     async def embeddings(self, request: Request) -> Response:
         deadline = Deadline.after(self.config.embeddings_deadline_s)
@@ -310,8 +326,15 @@ class Gateway:
             used = sum(counts)  # counted exactly: the reservation is the usage
             reservation = self.reserve(who, used, "input")
             try:
-                vectors = await until_disconnect(
-                    request, self.backend.embed(m.name, texts, m.max_batch_size, request.state.request_id), deadline)
+                target, arm = self.arm(m)
+                started = time.perf_counter()
+                try:
+                    vectors = await until_disconnect(
+                        request, self.backend.embed(target, texts, m.max_batch_size, request.state.request_id), deadline)
+                except APIError as err:
+                    self.count_arm(m, arm, started, err.code != CLIENT_GONE and err.status >= 500)
+                    raise
+                self.count_arm(m, arm, started, False)
             except APIError as err:
                 self._queue_rejected(err, m.name)
                 reservation.settle(used if err.code == CLIENT_GONE else 0)  # a client that left pays; a refusal not

@@ -24,6 +24,8 @@ from prometheus_client.core import CounterMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+# a canary's latency is compared by its p95 within 20%: buckets 1.2x apart, 1 ms to ~2 min
+CANARY_BUCKETS = tuple(round(0.001 * 1.2 ** i, 6) for i in range(65))
 TOKEN_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.5)
 
 TRITON_RESTARTS = Counter("kiln_triton_restarts", "times this process started Triton again after it died",
@@ -39,6 +41,12 @@ class Metrics:
         self.requests = Counter(p + "requests", "HTTP requests answered, by route and status", ["route", "status"], registry=r)
         self.latency = Histogram(p + "request_duration_seconds", "time to the whole answer, by route", ["route"],
                                  buckets=LATENCY_BUCKETS, registry=r)
+        self.canary_requests = Counter(p + "canary_requests", "requests while a canary runs (`kiln reload --canary`), "
+                                       "by model, arm (stable | canary) and outcome (ok | error)",
+                                       ["model", "arm", "outcome"], registry=r)
+        self.canary_latency = Histogram(p + "canary_request_duration_seconds", "time in Triton of the requests "
+                                        "counted in canary_requests, by model and arm", ["model", "arm"],
+                                        buckets=CANARY_BUCKETS, registry=r)
         self.in_flight = Gauge(p + "requests_in_flight", "requests being answered now", registry=r)
         self.ttft = Histogram(p + "time_to_first_token_seconds", "request start to the first generated text, by model",
                               ["model"], buckets=LATENCY_BUCKETS, registry=r)

@@ -3,10 +3,12 @@ whatever started is stopped however the stack ends. No server runs here."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 
+from kiln.canary import GATEWAY_FILE
 from kiln.gateway.config import GatewayConfig, GatewayError
 from kiln.gateway.runner import GatewayProcess
 from kiln.server import ServerError
@@ -101,8 +103,10 @@ def test_triton_starts_before_the_gateway_and_stops_after_it(tmp_path):
     with stack(tmp_path, log, GatewayOptions()) as s:
         assert s.ready() and s.alive()
         assert s.gateway_url == s.gateway.url
+        # where `kiln reload --canary` finds the gateway while it runs
+        assert json.loads((s.workdir / GATEWAY_FILE).read_text()) == {"url": s.gateway.url, "workers": 1}
     assert names(log) == ["triton start", "gateway start", "gateway ready", "gateway stop", "triton stop"]
-    assert not s.started
+    assert not s.started and not (s.workdir / GATEWAY_FILE).exists()
 
 
 def test_the_gateway_is_pointed_at_the_stacks_triton_on_a_free_port(tmp_path):
