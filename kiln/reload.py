@@ -241,8 +241,8 @@ def reload_refusal(task: str, serving: str | None) -> str | None:
     gateway's admin route says the same before it starts anything."""
     if task == "text-generation":
         return None  # one decoupled model: GenerationSwitch
-    if serving != "ensemble":
-        return f"kiln reload needs serving: ensemble (this repository is {serving!r})"
+    if serving not in ("ensemble", "fused"):
+        return f"kiln reload serves ensemble and fused encoders (this repository is {serving!r})"
     return None
 
 
@@ -260,8 +260,8 @@ class Switch:
         self.repo, self.admins = repo, list(admins)
         self.card = RepositoryCard.read(repo)
         _check_reloadable(self.card)
-        if self.card.generation:
-            raise ReloadError("a generation model is one decoupled model, switched by GenerationSwitch")
+        if self.card.generation or self.card.serving != "ensemble":
+            raise ReloadError("a generation model or a fused encoder is one model, switched by OneModelSwitch")
         self.public = self.card.public_model
         self.steps = [m for m in self.card.models if m != self.public]
 
@@ -391,6 +391,11 @@ def reload_version(spec: DeploymentSpec, admins: list[TritonAdmin], repo: Path |
             raise ReloadError("--canary serves encoders so far: a generation model is switched at once after its "
                               "smoke request (README \"Open work\")")
         return reload_generation(spec, admins, repo, say)
+    if RepositoryCard.read(repo).serving == "fused":
+        if canary is not None:
+            raise ReloadError("--canary serves ensemble encoders so far (a fused encoder is switched at once after "
+                              "its smoke request; README \"Open work\")")
+        return reload_fused(spec, admins, repo, say)
     if canary is not None and not gateways:
         raise ReloadError("--canary needs the gateway `kiln serve` runs in front of Triton (its traffic is split and "
                           "counted there; no gateway.json in the server folder): serve with the gateway")
@@ -447,8 +452,8 @@ def reload_version(spec: DeploymentSpec, admins: list[TritonAdmin], repo: Path |
 def rollback_version(repo: Path, admins: list[TritonAdmin], say: Callable[[str], None] = lambda msg: None) -> ReloadResult:
     """Back to the newest earlier version still on disk (gated when it was served), the same way."""
     t0 = time.perf_counter()
-    if RepositoryCard.read(repo).generation:
-        return rollback_generation(repo, admins, say)
+    if RepositoryCard.read(repo).generation or RepositoryCard.read(repo).serving == "fused":
+        return rollback_one_model(repo, admins, say)
     sw = Switch(repo, admins)
     if not sw.card.previous:
         raise ReloadError(f"{sw.public} has no earlier version on disk to roll back to")
@@ -526,17 +531,59 @@ def lm_in_process(spec: DeploymentSpec, manifest: ExportManifest, precision: str
     return run
 
 
-class GenerationSwitch:
-    """Moves a live generation repository (one decoupled model) between versions on disk.
-    Triton answers a request that names no version with the newest loaded one, so the new
-    version is smoke-tested under another name first (``<name>__candidate``, the same files),
-    and the switch is loading the model with only the new version: Triton loads it while the
-    old one answers, then unloads the old one once its streams in flight have ended."""
+class OneModelSwitch:
+    """Moves a live repository of one model (a generation model, a fused encoder) between
+    versions on disk: the switch is loading the model with only the new version (Triton
+    answers with the old one until the new one is ready, and unloads the old one once its
+    requests in flight have ended)."""
 
     def __init__(self, repo: Path, admins: list[TritonAdmin]):
         self.repo, self.admins = Path(repo), list(admins)
         self.card = RepositoryCard.read(repo)
         self.public = self.card.public_model
+
+    def switch(self, new: int) -> None:
+        write_config(self.repo, configs.pin_versions(read_config(self.repo, self.public), [new]))
+        for admin in self.admins:
+            admin.load(self.public)
+
+    def prune(self, keep: set[int]) -> None:
+        for p in (self.repo / self.public).iterdir():
+            if p.is_dir() and p.name.isdigit() and int(p.name) not in keep:
+                shutil.rmtree(p)
+
+    def smoke_encoder(self, version, expected: Callable[[list[str]], dict], texts: list[str]) -> dict[str, float]:
+        """A fused encoder's new version, as ``<name>__candidate`` on the same files, answers
+        `texts` as `expected` does, or ReloadError."""
+        name = self.public + CANDIDATE
+        version.write_files(self.repo, name=name)
+        want = expected(texts)
+        figures: dict[str, float] = {}
+        try:
+            for admin in self.admins:
+                admin.load(name)
+            for admin in self.admins:
+                got = smoke_figures(admin.infer(name, texts, head_outputs(self.card.task)), want)
+                if not figures or got["max_abs_diff"] > figures["max_abs_diff"]:
+                    figures = got
+        finally:
+            try:
+                for admin in self.admins:
+                    admin.unload(name)
+            finally:
+                shutil.rmtree(self.repo / name, ignore_errors=True)
+        if not figures["max_abs_diff"] <= SMOKE_MAX_ABS:
+            raise ReloadError(f"version {version.version}'s smoke request does not match its gated graph: max |diff| "
+                              f"{figures['max_abs_diff']:.3g} > {SMOKE_MAX_ABS:g} over {len(texts)} texts")
+        return figures
+
+
+class GenerationSwitch(OneModelSwitch):
+    """Moves a live generation repository (one decoupled model) between versions on disk.
+    Triton answers a request that names no version with the newest loaded one, so the new
+    version is smoke-tested under another name first (``<name>__candidate``, the same files),
+    and the switch is loading the model with only the new version: Triton loads it while the
+    old one answers, then unloads the old one once its streams in flight have ended."""
 
     def smoke(self, version, expected: Callable[[str, int], str], prompts: list[str]) -> dict[str, float]:
         """The candidate answers every prompt, greedy, with the in-process text, or ReloadError."""
@@ -562,16 +609,6 @@ class GenerationSwitch:
             finally:
                 shutil.rmtree(self.repo / name, ignore_errors=True)
         return figures
-
-    def switch(self, new: int) -> None:
-        write_config(self.repo, configs.pin_versions(read_config(self.repo, self.public), [new]))
-        for admin in self.admins:
-            admin.load(self.public)
-
-    def prune(self, keep: set[int]) -> None:
-        for p in (self.repo / self.public).iterdir():
-            if p.is_dir() and p.name.isdigit() and int(p.name) not in keep:
-                shutil.rmtree(p)
 
 
 def reload_generation(spec: DeploymentSpec, admins: list[TritonAdmin], repo: Path,
@@ -617,17 +654,77 @@ def reload_generation(spec: DeploymentSpec, admins: list[TritonAdmin], repo: Pat
     return ReloadResult(sw.public, old, new, version.precision, smoke, time.perf_counter() - t0)
 
 
-def rollback_generation(repo: Path, admins: list[TritonAdmin],
-                        say: Callable[[str], None] = lambda msg: None) -> ReloadResult:
+def reload_fused(spec: DeploymentSpec, admins: list[TritonAdmin], repo: Path,
+                 say: Callable[[str], None] = lambda msg: None) -> ReloadResult:
+    """`reload_version` for a fused encoder (one python model): version n+1 written beside n,
+    smoke-tested as ``<name>__candidate`` on the same files against `in_process`, then the model
+    loaded with n+1 only (OneModelSwitch)."""
+    from export.reuse import ensure_export
+
     t0 = time.perf_counter()
-    sw = GenerationSwitch(repo, admins)
+    sw = OneModelSwitch(repo, admins)
+    old = sw.card.version
+    new = max(on_disk_versions(repo, sw.card)) + 1
+    staged = spec.model_copy(update={"workdir": spec.root / "versions" / str(new)})
+    say(f"version {new} of {sw.public}: exporting and gating into {staged.root}")
+    try:
+        manifest = ensure_export(staged)
+        version = EncoderVersion(staged, manifest, new)
+    except Exception as err:
+        raise ReloadError(f"version {new} was not exported: {err}") from err
+    serving = read_config(repo, sw.public)
+    if not configs.same_but_versions(version.public, serving) and not _same_but_cache(version.public, serving):
+        raise ReloadError(f"the new version changes {sw.public}'s config (batching, tensors, instances): a reload "
+                          "swaps weights and tokenizer only; restart `kiln serve` with the new spec for the rest")
+    say(f"writing version {new} beside version {old}")
+    tok_dir = version.write_files(repo, configs_too=False, copy=True)
+    try:
+        graph = repo / sw.public / str(new) / version.model_file
+        if sha256(graph) != version.variant.sha256:
+            raise ReloadError(f"{graph} is not the graph that passed the gate (sha256 differs from the manifest's)")
+        say(f"smoke request through {sw.public}{CANDIDATE} (version {new}'s files)")
+        smoke = sw.smoke_encoder(version, in_process(staged, manifest, version.precision), _smoke_texts())
+    except Exception as err:
+        say(f"version {new} refused ({err}); version {old} keeps serving")
+        shutil.rmtree(repo / sw.public / str(new), ignore_errors=True)
+        raise err if isinstance(err, ReloadError) else ReloadError(f"version {new} did not load: {err}") from err
+    say(f"smoke request matches (max |diff| {smoke['max_abs_diff']:.2g}); switching {sw.public} to version {new}")
+    cfg = configs.pin_versions(version.public, [new])  # its own cache setting (the variant's batch invariance)
+    write_config(repo, cfg)
+    for admin in sw.admins:
+        admin.load(sw.public)
+    previous = [served_entry(sw.card), *sw.card.previous]
+    version.card(repo, tok_dir).model_copy(update={"previous": previous[:KEEP_PREVIOUS]}).write(repo)
+    sw.prune(to_keep(new, previous))
+    return ReloadResult(sw.public, old, new, version.precision, smoke, time.perf_counter() - t0)
+
+
+def _same_but_cache(a, b) -> bool:
+    """Two configs that differ at most in their versions and whether the response cache is on."""
+    x, y = type(a)(), type(b)()
+    x.CopyFrom(a)
+    y.CopyFrom(b)
+    x.response_cache.enable = y.response_cache.enable = False
+    return configs.same_but_versions(x, y)
+
+
+def rollback_one_model(repo: Path, admins: list[TritonAdmin],
+                       say: Callable[[str], None] = lambda msg: None) -> ReloadResult:
+    """Back to the newest earlier version on disk of a generation model or a fused encoder."""
+    t0 = time.perf_counter()
+    sw = OneModelSwitch(repo, admins)
     if not sw.card.previous:
         raise ReloadError(f"{sw.public} has no earlier version on disk to roll back to")
     back, old = sw.card.previous[0], sw.card.version
     target = int(back["version"])
     say(f"rolling {sw.public} back from version {old} to version {target}")
     try:
-        sw.switch(target)
+        cfg = configs.pin_versions(read_config(repo, sw.public), [target])
+        if sw.card.serving == "fused":
+            cfg.response_cache.enable = bool(back.get("response_cache_mb"))  # as that version was served
+        write_config(repo, cfg)
+        for admin in sw.admins:
+            admin.load(sw.public)
     except Exception as err:
         sw.switch(old)
         raise ReloadError(f"version {target} did not load: {err}") from err

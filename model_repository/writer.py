@@ -160,16 +160,23 @@ class EncoderVersion:
             return engine
         return self.spec.export_dir / self.variant.file
 
-    def write_files(self, repo: Path, configs_too: bool = True, copy: bool = False) -> Path:
+    def write_files(self, repo: Path, configs_too: bool = True, copy: bool = False, name: str | None = None) -> Path:
         """Every model's ``<version>/`` (and, with ``configs_too``, its config); returns the
         folder holding the tokenizer files. ``copy``: the graph copied, not hard-linked (a
         version added to a live repository must not share an inode with an export that a
-        later re-export may overwrite)."""
+        later re-export may overwrite). ``name`` (fused only): another model folder for the
+        same files, its config the public one renamed, no response cache (a smoke candidate)."""
         v, place = self.version, (shutil.copy2 if copy else _place)
         source = self.source()
+        if name is not None and self.spec.serving != "fused":
+            raise ValueError("write_files(name=...) is for a fused encoder (one model)")
         if self.spec.serving == "fused":
+            cfg = self.public
+            if name is not None:
+                cfg = _copy_config(self.public)
+                cfg.name, cfg.response_cache.enable = name, False
             # one folder: config, model.py + kiln_runtime.py, the tokenizer files and the graph
-            tok_dir = _write_model(repo, self.public, "encoder_fused.py", v, configs_too)
+            tok_dir = _write_model(repo, cfg, "encoder_fused.py", v, configs_too)
             place(source, tok_dir / str(v) / self.model_file)
         else:
             tok, enc, post, public = self.members

@@ -47,6 +47,8 @@ FIXED = {
             "with that spec",
     "task": "a reload keeps the model's task (its tensors and its API route); serve another task with `kiln serve`",
     "workdir": "a reload writes the next version beside the served repository, which stays where it is",
+    "serving": "a reload keeps the models the repository has (ensemble or fused); serve the other layout with "
+               "`kiln serve`",
 }
 WHOLE = ("source",)  # replaced, not merged: another kind of source has other fields
 

@@ -76,8 +76,8 @@ def test_with_every_each_folder_named_must_have_a_triton_and_each_is_switched_on
         running_tritons(named, every=True)
 
 
-@pytest.mark.parametrize("task, serving, why", [("text-generation", None, "GenerationSwitch"),
-                                                ("feature-extraction", "fused", "serving: ensemble")])
+@pytest.mark.parametrize("task, serving, why", [("text-generation", None, "OneModelSwitch"),
+                                                ("feature-extraction", "fused", "OneModelSwitch")])
 def test_what_cannot_be_reloaded_yet_is_refused_before_anything_changes(tmp_path, task, serving, why):
     card(task=task, serving=serving).write(tmp_path)
     with pytest.raises(ReloadError, match=why):

@@ -1,0 +1,91 @@
+"""`kiln reload` of a fused encoder (`serving: fused`: one python model) under load: version 2
+(fp16) is smoke-tested as `<name>__candidate` on its own files, then the model is loaded with
+version 2 only. No request fails, the probe's answer switches once and never back, the rollback
+returns the fp32 answer bit for bit."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import openai
+import pytest
+
+from kiln.reload import TritonAdmin, reload_version, rollback_version
+from kiln.stack import GatewayOptions, Stack
+from kiln_core.card import RepositoryCard
+from kiln_testkit import tiny_spec
+
+PROBE = "the probe sentence"
+
+
+@pytest.fixture(scope="module")
+def live(tiny_bert, tmp_path_factory):
+    from export.pipeline import run_export
+    from model_repository.writer import write_repository
+
+    work = tmp_path_factory.mktemp("reload-fused")
+    spec = tiny_spec(tiny_bert, work, name="fusedlive", precisions=["fp32", "fp16"], serving="fused")
+    run_export(spec)
+    with Stack(write_repository(spec), work / "srv", gateway=GatewayOptions(keys="")) as stack:
+        yield spec, spec.with_precision("fp16"), stack
+
+
+def probe(c) -> bytes:
+    return np.array(c.embeddings.create(model="fusedlive", input=PROBE).data[0].embedding, np.float32).tobytes()
+
+
+def under_load(stack, work):
+    """Run work() while 3 clients send new texts and one the probe: (its result, failures, probes)."""
+    stop, failures, probes = threading.Event(), [], []
+
+    def worker(k):
+        c, i = openai.OpenAI(base_url=stack.gateway_url + "/v1", api_key="none", max_retries=0, timeout=60), 0
+        while not stop.is_set():
+            try:
+                if k < 0:
+                    probes.append(probe(c))
+                else:
+                    c.embeddings.create(model="fusedlive", input=f"client {k} text {i}")
+            except Exception as err:
+                failures.append(repr(err))
+            i += 1
+
+    threads = [threading.Thread(target=worker, args=(k,)) for k in (-1, 0, 1, 2)]
+    for t in threads:
+        t.start()
+    time.sleep(1.0)
+    try:
+        result = work()
+        time.sleep(1.5)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+    return result, failures, probes
+
+
+def switches(answers):
+    return [a for i, a in enumerate(answers) if i == 0 or a != answers[i - 1]]
+
+
+def test_a_fused_encoder_reloads_and_rolls_back_under_load(live):
+    spec32, spec16, stack = live
+    c = openai.OpenAI(base_url=stack.gateway_url + "/v1", api_key="none", max_retries=0)
+    before = probe(c)
+    admins = [TritonAdmin.of(stack.triton)]
+    result, failures, probes = under_load(stack, lambda: reload_version(spec16, admins, repo=spec32.repository_dir))
+    assert not failures, failures[:5]
+    assert result.to_version == 2 and result.precision == "fp16" and result.smoke["max_abs_diff"] <= 1e-4
+    seen = switches(probes)
+    assert seen[0] == before and len(seen) == 2, len(seen)  # one switch, never back
+    card = RepositoryCard.read(spec32.repository_dir)
+    assert card.version == 2 and card.serving == "fused" and card.previous[0]["version"] == 1
+    assert not (spec32.repository_dir / "fusedlive__candidate").exists()
+    after = probe(c)
+    np.testing.assert_allclose(np.frombuffer(after, np.float32), np.frombuffer(before, np.float32), atol=1e-2)
+
+    back, failures, probes = under_load(stack, lambda: rollback_version(spec32.repository_dir, admins))
+    assert not failures, failures[:5]
+    assert back.to_version == 1 and switches(probes) == [after, before] and probe(c) == before
