@@ -39,6 +39,19 @@ def tiny_bert(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_bert_fp16_export(tiny_bert, tmp_path_factory) -> Path:
+    """The tiny BERT exported once in fp32 and fp16 (gated): the export folder. The reload,
+    canary and admin tests copy it where their spec (any name, ensemble or fused) exports, so
+    it is reused there instead of exported again (`kiln_testkit.use_export`)."""
+    from export.pipeline import run_export
+    from kiln_testkit import tiny_spec
+
+    spec = tiny_spec(tiny_bert, tmp_path_factory.mktemp("tiny-bert-export"), name="shared", precisions=["fp32", "fp16"])
+    run_export(spec)
+    return spec.export_dir
+
+
+@pytest.fixture(scope="session")
 def tiny_classifier(tmp_path_factory) -> Path:
     return build_tiny_bert(tmp_path_factory.mktemp("ckpt") / "tiny-cls", classifier=True)
 

@@ -20,7 +20,7 @@ from kiln.gateway.auth import digest
 from kiln.gateway.config import GatewayConfig
 from kiln.stack import GatewayOptions, Stack
 from kiln_core.card import RepositoryCard
-from kiln_testkit import tiny_spec
+from kiln_testkit import tiny_spec, use_export
 
 ADMIN, USER = "sk-kiln-e2e-admin", "sk-kiln-e2e-user"
 PROBE = "the probe sentence"
@@ -57,15 +57,15 @@ class Admin:
 
 
 @pytest.fixture(scope="module")
-def live(tiny_bert, tmp_path_factory):
+def live(tiny_bert, tiny_bert_fp16_export, tmp_path_factory):
     """(spec, stack, admin client): the fp32 version served, the gateway a child process
     with an admin key and an ordinary one."""
-    from export.pipeline import run_export
     from model_repository.writer import write_repository
 
     work = tmp_path_factory.mktemp("admin")
     spec = tiny_spec(tiny_bert, work, name="adm", precisions=["fp32", "fp16"])
-    run_export(spec)
+    use_export(tiny_bert_fp16_export, spec)  # the session's export (fp32, fp16), reused
+    use_export(tiny_bert_fp16_export, spec, version=2)  # what the reload to fp16 reuses (test_reload.py exports)
     repo = write_repository(spec)
     keys = work / "keys.yaml"
     keys.write_text(f"- {{name: ops, sha256: {digest(ADMIN)}, admin: true}}\n- {{name: app, sha256: {digest(USER)}}}\n")

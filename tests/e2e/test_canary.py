@@ -17,19 +17,19 @@ from kiln.canary import CanaryPlan, gateways_in
 from kiln.reload import CanaryRolledBack, TritonAdmin, reload_version
 from kiln.stack import GatewayOptions, Stack
 from kiln_core.card import RepositoryCard
-from kiln_testkit import tiny_spec
+from kiln_testkit import tiny_spec, use_export
 
 PROBE = "the probe sentence"
 
 
 @pytest.fixture(scope="module")
-def live(tiny_bert, tmp_path_factory):
-    from export.pipeline import run_export
+def live(tiny_bert, tiny_bert_fp16_export, tmp_path_factory):
     from model_repository.writer import write_repository
 
     work = tmp_path_factory.mktemp("canary")
     spec = tiny_spec(tiny_bert, work, name="live", precisions=["fp32", "fp16"])
-    run_export(spec)
+    use_export(tiny_bert_fp16_export, spec)  # the session's export (fp32, fp16), reused
+    use_export(tiny_bert_fp16_export, spec, version=2)  # what the reload to fp16 reuses (test_reload.py exports)
     repo = write_repository(spec)
     with Stack(repo, work / "srv", gateway=GatewayOptions(keys="")) as stack:
         yield spec, spec.with_precision("fp16"), stack

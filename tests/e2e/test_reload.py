@@ -18,20 +18,19 @@ import pytest
 from kiln.reload import ReloadError, TritonAdmin, reload_version, rollback_version
 from kiln.stack import GatewayOptions, Stack
 from kiln_core.card import RepositoryCard
-from kiln_testkit import tiny_spec
+from kiln_testkit import tiny_spec, use_export
 
 PROBE = "the probe sentence"
 
 
 @pytest.fixture(scope="module")
-def live(tiny_bert, tmp_path_factory):
+def live(tiny_bert, tiny_bert_fp16_export, tmp_path_factory):
     """(fp32 spec, fp16 spec, stack): the fp32 version served with the gateway in front."""
-    from export.pipeline import run_export
     from model_repository.writer import write_repository
 
     work = tmp_path_factory.mktemp("reload")
     spec = tiny_spec(tiny_bert, work, name="live", precisions=["fp32", "fp16"])
-    run_export(spec)
+    use_export(tiny_bert_fp16_export, spec)  # the session's export (fp32, fp16), reused
     repo = write_repository(spec)
     with Stack(repo, work / "srv", gateway=GatewayOptions(keys="")) as stack:
         yield spec, spec.with_precision("fp16"), stack

@@ -44,6 +44,16 @@ def tiny_spec(checkpoint: Path, workdir: Path, **kw):
     return parse_spec(data)
 
 
+def use_export(export_dir: Path, spec, version: int | None = None) -> Path:
+    """A copy of an export where `spec` exports (or, with ``version``, where `kiln reload` exports
+    that version of it), reused there as long as it matches the spec (export.reuse)."""
+    import shutil
+
+    dest = spec.export_dir if version is None else spec.root / "versions" / str(version) / spec.name / "export"
+    shutil.copytree(export_dir, dest)
+    return dest
+
+
 def packaged_export(name: str):
     """A packaged spec's export in the repository's build/ folder, where `make demo` leaves it:
     reused when it matches the spec (the same rule as `kiln demo`), exported there otherwise,
