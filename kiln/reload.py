@@ -38,7 +38,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -236,6 +236,32 @@ def in_process(spec: DeploymentSpec, manifest: ExportManifest, precision: str) -
     return run
 
 
+def smoke_candidate(admins: list[TritonAdmin], repo: Path, name: str, version: int, task: str,
+                    expected: Callable[[list[str]], dict], texts: list[str]) -> dict[str, float]:
+    """Load the candidate model `name` (already written in `repo`) on every Triton, check each
+    one's answers to `texts` against `expected`'s, then unload and remove it whatever happened;
+    ReloadError past SMOKE_MAX_ABS. The worst replica's figures."""
+    want = expected(texts)
+    figures: dict[str, float] = {}
+    try:
+        for admin in admins:
+            admin.load(name)
+        for admin in admins:  # each replica answers, and must answer right
+            got = smoke_figures(admin.infer(name, texts, head_outputs(task)), want)
+            if not figures or got["max_abs_diff"] > figures["max_abs_diff"]:
+                figures = got
+    finally:
+        try:
+            for admin in admins:
+                admin.unload(name)
+        finally:
+            shutil.rmtree(repo / name, ignore_errors=True)
+    if not figures["max_abs_diff"] <= SMOKE_MAX_ABS:
+        raise ReloadError(f"version {version}'s smoke request does not match its gated graph: max |diff| "
+                          f"{figures['max_abs_diff']:.3g} > {SMOKE_MAX_ABS:g} over {len(texts)} texts")
+    return figures
+
+
 def reload_refusal(task: str, serving: str | None) -> str | None:
     """Why a repository of this task and serving cannot be reloaded yet (None: it can); the
     gateway's admin route says the same before it starts anything."""
@@ -280,32 +306,20 @@ class Switch:
         for admin in self.admins:  # every replica serves the same repository
             admin.load(model)
 
+    def pinned_ensemble(self, suffix: str, new: int) -> str:
+        """``<public><suffix>``: a copy of the public ensemble pinned to the steps' version `new`,
+        no response cache, written (not loaded); its name."""
+        cfg = configs.pin_versions(configs.pin_steps(read_config(self.repo, self.public), new), [1])
+        cfg.name = self.public + suffix
+        cfg.response_cache.enable = False
+        (self.repo / cfg.name / "1").mkdir(parents=True, exist_ok=True)
+        write_config(self.repo, cfg)
+        return cfg.name
+
     def smoke(self, new: int, expected: Callable[[list[str]], dict], texts: list[str]) -> dict[str, float]:
         """A candidate ensemble pinned to `new` answers `texts` as `expected` does, or ReloadError."""
-        name = self.public + CANDIDATE
-        cand = configs.pin_versions(configs.pin_steps(read_config(self.repo, self.public), new), [1])
-        cand.name = name
-        cand.response_cache.enable = False
-        (self.repo / name / "1").mkdir(parents=True, exist_ok=True)
-        write_config(self.repo, cand)
-        want = expected(texts)
-        figures: dict[str, float] = {}
-        try:
-            self._load(name)
-            for admin in self.admins:  # each replica answers, and must answer right
-                got = smoke_figures(admin.infer(name, texts, head_outputs(self.card.task)), want)
-                if not figures or got["max_abs_diff"] > figures["max_abs_diff"]:
-                    figures = got
-        finally:
-            try:
-                for admin in self.admins:
-                    admin.unload(name)
-            finally:
-                shutil.rmtree(self.repo / name, ignore_errors=True)
-        if not figures["max_abs_diff"] <= SMOKE_MAX_ABS:
-            raise ReloadError(f"version {new}'s smoke request does not match its gated graph: max |diff| "
-                              f"{figures['max_abs_diff']:.3g} > {SMOKE_MAX_ABS:g} over {len(texts)} texts")
-        return figures
+        name = self.pinned_ensemble(CANDIDATE, new)
+        return smoke_candidate(self.admins, self.repo, name, new, self.card.task, expected, texts)
 
     def canary(self, new: int, plan, gateways: list[tuple[str, int]], gate: float, say: Callable[[str], None]):
         """`plan.share` of the gateways' traffic to an ensemble pinned to `new` until the plan's
@@ -323,12 +337,7 @@ class Switch:
             watch,
         )
 
-        name = self.public + CANARY
-        cand = configs.pin_versions(configs.pin_steps(read_config(self.repo, self.public), new), [1])
-        cand.name = name
-        cand.response_cache.enable = False
-        (self.repo / name / "1").mkdir(parents=True, exist_ok=True)
-        write_config(self.repo, cand)
+        name = self.pinned_ensemble(CANARY, new)
         card = RepositoryCard.read(self.repo)
         try:
             self._load(name)
@@ -374,6 +383,22 @@ class Switch:
                     shutil.rmtree(p)
 
 
+def next_version(spec: DeploymentSpec, repo: Path, card: RepositoryCard, make, say: Callable[[str], None]):
+    """(n+1, the spec staged under versions/<n+1>/, its manifest, ``make(staged, manifest, n+1)``):
+    the spec exported and gated as the next version of the repository; ReloadError when it
+    was not (the gate, a bad checkpoint, a variant that must not be served)."""
+    from export.reuse import ensure_export
+
+    new = max(on_disk_versions(repo, card)) + 1
+    staged = spec.model_copy(update={"workdir": spec.root / "versions" / str(new)})
+    say(f"version {new} of {card.public_model}: exporting and gating into {staged.root}")
+    try:
+        manifest = ensure_export(staged)
+        return new, staged, manifest, make(staged, manifest, new)
+    except Exception as err:
+        raise ReloadError(f"version {new} was not exported: {err}") from err
+
+
 def reload_version(spec: DeploymentSpec, admins: list[TritonAdmin], repo: Path | None = None,
                    say: Callable[[str], None] = lambda msg: None, canary=None,
                    gateways: list[tuple[str, int]] = ()) -> ReloadResult:
@@ -382,7 +407,6 @@ def reload_version(spec: DeploymentSpec, admins: list[TritonAdmin], repo: Path |
     ``canary`` (a kiln.canary.CanaryPlan): between the smoke request and the switch, that
     share of the traffic through ``gateways`` ((url, workers) each) goes to the new version,
     which is promoted or rolled back (CanaryRolledBack) by how it compares (kiln/canary.py)."""
-    from export.reuse import ensure_export
 
     t0 = time.perf_counter()
     repo = Path(repo or spec.repository_dir)
@@ -390,25 +414,18 @@ def reload_version(spec: DeploymentSpec, admins: list[TritonAdmin], repo: Path |
         if canary is not None:
             raise ReloadError("--canary serves encoders so far: a generation model is switched at once after its "
                               "smoke request (README \"Open work\")")
-        return reload_generation(spec, admins, repo, say)
+        return reload_one_model(spec, admins, repo, say)
     if RepositoryCard.read(repo).serving == "fused":
         if canary is not None:
             raise ReloadError("--canary serves ensemble encoders so far (a fused encoder is switched at once after "
                               "its smoke request; README \"Open work\")")
-        return reload_fused(spec, admins, repo, say)
+        return reload_one_model(spec, admins, repo, say)
     if canary is not None and not gateways:
         raise ReloadError("--canary needs the gateway `kiln serve` runs in front of Triton (its traffic is split and "
                           "counted there; no gateway.json in the server folder): serve with the gateway")
     sw = Switch(repo, admins)
     old = sw.card.version
-    new = max(on_disk_versions(repo, sw.card)) + 1
-    staged = spec.model_copy(update={"workdir": spec.root / "versions" / str(new)})
-    say(f"version {new} of {sw.public}: exporting and gating into {staged.root}")
-    try:
-        manifest = ensure_export(staged)
-        version = EncoderVersion(staged, manifest, new)
-    except Exception as err:  # the gate (ParityError), a bad checkpoint, a variant that must not be served
-        raise ReloadError(f"version {new} was not exported: {err}") from err
+    new, staged, manifest, version = next_version(spec, repo, sw.card, EncoderVersion, say)
     # the steps' configs are shared by both versions loaded side by side: they must not change;
     # the public ensemble is replaced whole at the switch (its cache setting may change), its tensors may not
     changed = [m.name for m in version.steps if not configs.same_but_versions(m, read_config(repo, m.name))]
@@ -455,11 +472,7 @@ def rollback_version(repo: Path, admins: list[TritonAdmin], say: Callable[[str],
     if RepositoryCard.read(repo).generation or RepositoryCard.read(repo).serving == "fused":
         return rollback_one_model(repo, admins, say)
     sw = Switch(repo, admins)
-    if not sw.card.previous:
-        raise ReloadError(f"{sw.public} has no earlier version on disk to roll back to")
-    back, old = sw.card.previous[0], sw.card.version
-    target = int(back["version"])
-    say(f"rolling {sw.public} back from version {old} to version {target}")
+    back, old, target = _rollback_target(sw.card, say)
     try:
         sw.add_steps(old, target)
     except Exception as err:
@@ -557,25 +570,7 @@ class OneModelSwitch:
         `texts` as `expected` does, or ReloadError."""
         name = self.public + CANDIDATE
         version.write_files(self.repo, name=name)
-        want = expected(texts)
-        figures: dict[str, float] = {}
-        try:
-            for admin in self.admins:
-                admin.load(name)
-            for admin in self.admins:
-                got = smoke_figures(admin.infer(name, texts, head_outputs(self.card.task)), want)
-                if not figures or got["max_abs_diff"] > figures["max_abs_diff"]:
-                    figures = got
-        finally:
-            try:
-                for admin in self.admins:
-                    admin.unload(name)
-            finally:
-                shutil.rmtree(self.repo / name, ignore_errors=True)
-        if not figures["max_abs_diff"] <= SMOKE_MAX_ABS:
-            raise ReloadError(f"version {version.version}'s smoke request does not match its gated graph: max |diff| "
-                              f"{figures['max_abs_diff']:.3g} > {SMOKE_MAX_ABS:g} over {len(texts)} texts")
-        return figures
+        return smoke_candidate(self.admins, self.repo, name, version.version, self.card.task, expected, texts)
 
 
 class GenerationSwitch(OneModelSwitch):
@@ -611,92 +606,49 @@ class GenerationSwitch(OneModelSwitch):
         return figures
 
 
-def reload_generation(spec: DeploymentSpec, admins: list[TritonAdmin], repo: Path,
-                      say: Callable[[str], None] = lambda msg: None) -> ReloadResult:
-    """`reload_version` for a generation model: export and gate version n+1, write it beside n,
-    smoke-test it as the candidate, then load the model with n+1 only (see GenerationSwitch)."""
+def reload_one_model(spec: DeploymentSpec, admins: list[TritonAdmin], repo: Path,
+                     say: Callable[[str], None] = lambda msg: None) -> ReloadResult:
+    """`reload_version` for a repository of one model (a generation model, a fused encoder):
+    export and gate version n+1, write it beside n, smoke-test it as ``<name>__candidate`` on
+    its files (generation: greedy prompts against the engine in process; fused: texts against
+    `in_process`), then load the model with n+1 only (OneModelSwitch)."""
     from export.lm_parity import chat_prompts
-    from export.reuse import ensure_export
     from model_repository.writer import GenerationVersion
 
     t0 = time.perf_counter()
-    sw = GenerationSwitch(repo, admins)
+    generation = RepositoryCard.read(repo).generation
+    sw = GenerationSwitch(repo, admins) if generation else OneModelSwitch(repo, admins)
     old = sw.card.version
-    new = max(on_disk_versions(repo, sw.card)) + 1
-    staged = spec.model_copy(update={"workdir": spec.root / "versions" / str(new)})
-    say(f"version {new} of {sw.public}: exporting and gating into {staged.root}")
-    try:
-        manifest = ensure_export(staged)
-        version = GenerationVersion(staged, manifest, new)
-    except Exception as err:
-        raise ReloadError(f"version {new} was not exported: {err}") from err
-    if not configs.same_but_versions(version.public, read_config(repo, sw.public)):
-        raise ReloadError(f"the new version changes {sw.public}'s config (concurrency, queue, context, threads): a "
-                          "reload swaps weights and tokenizer only; restart `kiln serve` with the new spec for the rest")
+    new, staged, manifest, version = next_version(spec, repo, sw.card, GenerationVersion if generation else EncoderVersion,
+                                                  say)
+    if not _same_but_cache(version.public, read_config(repo, sw.public)):
+        raise ReloadError(f"the new version changes {sw.public}'s config (batching, concurrency, context, tensors, "
+                          "instances, threads): a reload swaps weights and tokenizer only; restart `kiln serve` with "
+                          "the new spec for the rest")
     say(f"writing version {new} beside version {old}")
-    version.write_files(repo, config=False, copy=True)
-    try:
-        graph = repo / sw.public / str(new) / version.model_file
-        if sha256(graph) != version.variant.sha256:
-            raise ReloadError(f"{graph} is not the graph that passed the gate (sha256 differs from the manifest's)")
-        say(f"smoke request: {SMOKE_PROMPTS} greedy prompts through {sw.public}{CANDIDATE} (version {new}'s files)")
-        smoke = sw.smoke(version, lm_in_process(staged, manifest, version.precision), chat_prompts(SMOKE_PROMPTS))
-    except Exception as err:
-        say(f"version {new} refused ({err}); version {old} keeps serving")
-        shutil.rmtree(repo / sw.public / str(new), ignore_errors=True)
-        raise err if isinstance(err, ReloadError) else ReloadError(f"version {new} did not load: {err}") from err
-    say(f"smoke request matches ({int(smoke['identical'])} of {SMOKE_PROMPTS} identical); switching {sw.public} "
-        f"to version {new} (streams on version {old} finish there)")
-    sw.switch(new)
-    previous = [served_entry(sw.card), *sw.card.previous]
-    version.card().model_copy(update={"previous": previous[:KEEP_PREVIOUS]}).write(repo)
-    sw.prune(to_keep(new, previous))
-    return ReloadResult(sw.public, old, new, version.precision, smoke, time.perf_counter() - t0)
-
-
-def reload_fused(spec: DeploymentSpec, admins: list[TritonAdmin], repo: Path,
-                 say: Callable[[str], None] = lambda msg: None) -> ReloadResult:
-    """`reload_version` for a fused encoder (one python model): version n+1 written beside n,
-    smoke-tested as ``<name>__candidate`` on the same files against `in_process`, then the model
-    loaded with n+1 only (OneModelSwitch)."""
-    from export.reuse import ensure_export
-
-    t0 = time.perf_counter()
-    sw = OneModelSwitch(repo, admins)
-    old = sw.card.version
-    new = max(on_disk_versions(repo, sw.card)) + 1
-    staged = spec.model_copy(update={"workdir": spec.root / "versions" / str(new)})
-    say(f"version {new} of {sw.public}: exporting and gating into {staged.root}")
-    try:
-        manifest = ensure_export(staged)
-        version = EncoderVersion(staged, manifest, new)
-    except Exception as err:
-        raise ReloadError(f"version {new} was not exported: {err}") from err
-    serving = read_config(repo, sw.public)
-    if not configs.same_but_versions(version.public, serving) and not _same_but_cache(version.public, serving):
-        raise ReloadError(f"the new version changes {sw.public}'s config (batching, tensors, instances): a reload "
-                          "swaps weights and tokenizer only; restart `kiln serve` with the new spec for the rest")
-    say(f"writing version {new} beside version {old}")
-    tok_dir = version.write_files(repo, configs_too=False, copy=True)
+    folder = version.write_files(repo, configs_too=False, copy=True)
     try:
         graph = repo / sw.public / str(new) / version.model_file
         if sha256(graph) != version.variant.sha256:
             raise ReloadError(f"{graph} is not the graph that passed the gate (sha256 differs from the manifest's)")
         say(f"smoke request through {sw.public}{CANDIDATE} (version {new}'s files)")
-        smoke = sw.smoke_encoder(version, in_process(staged, manifest, version.precision), _smoke_texts())
+        if generation:
+            smoke = sw.smoke(version, lm_in_process(staged, manifest, version.precision), chat_prompts(SMOKE_PROMPTS))
+        else:
+            smoke = sw.smoke_encoder(version, in_process(staged, manifest, version.precision), _smoke_texts())
     except Exception as err:
         say(f"version {new} refused ({err}); version {old} keeps serving")
         shutil.rmtree(repo / sw.public / str(new), ignore_errors=True)
         raise err if isinstance(err, ReloadError) else ReloadError(f"version {new} did not load: {err}") from err
-    say(f"smoke request matches (max |diff| {smoke['max_abs_diff']:.2g}); switching {sw.public} to version {new}")
-    cfg = configs.pin_versions(version.public, [new])  # its own cache setting (the variant's batch invariance)
-    write_config(repo, cfg)
+    result = ReloadResult(sw.public, old, new, version.precision, smoke, 0.0)
+    say(f"{result.smoke_summary}; switching {sw.public} to version {new} (requests on version {old} finish there)")
+    write_config(repo, configs.pin_versions(version.public, [new]))  # its own cache setting (the variant's invariance)
     for admin in sw.admins:
         admin.load(sw.public)
     previous = [served_entry(sw.card), *sw.card.previous]
-    version.card(repo, tok_dir).model_copy(update={"previous": previous[:KEEP_PREVIOUS]}).write(repo)
+    version.card(repo, folder).model_copy(update={"previous": previous[:KEEP_PREVIOUS]}).write(repo)
     sw.prune(to_keep(new, previous))
-    return ReloadResult(sw.public, old, new, version.precision, smoke, time.perf_counter() - t0)
+    return replace(result, seconds=time.perf_counter() - t0)
 
 
 def _same_but_cache(a, b) -> bool:
@@ -708,16 +660,21 @@ def _same_but_cache(a, b) -> bool:
     return configs.same_but_versions(x, y)
 
 
+def _rollback_target(card: RepositoryCard, say: Callable[[str], None]) -> tuple[dict, int, int]:
+    """(the card's entry of the version to go back to, the serving version, that version)."""
+    if not card.previous:
+        raise ReloadError(f"{card.public_model} has no earlier version on disk to roll back to")
+    back = card.previous[0]
+    say(f"rolling {card.public_model} back from version {card.version} to version {int(back['version'])}")
+    return back, card.version, int(back["version"])
+
+
 def rollback_one_model(repo: Path, admins: list[TritonAdmin],
                        say: Callable[[str], None] = lambda msg: None) -> ReloadResult:
     """Back to the newest earlier version on disk of a generation model or a fused encoder."""
     t0 = time.perf_counter()
     sw = OneModelSwitch(repo, admins)
-    if not sw.card.previous:
-        raise ReloadError(f"{sw.public} has no earlier version on disk to roll back to")
-    back, old = sw.card.previous[0], sw.card.version
-    target = int(back["version"])
-    say(f"rolling {sw.public} back from version {old} to version {target}")
+    back, old, target = _rollback_target(sw.card, say)
     try:
         cfg = configs.pin_versions(read_config(repo, sw.public), [target])
         if sw.card.serving == "fused":

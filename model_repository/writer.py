@@ -228,15 +228,15 @@ class GenerationVersion:
     def source(self) -> Path:
         return self.spec.export_dir / self.variant.file
 
-    def write_files(self, repo: Path, config: bool = True, copy: bool = False, name: str | None = None) -> Path:
-        """``<name>/<version>/`` (and, with ``config``, the config); returns the model folder.
+    def write_files(self, repo: Path, configs_too: bool = True, copy: bool = False, name: str | None = None) -> Path:
+        """``<name>/<version>/`` (and, with ``configs_too``, the config); returns the model folder.
         ``copy``: the graph copied, not hard-linked (see EncoderVersion.write_files). ``name``:
         another model folder for the same files (the smoke test's candidate)."""
         cfg = self.public
         if name is not None:
             cfg = configs.pin_versions(_copy_config(self.public), [self.version])
             cfg.name = name
-        folder = _write_model(repo, cfg, "generate.py", self.version, config)
+        folder = _write_model(repo, cfg, "generate.py", self.version, configs_too)
         here = folder / str(self.version)
         (shutil.copy2 if copy else _place)(self.source(), here / self.model_file)
         data = self.spec.export_dir / (self.variant.file + ".data")
@@ -249,7 +249,9 @@ class GenerationVersion:
                 shutil.copy2(tok_src / file, here / TOKENIZER_DIR / file)
         return folder
 
-    def card(self) -> RepositoryCard:
+    def card(self, repo: Path | None = None, folder: Path | None = None) -> RepositoryCard:
+        """The repository card (``repo`` and ``folder``: as EncoderVersion.card takes them; a
+        generation card names no tokenizer file)."""
         return _card(self.spec, self.manifest, self.precision, self.variant, self.public, [self.spec.name], None,
                      self.spec.generation.max_context, self.version)
 

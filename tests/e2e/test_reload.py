@@ -8,17 +8,22 @@ and the serving version keeps answering, bit for bit."""
 from __future__ import annotations
 
 import shutil
-import threading
-import time
 
 import numpy as np
-import openai
 import pytest
 
 from kiln.reload import ReloadError, TritonAdmin, reload_version, rollback_version
 from kiln.stack import GatewayOptions, Stack
 from kiln_core.card import RepositoryCard
-from kiln_testkit import tiny_spec, use_export
+from kiln_testkit import (
+    BackgroundLoad,
+    embedding_load,
+    embedding_of,
+    gateway_client,
+    tiny_spec,
+    transitions,
+    use_export,
+)
 
 PROBE = "the probe sentence"
 
@@ -36,60 +41,17 @@ def live(tiny_bert, tiny_bert_fp16_export, tmp_path_factory):
         yield spec, spec.with_precision("fp16"), stack
 
 
-def client(stack) -> openai.OpenAI:
-    return openai.OpenAI(base_url=stack.gateway_url + "/v1", api_key="none", max_retries=0, timeout=60)
+def client(stack):
+    return gateway_client(stack)
 
 
-def probe(c: openai.OpenAI) -> bytes:
-    return np.array(c.embeddings.create(model="live", input=PROBE).data[0].embedding, dtype=np.float32).tobytes()
+def probe(c) -> bytes:
+    return embedding_of(c, "live", PROBE)
 
 
-class Load:
-    """4 clients sending new texts, and one sending the probe, until stopped: every failure kept,
-    every probe answer kept in order."""
-
-    def __init__(self, stack):
-        self.stack, self.stop, self.failures, self.answered, self.probes = stack, threading.Event(), [], [0], []
-
-    def __enter__(self) -> "Load":
-        def worker(k: int) -> None:
-            c, i = client(self.stack), 0
-            while not self.stop.is_set():
-                try:
-                    c.embeddings.create(model="live", input=f"client {k} text {i}")
-                    self.answered[0] += 1
-                except Exception as err:
-                    self.failures.append(repr(err))
-                i += 1
-
-        def prober() -> None:
-            c = client(self.stack)
-            while not self.stop.is_set():
-                try:
-                    self.probes.append(probe(c))
-                except Exception as err:
-                    self.failures.append(repr(err))
-
-        self.threads = [threading.Thread(target=worker, args=(k,)) for k in range(4)] + [threading.Thread(target=prober)]
-        for t in self.threads:
-            t.start()
-        time.sleep(1.0)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        time.sleep(1.5)  # the gateway re-reads the card within a second: answers after the switch too
-        self.stop.set()
-        for t in self.threads:
-            t.join()
-
-
-def transitions(answers: list[bytes]) -> list[bytes]:
-    """The distinct answers in the order they first appeared, a repeat of an earlier one included."""
-    out: list[bytes] = []
-    for a in answers:
-        if not out or a != out[-1]:
-            out.append(a)
-    return out
+def Load(stack) -> BackgroundLoad:
+    """4 clients sending new texts, and one the probe."""
+    return embedding_load(stack, "live", PROBE)
 
 
 def test_reload_to_fp16_under_load_drops_nothing_and_switches_once_then_rolls_back(live):

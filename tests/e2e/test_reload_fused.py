@@ -5,9 +5,6 @@ returns the fp32 answer bit for bit."""
 
 from __future__ import annotations
 
-import threading
-import time
-
 import numpy as np
 import openai
 import pytest
@@ -15,7 +12,7 @@ import pytest
 from kiln.reload import TritonAdmin, reload_version, rollback_version
 from kiln.stack import GatewayOptions, Stack
 from kiln_core.card import RepositoryCard
-from kiln_testkit import tiny_spec, use_export
+from kiln_testkit import BackgroundLoad, tiny_spec, transitions, use_export
 
 PROBE = "the probe sentence"
 
@@ -38,36 +35,12 @@ def probe(c) -> bytes:
 
 def under_load(stack, work):
     """Run work() while 3 clients send new texts and one the probe: (its result, failures, probes)."""
-    stop, failures, probes = threading.Event(), [], []
-
-    def worker(k):
-        c, i = openai.OpenAI(base_url=stack.gateway_url + "/v1", api_key="none", max_retries=0, timeout=60), 0
-        while not stop.is_set():
-            try:
-                if k < 0:
-                    probes.append(probe(c))
-                else:
-                    c.embeddings.create(model="fusedlive", input=f"client {k} text {i}")
-            except Exception as err:
-                failures.append(repr(err))
-            i += 1
-
-    threads = [threading.Thread(target=worker, args=(k,)) for k in (-1, 0, 1, 2)]
-    for t in threads:
-        t.start()
-    time.sleep(1.0)
-    try:
+    with BackgroundLoad(lambda: openai.OpenAI(base_url=stack.gateway_url + "/v1", api_key="none", max_retries=0,
+                                              timeout=60),
+                        lambda c, k, i: c.embeddings.create(model="fusedlive", input=f"client {k} text {i}"), probe,
+                        clients=3) as load:
         result = work()
-        time.sleep(1.5)
-    finally:
-        stop.set()
-        for t in threads:
-            t.join()
-    return result, failures, probes
-
-
-def switches(answers):
-    return [a for i, a in enumerate(answers) if i == 0 or a != answers[i - 1]]
+    return result, load.failures, load.probes
 
 
 def test_a_fused_encoder_reloads_and_rolls_back_under_load(live):
@@ -78,7 +51,7 @@ def test_a_fused_encoder_reloads_and_rolls_back_under_load(live):
     result, failures, probes = under_load(stack, lambda: reload_version(spec16, admins, repo=spec32.repository_dir))
     assert not failures, failures[:5]
     assert result.to_version == 2 and result.precision == "fp16" and result.smoke["max_abs_diff"] <= 1e-4
-    seen = switches(probes)
+    seen = transitions(probes)
     assert seen[0] == before and len(seen) == 2, len(seen)  # one switch, never back
     card = RepositoryCard.read(spec32.repository_dir)
     assert card.version == 2 and card.serving == "fused" and card.previous[0]["version"] == 1
@@ -88,4 +61,4 @@ def test_a_fused_encoder_reloads_and_rolls_back_under_load(live):
 
     back, failures, probes = under_load(stack, lambda: rollback_version(spec32.repository_dir, admins))
     assert not failures, failures[:5]
-    assert back.to_version == 1 and switches(probes) == [after, before] and probe(c) == before
+    assert back.to_version == 1 and transitions(probes) == [after, before] and probe(c) == before

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import threading
-import time
 import urllib.request
 
 import openai
@@ -19,7 +17,7 @@ import pytest
 from kiln.reload import ReloadError, TritonAdmin, reload_version, rollback_version
 from kiln.stack import GatewayOptions, Stack
 from kiln_core.card import RepositoryCard
-from kiln_testkit import tiny_spec
+from kiln_testkit import BackgroundLoad, tiny_spec, transitions
 
 PROBE = "The capital of France is"
 
@@ -57,58 +55,19 @@ def version_counts(stack) -> dict[str, int]:
     return {s["version"]: s["inference_stats"]["success"]["count"] for s in stats}
 
 
-class Streams:
-    """3 clients streaming chat answers, and one sending the greedy probe, until stopped:
-    every failure, every stream that ended without a finish reason, every probe answer kept."""
-
-    def __init__(self, stack):
-        self.stack, self.stop, self.failures, self.cut, self.whole, self.probes = (
-            stack, threading.Event(), [], [], [0], [])
-
-    def __enter__(self) -> "Streams":
-        def streamer(k: int) -> None:
-            c, i = client(self.stack), 0
-            while not self.stop.is_set():
-                try:
-                    reason = None
-                    for chunk in c.chat.completions.create(
-                            model="livechat", messages=[{"role": "user", "content": f"client {k} question {i}"}],
-                            max_tokens=16, stream=True):
-                        if chunk.choices and chunk.choices[0].finish_reason:
-                            reason = chunk.choices[0].finish_reason
-                    (self.cut.append(i) if reason is None else None)
-                    self.whole[0] += reason is not None
-                except Exception as err:
-                    self.failures.append(repr(err))
-                i += 1
-
-        def prober() -> None:
-            c = client(self.stack)
-            while not self.stop.is_set():
-                try:
-                    self.probes.append(probe(c))
-                except Exception as err:
-                    self.failures.append(repr(err))
-
-        self.threads = [threading.Thread(target=streamer, args=(k,)) for k in range(3)] + [threading.Thread(target=prober)]
-        for t in self.threads:
-            t.start()
-        time.sleep(1.0)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        time.sleep(1.5)
-        self.stop.set()
-        for t in self.threads:
-            t.join()
+def stream_chat(c: openai.OpenAI, k: int, i: int) -> None:
+    reason = None
+    for chunk in c.chat.completions.create(model="livechat", max_tokens=16, stream=True,
+                                           messages=[{"role": "user", "content": f"client {k} question {i}"}]):
+        if chunk.choices and chunk.choices[0].finish_reason:
+            reason = chunk.choices[0].finish_reason
+    if reason is None:
+        raise RuntimeError(f"stream {k}/{i} ended without a finish reason (cut short)")
 
 
-def transitions(answers: list[str]) -> list[str]:
-    out: list[str] = []
-    for a in answers:
-        if not out or a != out[-1]:
-            out.append(a)
-    return out
+def Streams(stack) -> BackgroundLoad:
+    """3 clients streaming chat answers (one cut short is a failure), and one the greedy probe."""
+    return BackgroundLoad(lambda: client(stack), stream_chat, probe, clients=3)
 
 
 def test_reload_to_int8_under_streams_drops_nothing_then_rolls_back(live):
@@ -122,8 +81,8 @@ def test_reload_to_int8_under_streams_drops_nothing_then_rolls_back(live):
     shutil.copytree(spec32.export_dir, spec32.root / "versions" / "2" / spec32.name / "export")
     with Streams(stack) as load:
         result = reload_version(spec8, admins, repo=spec32.repository_dir)
-        served_before_end = load.whole[0]
-    assert not load.failures and not load.cut, (load.failures[:5], load.cut[:5])
+        served_before_end = load.answered[0]
+    assert not load.failures, load.failures[:5]
     assert result.from_version == 1 and result.to_version == 2 and result.precision == "int8"
     assert result.smoke["identical"] == result.smoke["prompts"] == 3
     assert served_before_end > 0 and load.probes
@@ -135,12 +94,12 @@ def test_reload_to_int8_under_streams_drops_nothing_then_rolls_back(live):
     card = RepositoryCard.read(spec32.repository_dir)
     assert card.version == 2 and card.precision == "int8" and card.previous[0]["version"] == 1
     assert not (spec32.repository_dir / "livechat__candidate").exists()
-    print(f"\nreload: {load.whole[0]} whole streams during it, 0 failed, {len(load.probes)} probes, "
+    print(f"\nreload: {load.answered[0]} whole streams during it, 0 failed, {len(load.probes)} probes, "
           f"{result.seconds:.1f}s")
 
     with Streams(stack) as load:
         back = rollback_version(spec32.repository_dir, admins)
-    assert not load.failures and not load.cut, (load.failures[:5], load.cut[:5])
+    assert not load.failures, load.failures[:5]
     assert back.to_version == 1 and set(version_counts(stack)) == {"1"}
     assert RepositoryCard.read(spec32.repository_dir).precision == "fp32" and probe(c) == before
 
@@ -166,7 +125,7 @@ def test_a_damaged_new_version_is_refused_and_the_serving_one_keeps_streaming(li
     with Streams(stack) as load:
         with pytest.raises(ReloadError, match="sha256"):
             reload_version(spec8, [TritonAdmin.of(stack.triton)], repo=spec32.repository_dir)
-    assert not load.failures and not load.cut, (load.failures[:5], load.cut[:5])
+    assert not load.failures, load.failures[:5]
     assert set(load.probes) == {before}
     assert RepositoryCard.read(spec32.repository_dir) == card and probe(c) == before
     assert sorted(p.name for p in folder.iterdir()) == on_disk  # nothing left behind

@@ -187,3 +187,84 @@ def per_process(gateway_url: str, processes: int, scrapes: int = 100) -> dict[st
         if len(seen) == processes:
             break
     return seen
+
+
+class BackgroundLoad:
+    """``clients`` threads calling ``send(client, k, i)`` in a loop (k: the thread, i: its
+    request) and one calling ``probe(client)``, each with its own ``make_client()``, from the
+    block's start (after ``warmup_s``) to its end (``settle_s`` later): every failure kept as
+    repr, the requests answered counted, every probe answer kept in order."""
+
+    def __init__(self, make_client, send, probe, clients: int = 4, warmup_s: float = 1.0, settle_s: float = 1.5):
+        import threading
+
+        self.make_client, self.send, self.probe = make_client, send, probe
+        self.clients, self.warmup_s, self.settle_s = clients, warmup_s, settle_s
+        self.stop, self.failures, self.answered, self.probes = threading.Event(), [], [0], []
+
+    def __enter__(self) -> "BackgroundLoad":
+        import threading
+        import time
+
+        def worker(k: int) -> None:
+            c, i = self.make_client(), 0
+            while not self.stop.is_set():
+                try:
+                    self.send(c, k, i)
+                    self.answered[0] += 1
+                except Exception as err:
+                    self.failures.append(repr(err))
+                i += 1
+
+        def prober() -> None:
+            c = self.make_client()
+            while not self.stop.is_set():
+                try:
+                    self.probes.append(self.probe(c))
+                except Exception as err:
+                    self.failures.append(repr(err))
+
+        self.threads = [threading.Thread(target=worker, args=(k,)) for k in range(self.clients)]
+        self.threads.append(threading.Thread(target=prober))
+        for t in self.threads:
+            t.start()
+        time.sleep(self.warmup_s)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        import time
+
+        time.sleep(self.settle_s)  # a gateway re-reads a rewritten card within a second: answers after a switch too
+        self.stop.set()
+        for t in self.threads:
+            t.join()
+
+
+def transitions(answers: list) -> list:
+    """The distinct answers in the order they appeared (a return to an earlier one included)."""
+    out: list = []
+    for a in answers:
+        if not out or a != out[-1]:
+            out.append(a)
+    return out
+
+
+def gateway_client(stack, timeout: float = 60):
+    """The official OpenAI client on a stack's gateway, no retries (a failure is a failure)."""
+    import openai
+
+    return openai.OpenAI(base_url=stack.gateway_url + "/v1", api_key="none", max_retries=0, timeout=timeout)
+
+
+def embedding_of(c, model: str, text: str) -> bytes:
+    """One text's embedding through the gateway, as float32 bytes (compared bit for bit)."""
+    import numpy as np
+
+    return np.array(c.embeddings.create(model=model, input=text).data[0].embedding, dtype=np.float32).tobytes()
+
+
+def embedding_load(stack, model: str, probe_text: str, clients: int = 4) -> BackgroundLoad:
+    """`clients` clients sending new texts to `model` through the gateway, and one the probe text."""
+    return BackgroundLoad(lambda: gateway_client(stack),
+                          lambda c, k, i: c.embeddings.create(model=model, input=f"client {k} text {i}"),
+                          lambda c: embedding_of(c, model, probe_text), clients=clients)
