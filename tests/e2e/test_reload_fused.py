@@ -6,13 +6,19 @@ returns the fp32 answer bit for bit."""
 from __future__ import annotations
 
 import numpy as np
-import openai
 import pytest
 
 from kiln.reload import TritonAdmin, reload_version, rollback_version
 from kiln.stack import GatewayOptions, Stack
 from kiln_core.card import RepositoryCard
-from kiln_testkit import BackgroundLoad, tiny_spec, transitions, use_export
+from kiln_testkit import (
+    embedding_load,
+    embedding_of,
+    gateway_client,
+    tiny_spec,
+    transitions,
+    use_export,
+)
 
 PROBE = "the probe sentence"
 
@@ -30,22 +36,19 @@ def live(tiny_bert, tiny_bert_fp16_export, tmp_path_factory):
 
 
 def probe(c) -> bytes:
-    return np.array(c.embeddings.create(model="fusedlive", input=PROBE).data[0].embedding, np.float32).tobytes()
+    return embedding_of(c, "fusedlive", PROBE)
 
 
 def under_load(stack, work):
     """Run work() while 3 clients send new texts and one the probe: (its result, failures, probes)."""
-    with BackgroundLoad(lambda: openai.OpenAI(base_url=stack.gateway_url + "/v1", api_key="none", max_retries=0,
-                                              timeout=60),
-                        lambda c, k, i: c.embeddings.create(model="fusedlive", input=f"client {k} text {i}"), probe,
-                        clients=3) as load:
+    with embedding_load(stack, "fusedlive", PROBE, clients=3) as load:
         result = work()
     return result, load.failures, load.probes
 
 
 def test_a_fused_encoder_reloads_and_rolls_back_under_load(live):
     spec32, spec16, stack = live
-    c = openai.OpenAI(base_url=stack.gateway_url + "/v1", api_key="none", max_retries=0)
+    c = gateway_client(stack)
     before = probe(c)
     admins = [TritonAdmin.of(stack.triton)]
     result, failures, probes = under_load(stack, lambda: reload_version(spec16, admins, repo=spec32.repository_dir))
