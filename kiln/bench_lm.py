@@ -215,7 +215,7 @@ def run_lm_bench(spec: DeploymentSpec, console: Console | None = None, new_token
 
     from kiln.baselines import llamacpp_server as llamacpp
     from kiln.bench_gateway import gateway_options, run_gateway_bench
-    from kiln.server import free_port
+    from kiln.processes import free_port
     from kiln.stack import Stack
     from kiln_core.machine import flags_line, machine_info
     from kiln_core.manifest import ExportManifest

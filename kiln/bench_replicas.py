@@ -333,10 +333,11 @@ def closed_loop_run(url: str, model: str, kind: str, clients: int, seconds: floa
 
 def one_backend_gateway(stack: Stack, log_file: Path) -> GatewayProcess:
     """A second gateway process, configured as the stack's own, but over its first Triton only."""
-    from kiln.server import free_port
+    from kiln.processes import free_port
 
     options = gateway_options(log_file)
     config = options.config.model_copy(update={"triton_grpc": stack.triton.grpc_url, "triton_replicas": [],
+                                               "triton_ids": [stack.triton.server_id],
                                                "repositories": stack.repositories, "port": free_port()})
     return GatewayProcess(config, log_file=log_file, env={config.keys_env: options.keys or ""})
 

@@ -172,6 +172,7 @@ def serve(
     """Start Triton on the specs' repositories and the OpenAI gateway in front; Triton is
     restarted when it dies; Ctrl-C / SIGTERM drains the gateway, then stops both."""
     from kiln.gateway.config import GatewayConfig, Limits
+    from kiln.processes import PortBusy
     from kiln.server import ServerError
     from kiln.stack import GatewayOptions, Stack
     from kiln.supervisor import Backoff, GaveUp, Supervisor
@@ -210,6 +211,9 @@ def serve(
         console.print(f"[bold cyan]serve[/] starting Triton on {', '.join(map(str, repos))} (log: {triton.log_file})")
         try:
             stack.start()
+        except PortBusy as err:  # never start beside, or answer through, another server
+            console.print(f"[red]cannot serve[/]: {err}")
+            raise typer.Exit(2)
         except ServerError as err:
             console.print(f"[red]Triton failed to start[/]: {err}")
             raise typer.Exit(1)

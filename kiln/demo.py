@@ -62,9 +62,14 @@ def run_demo(specs: list[DeploymentSpec], repos: list[Path], console: Console, o
 def _demo_direct(server: TritonServer, s: DeploymentSpec, console: Console, out: Console) -> None:
     """Triton's own protocols: a similarity matrix, labels, or a streamed chat answer."""
     import tritonclient.grpc as grpcclient
+
+    with grpcclient.InferenceServerClient(server.grpc_url) as client:  # closed here, not at exit
+        _demo_direct_with(client, server, s, console, out)
+
+
+def _demo_direct_with(client, server: TritonServer, s: DeploymentSpec, console: Console, out: Console) -> None:
     import tritonclient.http as httpclient
 
-    client = grpcclient.InferenceServerClient(server.grpc_url)
     meta = client.get_model_metadata(s.name, as_json=True)
     console.print(f"[bold cyan]demo[/] serving {meta['name']}: inputs {[(i['name'], i['datatype'], i['shape']) for i in meta['inputs']]}")
     if s.task.value == "text-generation":
@@ -83,8 +88,8 @@ def _demo_direct(server: TritonServer, s: DeploymentSpec, console: Console, out:
         t0 = time.perf_counter()
         embed_grpc(client, s.name, [text])
         one.append((time.perf_counter() - t0) * 1000)
-    http = httpclient.InferenceServerClient(server.http_url)
-    via_http = embed_http(http, s.name, DEMO_SENTENCES)
+    with httpclient.InferenceServerClient(server.http_url) as http:
+        via_http = embed_http(http, s.name, DEMO_SENTENCES)
     agree = float(np.min((via_http * emb).sum(-1)))
     out.print(similarity_table(DEMO_SENTENCES, emb @ emb.T))
     out.print(
@@ -184,9 +189,8 @@ def _demo_chat(server: TritonServer, s: DeploymentSpec, out: Console) -> None:
 def _demo_classify(server: TritonServer, s: DeploymentSpec, texts: list[str], out: Console) -> None:
     import tritonclient.grpc as grpcclient
 
-    client = grpcclient.InferenceServerClient(server.grpc_url)
-    inp = _text_input(grpcclient, texts)
-    res = client.infer(s.name, [inp])
+    with grpcclient.InferenceServerClient(server.grpc_url) as client:
+        res = client.infer(s.name, [_text_input(grpcclient, texts)])
     for text, label, scores in zip(texts, res.as_numpy(LABEL).reshape(-1), res.as_numpy(SCORES)):
         out.print(f"{label.decode():>12}  {scores.max():.3f}  {text}")
 

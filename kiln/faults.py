@@ -47,7 +47,7 @@ from kiln.gateway.config import KEYS_ENV
 from kiln.gateway.protocol import APIError
 from kiln.gateway.runner import http_get
 from kiln.loadgen import percentile_ms
-from kiln.server import free_port
+from kiln.processes import free_port, port_in_use, spawn, stop_process
 from kiln_runtime.generation.driver import FAULT_ENV
 
 EMBED_MODEL, CHAT_MODEL = "faults-emb", "faults-chat"
@@ -298,6 +298,39 @@ def judge_drain(streams: Sequence[Outcome], refused: Sequence[Outcome], exit_cod
                        "refusal_p99_ms": percentile_ms([o.seconds for o in refused], 99)}, tuple(hard), tuple(misses))
 
 
+def judge_orphans(processes: int, listening: int, gone_s: float | None, left: Sequence[str],
+                  deadline_s: float, within_s: float = 5.0) -> CaseResult:
+    """`kill -9` of `kiln serve`: every process it started (Triton, its stubs, redis-server) and
+    every port they listened on gone. Hard: something still runs or listens at ``deadline_s``;
+    a miss: it took over ``within_s``."""
+    hard, misses = [], []
+    if processes < 2:
+        hard.append(f"only {processes} process(es) of `kiln serve` were seen before the kill (nothing was tested)")
+    if left:
+        hard.append(f"{deadline_s:.0f}s after kill -9 of `kiln serve` still there: {', '.join(left)}")
+    elif gone_s is not None and gone_s > within_s:
+        misses.append(f"its children took {gone_s:.1f}s to end (> {within_s:.0f}s)")
+    return CaseResult("kill -9 kiln serve", Tally(), gone_s,
+                      {"children": processes - 1, "ports": listening, "left": len(left)}, tuple(hard), tuple(misses))
+
+
+def judge_port_held(exit_code: int | None, message_names_port: bool, ready_seen: bool, refused_s: float | None,
+                    deadline_s: float) -> CaseResult:
+    """`kiln serve` on a port another process holds: exit 2 with a message naming the port,
+    never a /ready 200 (which only the stranger could have answered)."""
+    hard = []
+    if exit_code is None:
+        hard.append(f"`kiln serve` still ran {deadline_s:.0f}s after its start (no refusal)")
+    elif exit_code != 2:
+        hard.append(f"`kiln serve` exited with {exit_code}, not 2")
+    if exit_code is not None and not message_names_port:
+        hard.append("its message does not name the port that is held")
+    if ready_seen:
+        hard.append("the gateway said ready while another process held Triton's port")
+    return CaseResult("port held by another process", Tally(), None,
+                      {"exit_code": exit_code, "refused_after_s": refused_s}, tuple(hard))
+
+
 def not_run(case: str, why: str) -> CaseResult:
     """A case that could not run (its server did not start): a hard failure."""
     return CaseResult(case, Tally(), None, {}, (f"could not run: {why}",))
@@ -493,13 +526,13 @@ class Serve:
     `env` is added to its environment, which Triton inherits (the fault-injection hook)."""
 
     def __init__(self, spec_files: Sequence[Path | str], log_file: Path, env: dict[str, str] | None = None,
-                 args: Sequence[str] = ()):
+                 args: Sequence[str] = (), grpc_port: int | None = None):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_file = log_file
+        self.ports = {"http": free_port(), "grpc": grpc_port or free_port(), "metrics": free_port(), "gateway": self.port}
         self.command = [*NICE, str(Path(sys.executable).parent / "kiln"), "serve", *map(str, spec_files),
-                        "--http-port", str(free_port()), "--grpc-port", str(free_port()),
-                        "--metrics-port", str(free_port()), "--gateway-port", str(self.port), "--drain-timeout", "5",
+                        *(f"--{name}-port={port}" for name, port in self.ports.items()), "--drain-timeout", "5",
                         "--redis",  # the limits as several gateways would keep them: in a redis-server of its own
                         *args]
         base = {k: v for k, v in os.environ.items() if k not in (KEYS_ENV, FAULT_ENV)}
@@ -527,8 +560,7 @@ class Serve:
     def start(self, timeout: float = 300.0) -> "Serve":
         self.log_file.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_file, "w") as log:
-            self.process = subprocess.Popen(self.command, stdout=log, stderr=subprocess.STDOUT, env=self.env,
-                                            start_new_session=True)
+            self.process = spawn(self.command, log=log, env=self.env)  # SIGTERM to it if the suite dies
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if not self.alive():
@@ -547,8 +579,6 @@ class Serve:
 
     def stop(self, timeout: float = 60.0) -> int | None:
         """SIGTERM (kiln serve drains, then stops Triton); SIGKILL of its group if it outlives timeout."""
-        from kiln.server import stop_process
-
         return stop_process(self.process, timeout)
 
     def __enter__(self) -> "Serve":
@@ -833,6 +863,8 @@ class SuiteConfig:
     loop_refusals: int = 60
     loop_deadline_s: float = 10.0
     drain_deadline_s: float = 60.0  # kiln serve's own drain (5 s here) plus Triton's stop
+    orphan_deadline_s: float = 15.0  # after kill -9 of kiln serve, nothing of it may run past this
+    refusal_deadline_s: float = 60.0  # kiln serve on a held port: refused (exit 2) within this
     # the one short run on a real model: the packaged SmolLM2, its export reused from this workdir
     # (where `make demo` leaves it; exported there first otherwise, which takes minutes)
     smollm2_workdir: str = "build"
@@ -997,6 +1029,92 @@ def run_drain(serve: Serve, config: SuiteConfig) -> CaseResult:
     return asyncio.run(case())
 
 
+def _descendants(pid: int) -> list:
+    import psutil
+
+    try:
+        return psutil.Process(pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
+
+
+def _listening_ports(procs: Sequence) -> set[int]:
+    import psutil
+
+    ports = set()
+    for proc in procs:
+        try:
+            ports |= {c.laddr.port for c in proc.net_connections(kind="inet") if c.status == psutil.CONN_LISTEN}
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            pass
+    return ports
+
+
+def _running(proc) -> bool:
+    import psutil
+
+    try:
+        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def run_kill_serve(spec_file: Path, workdir: Path, config: SuiteConfig) -> CaseResult:
+    """`kill -9` of a ready `kiln serve` (Triton, its python-backend stubs, redis-server under
+    it): how long until none of its children runs and none of their ports listens."""
+    import psutil
+
+    serve = Serve([spec_file], workdir / "serve-kill9.log")
+    procs: list = []
+    try:
+        serve.start()
+        procs = [psutil.Process(serve.process.pid), *_descendants(serve.process.pid)]
+        ports = _listening_ports(procs) | set(serve.ports.values())
+        serve.process.kill()
+        killed = time.monotonic()
+        serve.process.wait()
+        gone_s, left = None, []
+        while time.monotonic() - killed < config.orphan_deadline_s:
+            left = [f"{p.name()} (pid {p.pid})" for p in procs[1:] if _running(p)]
+            left += [f"a listener on port {port}" for port in sorted(ports) if port_in_use(port)]
+            if not left:
+                gone_s = time.monotonic() - killed
+                break
+            time.sleep(0.1)
+    finally:
+        for p in procs[1:]:  # what the kill left (a failed case must not leave it to the next one)
+            if _running(p):
+                p.kill()
+        serve.stop()
+    return judge_orphans(len(procs), len(ports), gone_s, left, config.orphan_deadline_s)
+
+
+def run_port_held(spec_file: Path, workdir: Path, config: SuiteConfig) -> CaseResult:
+    """Another process listens on the gRPC port `kiln serve` is told to use: it must refuse
+    (exit 2, naming the port) and never say ready."""
+    import socket
+
+    with socket.socket() as stranger:
+        stranger.bind(("127.0.0.1", 0))
+        stranger.listen()
+        port = stranger.getsockname()[1]
+        serve = Serve([spec_file], workdir / "serve-port-held.log", grpc_port=port)
+        with open(serve.log_file, "w") as log:
+            serve.process = spawn(serve.command, log=log, env=serve.env)
+        started, ready_seen = time.monotonic(), False
+        try:
+            while serve.alive() and time.monotonic() - started < config.refusal_deadline_s:
+                ready_seen = ready_seen or serve.ready()[0] == 200
+                time.sleep(0.1)
+            code = serve.process.poll()
+            refused_s = time.monotonic() - started if code is not None else None
+        finally:
+            serve.stop(10)
+    text = serve.log_tail(4000).replace("\n", " ")
+    return judge_port_held(code, f"port {port} " in text and "in use" in text, ready_seen, refused_s,
+                           config.refusal_deadline_s)
+
+
 def smollm2_spec(config: SuiteConfig):
     from kiln_core.spec import load_spec
 
@@ -1138,6 +1256,13 @@ def run_faults(workdir: Path, console: Console, *, strict: bool = False, config:
             code = serve.stop()
         if code != 0:
             console.print(f"[yellow]faults[/] `kiln serve` exited with {code} on SIGTERM (log {serve.log_file})")
+
+    for name, run in (("kill -9 kiln serve", run_kill_serve), ("port held by another process", run_port_held)):
+        console.print(f"[bold cyan]faults[/] case: {name}")
+        try:
+            results.append(run(emb_spec, workdir, config))
+        except SuiteError as err:
+            results.append(not_run(name, str(err)))
 
     console.print(f"[bold cyan]faults[/] starting `kiln serve` (chat) with {FAULT_ENV}=loop:{config.loop_fault_step}")
     broken = Serve([chat_spec], workdir / "serve-loop-fault.log", {FAULT_ENV: f"loop:{config.loop_fault_step}"})

@@ -23,7 +23,7 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from kiln.server import free_port, stop_process
+from kiln.processes import check_ports_free, free_port, spawn, stop_process
 
 HOST = "127.0.0.1"
 NOT_INSTALLED = ("redis-server is not installed (the shared rate limits need it): run `make setup`, "
@@ -68,10 +68,10 @@ class RedisServer:
         if self.workdir is None:
             self.workdir, self._own_workdir = Path(tempfile.mkdtemp(prefix="kiln-redis-")), True
         self.workdir.mkdir(parents=True, exist_ok=True)
+        check_ports_free({"redis-server": self.port}, HOST, hint="give RedisServer another port")
         with open(self.log_file, "w") as log:
-            self.process = subprocess.Popen(self.command(binary), stdout=log, stderr=subprocess.STDOUT,
-                                            cwd=self.workdir,
-                                            start_new_session=True)  # Ctrl-C reaches us; we stop it last
+            # its own session (Ctrl-C reaches us; we stop it last), and SIGTERM when we die
+            self.process = spawn(self.command(binary), log=log, cwd=self.workdir)
         try:
             self._wait_ready(timeout)
         except BaseException:  # a failed or interrupted start leaves nothing running
@@ -90,12 +90,24 @@ class RedisServer:
         finally:
             client.close()
 
+    def answering_pid(self) -> int | None:
+        """The process id the Redis on the port reports (INFO server); None: no answer."""
+        client = redis.Redis(host=HOST, port=self.port, socket_timeout=0.5, socket_connect_timeout=0.5,
+                             retry=Retry(NoBackoff(), 0))
+        try:
+            return int(client.info("server")["process_id"])
+        except (redis.RedisError, KeyError, ValueError):
+            return None
+        finally:
+            client.close()
+
     def _wait_ready(self, timeout: float) -> None:
+        """Until *our* redis-server answers (its process id), never a stranger on the port."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise RedisServerError(self._failure(f"redis-server exited with code {self.process.returncode}"))
-            if self.ping():
+            if self.answering_pid() == self.process.pid:
                 return
             time.sleep(0.02)
         raise RedisServerError(self._failure(f"redis-server did not answer PING after {timeout:.0f}s"))

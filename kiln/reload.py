@@ -107,10 +107,12 @@ class TritonAdmin:
         return grpcclient.InferenceServerClient(self.grpc_url)
 
     def load(self, model: str) -> None:
-        self.client().load_model(model, headers=self.headers, client_timeout=LOAD_TIMEOUT_S)
+        with self.client() as c:  # closed here, never left to __del__ at exit
+            c.load_model(model, headers=self.headers, client_timeout=LOAD_TIMEOUT_S)
 
     def unload(self, model: str) -> None:
-        self.client().unload_model(model, headers=self.headers, client_timeout=LOAD_TIMEOUT_S)
+        with self.client() as c:
+            c.unload_model(model, headers=self.headers, client_timeout=LOAD_TIMEOUT_S)
 
     def infer(self, model: str, texts: list[str], outputs: tuple[str, ...]) -> dict[str, np.ndarray]:
         import tritonclient.grpc as grpcclient
@@ -118,8 +120,8 @@ class TritonAdmin:
         data = np.array([t.encode("utf-8") for t in texts], dtype=np.object_).reshape(-1, 1)
         inp = grpcclient.InferInput(TEXT, list(data.shape), "BYTES")
         inp.set_data_from_numpy(data)
-        res = self.client().infer(model, [inp], outputs=[grpcclient.InferRequestedOutput(o) for o in outputs],
-                                  client_timeout=60)
+        with self.client() as c:
+            res = c.infer(model, [inp], outputs=[grpcclient.InferRequestedOutput(o) for o in outputs], client_timeout=60)
         return {o: res.as_numpy(o) for o in outputs}
 
     def generate(self, model: str, prompt: str, max_tokens: int) -> dict:

@@ -15,7 +15,6 @@ import re
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -23,6 +22,7 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from kiln.processes import PortBusy, check_ports_free, free_port, spawn, stop_process
 from kiln_core.card import RepositoryCard
 from kiln_core.spec import Ports
 
@@ -40,10 +40,45 @@ def _wheel_root() -> Path:
     return root
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+SHM_PREFIX = "kiln_triton_pb"  # the python backend's shared-memory regions: /dev/shm/kiln_triton_pb*
+SHM_DIR = Path("/dev/shm")
+
+
+def remove_stale_shm_regions(shm_dir: Path = SHM_DIR, prefix: str = SHM_PREFIX) -> list[Path]:
+    """Remove the python backend's shared-memory regions that no running process has open or
+    mapped (what a killed Triton leaves behind: each region holds a model's tensors, and
+    /dev/shm is memory). Returns what was removed."""
+    stale = [p for p in shm_dir.glob(prefix + "*") if p.is_file()]
+    if not stale:
+        return []
+    in_use = shm_in_use()
+    removed = []
+    for path in stale:
+        if str(path) not in in_use:
+            try:
+                path.unlink()
+                removed.append(path)
+            except OSError:  # another user's, or gone already
+                pass
+    return removed
+
+
+def shm_in_use() -> set[str]:
+    """Every file path a running process has mapped or open (as far as this user can read)."""
+    paths: set[str] = set()
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            for line in (proc / "maps").read_text().splitlines():
+                parts = line.split(maxsplit=5)
+                if len(parts) == 6:
+                    paths.add(parts[5].removesuffix(" (deleted)"))
+            for fd in (proc / "fd").iterdir():
+                paths.add(os.readlink(fd))
+        except OSError:
+            continue
+    return paths
 
 
 def free_ports() -> Ports:
@@ -90,19 +125,6 @@ def error_lines(log_text: str, limit: int = 20) -> list[str]:
     return [l for l in lines if not any(h in l for h in harmless)][-limit:]
 
 
-def stop_process(p: subprocess.Popen | None, timeout: float) -> int | None:
-    """SIGTERM a child started in its own session; SIGKILL its group if it outlives timeout."""
-    if p is None or p.poll() is not None:
-        return p.returncode if p else None
-    p.send_signal(signal.SIGTERM)
-    try:
-        p.wait(timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(p.pid, signal.SIGKILL)
-        p.wait()
-    return p.returncode
-
-
 # Triton's admin APIs (the same set and header as triton/Dockerfile): answered only to requests
 # carrying `kiln-admin: <key>`. Inference, health, metadata, model config and statistics stay open.
 ADMIN_HEADER = "kiln-admin"
@@ -139,6 +161,9 @@ class TritonServer:
     cache_mb: float | None = None  # (a fraction of a MiB: the tests' small caches)
     # the admin APIs' key: drawn per server unless given (KILN_ADMIN_KEY), kept across restarts
     admin_key: str = field(default_factory=lambda: os.environ.get("KILN_ADMIN_KEY") or secrets.token_hex(16))
+    # what this Triton answers as its name (`GET /v2`, `--id`), kept across restarts: readiness is
+    # believed only from a server that says it, never from whoever else holds the port
+    server_id: str = field(default_factory=lambda: f"kiln-{secrets.token_hex(8)}")
 
     def admin_headers(self, protocol: str = "http") -> dict[str, str]:
         """Headers for Triton's restricted APIs (repository index and control, logging, trace,
@@ -205,29 +230,39 @@ class TritonServer:
             "--model-control-mode=explicit",
             "--load-model=*",
             "--log-verbose=0",
+            f"--id={self.server_id}",
+            # the python backend's shared-memory regions under kiln's own prefix: a Triton killed
+            # before it could remove them leaves files that the next start recognises and removes
+            f"--backend-config=python,shm-region-prefix-name={SHM_PREFIX}",
             *restricted_api_args(self.admin_key),
             *([f"--cache-config=local,size={int(cache_mb * 2**20)}"] if cache_mb > 0 else []),
             *self.extra_args,
         ]
 
+    @property
+    def port_map(self) -> dict[str, int]:
+        return {"Triton HTTP": self.ports.http, "Triton gRPC": self.ports.grpc, "Triton metrics": self.ports.metrics}
+
+    def check_ports(self) -> None:
+        """PortBusy, naming the port and who holds it, when one of this Triton's ports is taken."""
+        check_ports_free(self.port_map, hint="choose other ports (--http-port, --grpc-port, --metrics-port)")
+
     def start(self, timeout: float = 180.0) -> "TritonServer":
+        """Start Triton and wait until *it* is ready. Raises PortBusy (before anything starts)
+        when one of its ports is held by another process, ServerError when it does not come up."""
         for repo in self.repositories:
             if not RepositoryCard.exists(repo):
                 raise ServerError(f"{repo} is not a kiln model repository: run `kiln repo` first")
+        self.check_ports()
         self.workdir.mkdir(parents=True, exist_ok=True)
         prepare_backends(self.workdir / "backends")
+        remove_stale_shm_regions()
         if self.log_file.exists():  # a restart: keep the log of the run that died
             self.log_file.replace(self.previous_log_file)
-        log = open(self.log_file, "w")
-        self.process = subprocess.Popen(
-            self.command(),
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env=server_env(),
-            cwd=self.workdir,
-            start_new_session=True,  # Ctrl-C reaches us; we stop Triton in order
-        )
-        log.close()
+        with open(self.log_file, "w") as log:
+            # its own session (Ctrl-C reaches kiln, which stops Triton in order); SIGTERM when kiln
+            # dies however it dies: Triton then unloads its models and its stubs end with it
+            self.process = spawn(self.command(), log=log, env=server_env(), cwd=self.workdir)
         self.wait_ready(timeout)
         self.write_connection()
         return self
@@ -244,9 +279,23 @@ class TritonServer:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "w") as f:
             json.dump({"grpc": self.grpc_url, "http": self.http_url, "admin_key": self.admin_key,
-                       "pid": self.process.pid if self.process else None}, f)
+                       "server_id": self.server_id, "pid": self.process.pid if self.process else None}, f)
+
+    def running(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def answering_id(self) -> str | None:
+        """The name the server on this Triton's HTTP port gives (`GET /v2`); None: no answer."""
+        try:
+            with urllib.request.urlopen(f"http://{self.http_url}/v2", timeout=2) as r:
+                return json.loads(r.read()).get("name")
+        except (OSError, ValueError, AttributeError):
+            return None
 
     def ready(self) -> bool:
+        """This Triton runs, the server on its port is this one (its id), and it is ready."""
+        if not self.running() or self.answering_id() != self.server_id:
+            return False
         try:
             with urllib.request.urlopen(f"http://{self.http_url}/v2/health/ready", timeout=2) as r:
                 return r.status == 200

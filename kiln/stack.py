@@ -27,7 +27,8 @@ from kiln.canary import (
 )
 from kiln.gateway.config import GatewayConfig
 from kiln.gateway.runner import GatewayGroup, GatewayProcess, GatewayThread
-from kiln.server import TritonServer, free_port, free_ports
+from kiln.processes import free_port
+from kiln.server import TritonServer, free_ports
 from kiln_core.spec import Ports
 
 Gateway = GatewayProcess | GatewayThread | GatewayGroup
@@ -111,6 +112,7 @@ class Stack:
         """Start Triton, wait until it is ready, then the gateway (until /ready). On any
         failure, Ctrl-C included, whatever started is stopped and the error raised."""
         try:
+            self.check_ports()
             for backend in self.backends:
                 backend.start(self.triton_timeout)
             self.started = True
@@ -120,6 +122,14 @@ class Stack:
             self.stop()
             raise
         return self
+
+    def check_ports(self) -> None:
+        """PortBusy, naming the port and who holds it, when any port of the stack is taken:
+        checked before anything starts, so nothing of it answers through another server."""
+        for backend in self.backends:
+            backend.check_ports()
+        if self.gateway is not None and not self.gateway.running():
+            self.gateway.check_port()
 
     def start_gateway(self, options: GatewayOptions) -> Gateway:
         """Start the gateway in front of a running stack (the demo shows Triton alone first);
@@ -169,6 +179,8 @@ class Stack:
         port = options.config.port or free_port()
         config = options.config.model_copy(update={"triton_grpc": self.triton.grpc_url,
                                                    "triton_replicas": [b.grpc_url for b in self.backends[1:]],
+                                                   # /ready believes only these servers, never another on the port
+                                                   "triton_ids": [b.server_id for b in self.backends],
                                                    "repositories": self.repositories, "port": port,
                                                    # where each Triton's connection file is: the admin routes'
                                                    # `kiln reload --server-dir`

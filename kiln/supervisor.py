@@ -22,6 +22,7 @@ from typing import Callable
 from prometheus_client import Counter
 
 from kiln.gateway.metrics import TRITON_RESTARTS
+from kiln.processes import PortBusy
 from kiln.server import ServerError, TritonServer
 from kiln.stack import Stack
 
@@ -87,7 +88,7 @@ class Supervisor:
             backend.stop()  # reaps what the dead one left behind
             try:
                 backend.start(self.stack.triton_timeout)
-            except ServerError as err:
+            except (ServerError, PortBusy) as err:  # PortBusy: another process took its port meanwhile
                 self.say(f"Triton failed to start again: {err}")
                 continue
             self.say(f"Triton is back (restart {self.restarts}) on {backend.grpc_url}")

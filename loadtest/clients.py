@@ -53,6 +53,15 @@ def classify(err: Exception) -> Exception:
     return err
 
 
+def close_once(wrapper) -> None:
+    """Close a wrapper's client now, once, and let go of it: a tritonclient gRPC client left to
+    ``__del__`` at interpreter exit can hang there (grpc's channel close under gevent), so kiln
+    never leaves one to the garbage collector."""
+    client = wrapper.__dict__.pop("client", None)
+    if client is not None:
+        client.close()
+
+
 class _Timed:
     request_type = "triton"
 
@@ -101,7 +110,7 @@ class TritonGrpcClient(_Timed):
         return self._timed(self.model, call, lambda r: int(r.nbytes))
 
     def close(self):
-        self.client.close()
+        close_once(self)
 
 
 class TritonHttpClient(_Timed):
@@ -123,7 +132,7 @@ class TritonHttpClient(_Timed):
         return self._timed(self.model, call, lambda r: int(r.nbytes))
 
     def close(self):
-        self.client.close()
+        close_once(self)
 
 
 class TritonStreamClient:
@@ -144,6 +153,9 @@ class TritonStreamClient:
     def _event(self, name: str, value: float, exception: Exception | None = None, length: int = 0):
         self._fire(request_type=self.request_type, name=name, response_time=value, response_length=length,
                    exception=exception, context={})
+
+    def close(self):
+        """Nothing stays open between streams (each has its own connection)."""
 
     def generate(self, prompt: str, **parameters) -> str:
         body = json.dumps({self.text_field: prompt, **parameters}).encode()
@@ -269,4 +281,4 @@ class OpenAIClient(_Timed):
         return self._timed(self.model, call, lambda r: sum(4 * len(d.embedding) for d in r.data))
 
     def close(self):
-        self.client.close()
+        close_once(self)

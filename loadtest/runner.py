@@ -31,6 +31,7 @@ from loadtest.users import (
     OpenLoopOpenAIEmbedUser,
     OpenLoopStreamUser,
     StreamUser,
+    close_clients,
     configure,
 )
 
@@ -150,9 +151,12 @@ def run_once(shape: LoadShape, ep: Endpoint, targets: Targets, console: Console,
             )
 
     ticker = gevent.spawn(progress)
-    gevent.sleep(run_time)
-    runner.quit()  # stops users; open-loop users wait for their in-flight requests
-    ticker.kill()
+    try:
+        gevent.sleep(run_time)
+    finally:
+        runner.quit()  # stops users; open-loop users wait for their in-flight requests
+        ticker.kill()
+        close_clients(env)  # every client closed here, none left to the garbage collector at exit
     duration = time.perf_counter() - start
     offered = getattr(user, "offered", None) if shape.kind != "users" else None
     return env, measured_from(env, shape, ep, duration, offered)

@@ -22,6 +22,24 @@ from loadtest.clients import (
 from loadtest.payloads import Payloads
 
 
+def track(environment, client):
+    """Remember ``client`` on the environment, so ``close_clients`` closes it when the run ends,
+    whether or not Locust ran the user's ``on_stop`` (a user killed before it started does not)."""
+    if not hasattr(environment, "kiln_clients"):
+        environment.kiln_clients = []
+    environment.kiln_clients.append(client)
+    return client
+
+
+def close_clients(environment) -> int:
+    """Close every client the run's users opened (idempotent); returns how many were tracked."""
+    clients = getattr(environment, "kiln_clients", [])
+    for client in clients:
+        client.close()
+    environment.kiln_clients = []
+    return len(clients)
+
+
 class TritonUser(User):
     """Abstract: builds the client for `protocol` against `host` on start."""
 
@@ -42,12 +60,11 @@ class TritonUser(User):
             self.client = TritonHttpClient(fire, self.host, self.model, self.output, self.concurrency)
         else:
             self.client = TritonStreamClient(fire, self.host, self.model)
+        track(environment, self.client)
         self.payloads = Payloads(seed=id(self) & 0xFFFF)
 
     def on_stop(self):
-        close = getattr(self.client, "close", None)
-        if close:
-            close()
+        self.client.close()
 
 
 class EmbedUser(TritonUser):
@@ -140,7 +157,8 @@ class OpenAIUser(User):
 
     def __init__(self, environment):
         super().__init__(environment)
-        self.client = OpenAIClient(environment.events.request.fire, self.host, self.model, self.api_key)
+        self.client = track(environment, OpenAIClient(environment.events.request.fire, self.host, self.model,
+                                                      self.api_key))
         self.payloads = Payloads(seed=id(self) & 0xFFFF)
 
     def on_stop(self):

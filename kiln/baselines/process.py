@@ -10,6 +10,8 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from kiln.processes import check_ports_free, spawn, stop_process
+
 
 @dataclass
 class BaselineProcess:
@@ -37,10 +39,9 @@ class BaselineProcess:
 
     def start(self, timeout: float = 180.0) -> "BaselineProcess":
         self.log_file.parent.mkdir(parents=True, exist_ok=True)
+        check_ports_free({self.name: self.port}, self.host)
         with open(self.log_file, "w") as log:
-            self.process = subprocess.Popen(self.command, stdout=log, stderr=subprocess.STDOUT,
-                                            env={**os.environ, "PYTHONSAFEPATH": "1", **self.env},
-                                            start_new_session=True)
+            self.process = spawn(self.command, log=log, env={**os.environ, "PYTHONSAFEPATH": "1", **self.env})
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
@@ -53,8 +54,6 @@ class BaselineProcess:
         raise RuntimeError(f"{self.name} did not answer {self.ready_path} within {timeout:.0f}s (log: {self.log_file})")
 
     def stop(self, timeout: float = 15.0) -> int | None:
-        from kiln.server import stop_process
-
         return stop_process(self.process, timeout)
 
     def __enter__(self) -> "BaselineProcess":
@@ -70,7 +69,7 @@ def fastapi_process(checkpoint: Path, model: str, log_file: Path, max_length: in
     """kiln/baselines/fastapi_torch.py under uvicorn on a free loopback port (not started yet)."""
     import sys
 
-    from kiln.server import free_port
+    from kiln.processes import free_port
 
     port = port or free_port()
     cmd = [sys.executable, "-m", "kiln.baselines.fastapi_torch", "--checkpoint", str(checkpoint), "--model", model,

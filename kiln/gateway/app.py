@@ -57,8 +57,10 @@ def build_app(config: GatewayConfig, backend: TritonBackend | None = None) -> Fa
     address) fails at start-up."""
     pool = None
     if backend is None:  # one Triton, or several replicas: the pool routes and fails over between them
-        pool = BackendPool([TritonBackend(url, config.request_timeout_s)
-                            for url in [config.triton_grpc, *config.triton_replicas]])
+        urls = [config.triton_grpc, *config.triton_replicas]
+        ids = config.triton_ids or [None] * len(urls)
+        pool = BackendPool([TritonBackend(url, config.request_timeout_s, expected_id=server_id)
+                            for url, server_id in zip(urls, ids, strict=True)])
     gateway = Gateway(config, limiter_from_url(config.redis_url, fail_open=not config.limits_fail_closed),
                       backend or pool)
     if pool is not None:

@@ -202,8 +202,11 @@ async def _drain(call, timeout: float = 5.0) -> None:
 
 
 class TritonBackend:
-    def __init__(self, url: str, timeout_s: float = 600.0, probe_interval_s: float = PROBE_INTERVAL_S):
+    def __init__(self, url: str, timeout_s: float = 600.0, probe_interval_s: float = PROBE_INTERVAL_S,
+                 expected_id: str | None = None):
         self.url, self.timeout_s, self.probe_interval_s = url, timeout_s, probe_interval_s
+        self.expected_id = expected_id  # the name our Triton gives (`--id`); None: any server on the address
+        self._stranger_seen: str | None = None  # the last other name that answered (logged once per name)
         self._client: grpcaio.InferenceServerClient | None = None
         self.down_since: float | None = None  # monotonic time a call first found Triton unreachable
         self._probe: asyncio.Task | None = None
@@ -254,10 +257,22 @@ class TritonBackend:
         if self._probe is None or self._probe.done():
             self._probe = asyncio.get_running_loop().create_task(self._probe_until_up())
 
+    async def _ours(self) -> bool:
+        """Whether the server on the address is the Triton this gateway was given (its id);
+        True when no id was given. Raises what the call raises."""
+        if self.expected_id is None:
+            return True
+        name = (await self.client.get_server_metadata(client_timeout=CHECK_TIMEOUT_S)).name
+        if name != self.expected_id and name != self._stranger_seen:
+            log.warning("the server at %s calls itself %r, not %r: not ready until ours answers there",
+                        self.url, name, self.expected_id)
+            self._stranger_seen = name
+        return name == self.expected_id
+
     async def _probe_until_up(self) -> None:
         while self.down_since is not None:
             try:
-                if await self.client.is_server_ready(client_timeout=CHECK_TIMEOUT_S):
+                if await self.client.is_server_ready(client_timeout=CHECK_TIMEOUT_S) and await self._ours():
                     self._mark_up()
                     return
             except Exception:
@@ -269,7 +284,7 @@ class TritonBackend:
         """(Triton ready, {model: ready}); never raises. A generation model is ready only
         when it answers the HEALTH probe itself."""
         try:
-            server = bool(await self.client.is_server_ready(client_timeout=CHECK_TIMEOUT_S))
+            server = bool(await self.client.is_server_ready(client_timeout=CHECK_TIMEOUT_S)) and await self._ours()
         except InferenceServerException as err:
             if unreachable(err):
                 self._mark_down()

@@ -13,7 +13,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from kiln_core.card import CardError, RepositoryCard
 
@@ -40,6 +40,9 @@ class GatewayConfig(BaseModel):
     triton_replicas: list[str] = Field(default_factory=list, description="more Tritons (host:port, gRPC) serving "
                                                                          "the same repositories: requests go to the "
                                                                          "least busy, and fail over between them")
+    triton_ids: list[str] = Field(default_factory=list, description="the server id each Triton (triton_grpc, then "
+                                  "the replicas) reports as its name, `GET /v2`: /ready believes only a server "
+                                  "that says it, never another process on its port; none: any Triton")
     repositories: list[Path] = Field(default_factory=list, description="kiln model repositories Triton serves")
     keys_file: Path | None = None
     keys_env: str = KEYS_ENV
@@ -71,6 +74,13 @@ class GatewayConfig(BaseModel):
                                                     "outcome, shared by every gateway process that names it "
                                                     "(default: admin-jobs/ in the first server folder)")
     log_level: str = "info"
+
+    @model_validator(mode="after")
+    def _one_id_per_triton(self) -> "GatewayConfig":
+        if self.triton_ids and len(self.triton_ids) != 1 + len(self.triton_replicas):
+            raise ValueError(f"triton_ids names {len(self.triton_ids)} servers for {1 + len(self.triton_replicas)} "
+                             "Tritons (triton_grpc and the replicas)")
+        return self
 
     @property
     def admin_jobs_dir(self) -> Path | None:

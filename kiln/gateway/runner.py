@@ -28,6 +28,7 @@ import uvicorn
 from kiln.gateway.config import GatewayConfig
 from kiln.gateway.http import error_response
 from kiln.gateway.protocol import APIError
+from kiln.processes import spawn, stop_process
 
 STARTED_MARK = "kiln gateway: application started"  # printed by the app at start-up, whatever the log level
 KEEP_ALIVE_S = 75  # idle keep-alive connections are closed after this (nginx's default)
@@ -146,6 +147,13 @@ class _Gateway:
     def get(self, path: str) -> tuple[int, dict]:
         return http_get(self.url + path)
 
+    def check_port(self) -> None:
+        """PortBusy (naming who holds it) when the gateway's port is taken: it must not start
+        beside, or look ready through, another server."""
+        from kiln.processes import check_ports_free
+
+        check_ports_free({"gateway": self.config.port}, self.config.host, hint="choose another --gateway-port")
+
     def wait_ready(self, timeout: float = 60.0) -> dict:
         deadline = time.monotonic() + timeout
         status, body = 0, {}
@@ -182,11 +190,10 @@ class GatewayProcess(_Gateway):
     def launch(self) -> None:
         """Start the process; ``started()`` tells when its app is up."""
         self.log_file.parent.mkdir(parents=True, exist_ok=True)
-        log = open(self.log_file, "w")
         env = {**os.environ, "PYTHONSAFEPATH": "1", **self.env}
-        self.process = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT, env=env,
-                                        start_new_session=True)
-        log.close()
+        with open(self.log_file, "w") as log:
+            # SIGKILL when the process that started it dies: its Triton goes too, nothing to drain for
+            self.process = spawn(self.command(), log=log, env=env, death_signal=signal.SIGKILL)
 
     def started(self) -> bool:
         """Its app said it started (its own log, not the port: siblings may share the port);
@@ -197,6 +204,7 @@ class GatewayProcess(_Gateway):
         return STARTED_MARK in self.log_file.read_text(errors="replace")
 
     def start(self, timeout: float = 60.0) -> "GatewayProcess":
+        self.check_port()
         self.launch()
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -209,8 +217,6 @@ class GatewayProcess(_Gateway):
     def stop(self, timeout: float | None = None) -> int | None:
         """SIGTERM: the gateway drains (up to its deadline), then it is killed if still there
         (``timeout``: default the drain deadline and 5 s)."""
-        from kiln.server import stop_process
-
         return stop_process(self.process, self.config.drain_timeout_s + 5 if timeout is None else timeout)
 
 
@@ -236,6 +242,7 @@ class GatewayGroup(_Gateway):
         return all(w.running() for w in self.workers)
 
     def start(self, timeout: float = 60.0) -> "GatewayGroup":
+        self.check_port()
         for w in self.workers:
             w.launch()
         deadline = time.monotonic() + timeout
@@ -286,6 +293,7 @@ class GatewayThread(_Gateway):
         return self.thread is not None and self.thread.is_alive()
 
     def start(self, timeout: float = 60.0) -> "GatewayThread":
+        self.check_port()
         self.thread = threading.Thread(target=self.server.run, name="kiln-gateway", daemon=True)
         self.thread.start()
         deadline = time.monotonic() + timeout

@@ -10,8 +10,8 @@ import numpy as np
 import tritonclient.grpc as grpcclient
 import yaml
 
-from kiln.server import free_port
-from kiln_testkit import KILN, serve
+from kiln.processes import free_port
+from kiln_testkit import KILN, run_to_exit, serve
 from model_repository.writer import write_repository
 
 
@@ -22,8 +22,9 @@ def loadtest(tmp_path, url, loadtest_cfg: dict, *args, workdir=None):
     cmd = [str(KILN), "loadtest", "minilm", "--url", url, "--slo", str(slo), "--out-dir", str(out), *args]
     if workdir:
         cmd += ["--workdir", str(workdir)]
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
-                       env={**os.environ, "PYTHONSAFEPATH": "1", "COLUMNS": "160"})
+    # every run also checks that the command ends by itself once it has printed its verdict
+    r = run_to_exit(cmd, {**os.environ, "PYTHONSAFEPATH": "1", "COLUMNS": "160"}, mark="verdict:")
+    assert r.exit_after_mark_s is not None, f"no verdict printed:\n{r.stderr[-2000:]}"
     summary = json.loads((out / "summary.json").read_text()) if (out / "summary.json").exists() else None
     return r, summary, out
 

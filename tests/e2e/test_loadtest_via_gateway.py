@@ -5,12 +5,11 @@ starts in front of Triton, gated on the spec's SLOs. Run as a subprocess, as use
 import json
 import os
 import socket
-import subprocess
 
 import yaml
 
-from kiln.server import free_port
-from kiln_testkit import KILN
+from kiln.processes import free_port
+from kiln_testkit import KILN, run_to_exit
 
 # generous for a loaded 2-core machine: these runs check the path and the figures, not speed
 TARGETS = {"p50_ms": 3000, "p95_ms": 6000, "p99_ms": None, "min_qps": 1, "max_error_ratio": 0.0}
@@ -20,10 +19,10 @@ def loadtest(tmp_path, spec: str, shape: dict, *args, env=None):
     slo = tmp_path / "slo.yaml"
     slo.write_text(yaml.safe_dump({"loadtest": {"targets": TARGETS, "shape": shape}}))
     out = tmp_path / "report"
-    r = subprocess.run([str(KILN), "loadtest", spec, "--protocol", "openai", "--slo", str(slo), "--out-dir", str(out), *args],
-                       capture_output=True, text=True, timeout=240,
-                       env={**os.environ, "PYTHONSAFEPATH": "1", "COLUMNS": "160", **(env or {})})
+    r = run_to_exit([str(KILN), "loadtest", spec, "--protocol", "openai", "--slo", str(slo), "--out-dir", str(out), *args],
+                    {**os.environ, "PYTHONSAFEPATH": "1", "COLUMNS": "160", **(env or {})}, mark="verdict:", timeout=240)
     print(r.stderr[-3000:])
+    assert r.exit_after_mark_s is not None, "no verdict printed"  # and it ended by itself after printing it
     summary = json.loads((out / "summary.json").read_text()) if (out / "summary.json").exists() else None
     return r, summary, out
 

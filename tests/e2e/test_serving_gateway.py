@@ -341,7 +341,7 @@ def test_triton_down_is_503_and_health_stays_live(stack, tmp_path):
     """A second gateway whose Triton is not there: ready and inference answer 503."""
     from kiln.gateway.config import GatewayConfig
     from kiln.gateway.runner import GatewayProcess
-    from kiln.server import free_port
+    from kiln.processes import free_port
 
     cfg = GatewayConfig(port=free_port(), triton_grpc=f"127.0.0.1:{free_port()}",
                         repositories=stack["gw"].config.repositories)

@@ -17,7 +17,7 @@ from email.message import Message
 import yaml
 
 from kiln.faults import tritonserver_child
-from kiln.server import free_port
+from kiln.processes import free_port
 from kiln_testkit import KILN
 
 

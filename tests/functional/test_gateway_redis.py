@@ -15,7 +15,7 @@ import pytest
 from kiln.gateway.config import GatewayConfig, Limits
 from kiln.gateway.runner import GatewayProcess
 from kiln.redis_server import RedisServer
-from kiln.server import free_port
+from kiln.processes import free_port
 from kiln_core.card import RepositoryCard
 from kiln_testkit import per_process, status_with_key
 

@@ -20,7 +20,7 @@ from kiln.gateway.config import Limits
 from kiln.gateway.limits import LimitsUnavailable, RateLimited, RateLimiter, TooLarge
 from kiln.gateway.limits_redis import RedisRateLimiter, bucket_key, limiter_from_url
 from kiln.redis_server import RedisServer
-from kiln.server import free_port
+from kiln.processes import free_port
 
 
 class Clock:

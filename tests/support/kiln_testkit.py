@@ -268,3 +268,54 @@ def embedding_load(stack, model: str, probe_text: str, clients: int = 4) -> Back
     return BackgroundLoad(lambda: gateway_client(stack),
                           lambda c, k, i: c.embeddings.create(model=model, input=f"client {k} text {i}"),
                           lambda c: embedding_of(c, model, probe_text), clients=clients)
+
+
+class Ran:
+    """What ``run_to_exit`` saw: exit code, the whole output (stdout and stderr together, as
+    a person reads it), and how long the process lived after printing ``mark``."""
+
+    def __init__(self, returncode: int, output: str, exit_after_mark_s: float | None):
+        self.returncode, self.stderr, self.exit_after_mark_s = returncode, output, exit_after_mark_s
+
+
+EXIT_GRACE_S = 10.0  # a command that has printed its result ends within this, by itself
+
+
+def run_to_exit(cmd: list[str], env: dict, mark: str, timeout: float = 300.0, grace_s: float = EXIT_GRACE_S) -> Ran:
+    """Run ``cmd`` and time its exit after it prints ``mark`` (e.g. the load test's verdict line).
+    A process still running ``grace_s`` after the mark is a hang at exit: it is killed and the
+    test fails saying so, instead of waiting out ``timeout``."""
+    import subprocess
+    import threading
+    import time
+
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    lines: list[str] = []
+    seen: list[float] = []
+
+    def read() -> None:
+        for line in proc.stdout:
+            lines.append(line)
+            if mark in line and not seen:
+                seen.append(time.monotonic())
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    deadline = time.monotonic() + timeout
+    while proc.poll() is None:
+        now = time.monotonic()
+        if seen and now - seen[0] > grace_s:
+            proc.kill()
+            proc.wait()
+            reader.join(5)
+            raise AssertionError(f"{' '.join(cmd[:2])} printed {mark!r} and had not exited {grace_s:.0f}s later "
+                                 f"(a hang at exit); its output ends:\n{''.join(lines)[-2000:]}")
+        if now > deadline:
+            proc.kill()
+            proc.wait()
+            reader.join(5)
+            raise AssertionError(f"{' '.join(cmd[:2])} ran past {timeout:.0f}s; its output ends:\n{''.join(lines)[-2000:]}")
+        time.sleep(0.05)
+    ended = time.monotonic()
+    reader.join(5)
+    return Ran(proc.returncode, "".join(lines), ended - seen[0] if seen else None)

@@ -192,6 +192,7 @@ def test_backend_counts_read_only_the_ok_outcome_of_each_backend():
 class FakeTriton:
     def __init__(self, repositories, ports: Ports, workdir: Path):
         self.ports, self.workdir = ports, workdir
+        self.server_id = f"kiln-fake-{ports.grpc}"
 
     @property
     def grpc_url(self) -> str:
@@ -207,6 +208,7 @@ def test_the_second_gateway_is_configured_like_the_stacks_but_over_its_first_tri
     pooled = stack.gateway  # the config the stack built (gateway_class returns it)
     assert pooled.triton_grpc == stack.backends[0].grpc_url and pooled.triton_replicas == [stack.backends[1].grpc_url]
     assert single.config.triton_grpc == stack.backends[0].grpc_url and single.config.triton_replicas == []
+    assert single.config.triton_ids == [stack.backends[0].server_id]
     assert single.config.repositories == pooled.repositories == [tmp_path / "repo"]
     assert single.config.port not in (0, pooled.port)
     assert single.env == {single.config.keys_env: ""}  # open, as the bench's other gateway

@@ -19,7 +19,9 @@ from kiln.faults import (
     judge_fuzz,
     judge_kill,
     judge_loop,
+    judge_orphans,
     judge_overload,
+    judge_port_held,
     not_run,
     report_json,
     summary_table,
@@ -184,3 +186,21 @@ def test_an_overload_clients_deadline_outlasts_the_models_own_queue_bound():
 
     assert queue_deadline_s(40.0, 23_000) == 40.0  # int4 on a fast CPU: the case deadline suffices
     assert abs(queue_deadline_s(40.0, 54_000) - 86.0) < 1e-9  # fp32 on AVX2: 1.5x the bound and 5 s
+
+
+def test_children_left_after_kill_9_of_serve_are_a_hard_failure():
+    clean = judge_orphans(processes=5, listening=5, gone_s=1.2, left=[], deadline_s=15)
+    assert clean.verdict == "PASS" and clean.recovery_s == 1.2 and clean.figures["children"] == 4
+    slow = judge_orphans(processes=5, listening=5, gone_s=8.0, left=[], deadline_s=15)
+    assert slow.verdict == "MISS"
+    orphan = judge_orphans(processes=5, listening=5, gone_s=None, left=["tritonserver (pid 7)"], deadline_s=15)
+    assert orphan.verdict == "FAIL" and "tritonserver (pid 7)" in orphan.hard[0]
+    assert judge_orphans(processes=1, listening=1, gone_s=0.1, left=[], deadline_s=15).verdict == "FAIL"
+
+
+def test_serving_beside_a_stranger_on_its_port_is_a_hard_failure():
+    assert judge_port_held(2, True, False, 3.1, 60).verdict == "PASS"
+    assert judge_port_held(None, False, False, None, 60).hard[0].endswith("(no refusal)")
+    assert judge_port_held(1, True, False, 3.0, 60).verdict == "FAIL"  # a crash is not a refusal
+    assert judge_port_held(2, False, False, 3.0, 60).verdict == "FAIL"  # a refusal that does not say why
+    assert "said ready" in judge_port_held(2, True, True, 3.0, 60).hard[0]

@@ -89,3 +89,61 @@ def test_tritons_response_cache_is_sized_by_the_largest_card_unless_told(tmp_pat
             if a.startswith("--cache-config")] == [f"--cache-config=local,size={1 << 19}"]
     assert not any(a.startswith("--cache-config") for a in TritonServer(repos, workdir=tmp_path, cache_mb=0).command())
     assert not any(a.startswith("--cache-config") for a in TritonServer(repos[2:], workdir=tmp_path).command())
+
+
+def test_stale_shared_memory_regions_are_removed_and_mapped_ones_kept(tmp_path):
+    """What a killed Triton leaves in /dev/shm (regions nobody maps any more) goes at the next
+    start; a region a running process still maps stays."""
+    import mmap
+
+    from kiln.server import SHM_PREFIX, remove_stale_shm_regions
+
+    stale, live, other = (tmp_path / f"{SHM_PREFIX}-dead", tmp_path / f"{SHM_PREFIX}-live",
+                          tmp_path / "someone-elses-region")
+    for p in (stale, live, other):
+        p.write_bytes(b"\0" * 4096)
+    with open(live, "r+b") as f, mmap.mmap(f.fileno(), 4096):
+        removed = remove_stale_shm_regions(tmp_path)
+    assert removed == [stale]
+    assert live.exists() and other.exists() and not stale.exists()
+
+
+def test_readiness_is_believed_only_from_this_triton(tmp_path):
+    """A server on Triton's HTTP port that answers ready but gives another name (an orphaned
+    Triton of an earlier run) is not this Triton being ready."""
+    import json
+    import subprocess
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from kiln.server import TritonServer
+    from kiln_core.spec import Ports
+
+    name = {"value": "kiln-orphan"}
+
+    class Stranger(BaseHTTPRequestHandler):
+        def do_GET(self):
+            body = json.dumps({"name": name["value"], "version": "2.51.0"}).encode() if self.path == "/v2" else b""
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Stranger)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    server = TritonServer(tmp_path, Ports(http=httpd.server_address[1], grpc=1, metrics=2), workdir=tmp_path)
+    server.process = subprocess.Popen(["sleep", "30"])  # our Triton "runs", but is not the one answering
+    try:
+        assert server.answering_id() == "kiln-orphan" and not server.ready()
+        name["value"] = server.server_id
+        assert server.ready()
+        server.process.kill()
+        server.process.wait()
+        assert not server.ready()  # a dead Triton is never ready, whoever answers on its port
+    finally:
+        httpd.shutdown()
+        if server.process.poll() is None:
+            server.process.kill()

@@ -11,9 +11,12 @@ import pytest
 from kiln.canary import GATEWAY_FILE
 from kiln.gateway.config import GatewayConfig, GatewayError
 from kiln.gateway.runner import GatewayProcess
+from kiln.processes import PortBusy, PortHolder
 from kiln.server import ServerError
 from kiln.stack import GatewayOptions, Stack, _make_gateway
 from kiln_core.spec import Ports
+
+BUSY = 8001  # the port a stranger holds in these tests
 
 
 class FakeProcess:
@@ -34,11 +37,16 @@ class FakeTriton:
         """One server (a replica each call), recording into the same log."""
         made = FakeTriton(self.log, self.fail_start)
         made.repositories, made.ports, made.workdir, made.process = repositories, ports, workdir, None
+        made.server_id = f"kiln-fake-{ports.grpc}"
         return made
 
     @property
     def grpc_url(self) -> str:
         return f"127.0.0.1:{self.ports.grpc}"
+
+    def check_ports(self) -> None:
+        if self.ports.grpc == BUSY:
+            raise PortBusy("Triton gRPC", "127.0.0.1", BUSY, PortHolder(4242, "tritonserver (an orphan)"))
 
     def start(self, timeout: float) -> None:
         self.log.append(("triton start", self.ports))
@@ -65,6 +73,10 @@ class FakeGateway:
     @property
     def url(self) -> str:
         return f"http://{self.config.host}:{self.config.port}"
+
+    def check_port(self) -> None:
+        if self.config.port == BUSY:
+            raise PortBusy("gateway", "127.0.0.1", BUSY, None)
 
     def start(self) -> None:
         self.log.append("gateway start")
@@ -114,6 +126,7 @@ def test_the_gateway_is_pointed_at_the_stacks_triton_on_a_free_port(tmp_path):
     s = stack(tmp_path, log, GatewayOptions(GatewayConfig(port=0, max_body_bytes=4096)))
     cfg = s.gateway.config
     assert cfg.triton_grpc == s.triton.grpc_url and cfg.repositories == [tmp_path / "repo"]
+    assert cfg.triton_ids == [s.triton.server_id]  # the gateway's /ready believes only this server
     assert cfg.port > 0 and cfg.max_body_bytes == 4096
     assert len({cfg.port, s.triton.ports.http, s.triton.ports.grpc, s.triton.ports.metrics}) == 4
     fixed = stack(tmp_path, log, GatewayOptions(GatewayConfig(port=9123)), ports=Ports(http=1, grpc=2, metrics=3))
@@ -126,6 +139,21 @@ def test_triton_failing_to_start_is_raised_and_the_gateway_never_starts(tmp_path
     with pytest.raises(ServerError, match="exited with code 1"):
         stack(tmp_path, log, GatewayOptions(), fail_triton=True).start()
     assert "gateway start" not in names(log) and names(log)[-1] == "triton stop"
+
+
+@pytest.mark.parametrize("busy", ["triton", "gateway"])
+def test_a_port_held_by_another_process_refuses_before_anything_starts(tmp_path, busy):
+    """Nothing of the stack starts beside a stranger on one of its ports (an orphaned Triton
+    would otherwise answer its readiness): the refusal names the port and the holder."""
+    log = []
+    ports = Ports(http=18000, grpc=BUSY if busy == "triton" else 18001, metrics=18002)
+    gateway = GatewayOptions(GatewayConfig(port=BUSY if busy == "gateway" else 0))
+    with pytest.raises(PortBusy, match=f"port {BUSY} on 127.0.0.1 is in use") as err:
+        stack(tmp_path, log, gateway, ports=ports).start()
+    assert log == [] or names(log) == ["gateway stop", "triton stop"]
+    assert "triton start" not in names(log) and "gateway start" not in names(log)
+    if busy == "triton":
+        assert "pid 4242 (tritonserver (an orphan))" in str(err.value)
 
 
 @pytest.mark.parametrize("fail", ["start", "ready"])

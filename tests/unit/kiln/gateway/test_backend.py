@@ -103,10 +103,13 @@ class FakeClient:
     """Triton's gRPC client: `infer_errors` raised by the next infer calls, `ready_answers` by
     the next is_server_ready calls (an exception is raised), `streams` one per stream_infer."""
 
-    def __init__(self, infer_errors=(), ready_answers=(), streams=(), health_input=True):
+    def __init__(self, infer_errors=(), ready_answers=(), streams=(), health_input=True, name="triton"):
         self.infer_errors, self.ready_answers, self.streams = list(infer_errors), list(ready_answers), list(streams)
-        self.health_input = health_input
+        self.health_input, self.name = health_input, name
         self.infers = 0
+
+    async def get_server_metadata(self, **kw):
+        return SimpleNamespace(name=self.name)
 
     async def infer(self, model, inputs, **kw):
         self.infers += 1
@@ -134,8 +137,8 @@ class FakeClient:
         pass
 
 
-def backend_with(client: FakeClient) -> TritonBackend:
-    backend = TritonBackend("127.0.0.1:1", probe_interval_s=0)
+def backend_with(client: FakeClient, expected_id: str | None = None) -> TritonBackend:
+    backend = TritonBackend("127.0.0.1:1", probe_interval_s=0, expected_id=expected_id)
     backend._client = client
     return backend
 
@@ -224,5 +227,27 @@ def test_readiness_that_finds_triton_again_ends_the_outage():
         backend._probe.cancel()
         assert not backend.up
         assert (await backend.ready(["emb"]))[0] is True and backend.up
+
+    asyncio.run(scenario())
+
+
+def test_a_stranger_on_tritons_address_is_never_ready():
+    """A ready server that is not the Triton the gateway was given (an orphan of an earlier run
+    on the same port) leaves /ready false, and an outage does not end through it."""
+    async def scenario():
+        stranger = backend_with(FakeClient(name="kiln-orphan"), expected_id="kiln-ours")
+        assert (await stranger.ready(["emb"]))[0] is False
+        ours = backend_with(FakeClient(name="kiln-ours"), expected_id="kiln-ours")
+        assert (await ours.ready(["emb"]))[0] is True
+        client = FakeClient(infer_errors=[DOWN], name="kiln-orphan")
+        down = backend_with(client, expected_id="kiln-ours")
+        with pytest.raises(APIError):
+            await down.embed("emb", ["hello"], 8)
+        await asyncio.sleep(0.05)  # the probe finds a ready server, but not ours: still down
+        assert not down.up
+        client.name = "kiln-ours"
+        await asyncio.wait_for(down._probe, 5)
+        assert down.up
+        await down.close()
 
     asyncio.run(scenario())

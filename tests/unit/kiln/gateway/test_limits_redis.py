@@ -13,7 +13,7 @@ from kiln.gateway.auth import Principal
 from kiln.gateway.config import Limits
 from kiln.gateway.limits import LimitsUnavailable, TooLarge
 from kiln.gateway.limits_redis import RedisRateLimiter, bucket_key, redacted
-from kiln.server import free_port
+from kiln.processes import free_port
 
 LIMITED = Principal("k", Limits(rpm=1, tpm=100))
 
