@@ -32,5 +32,9 @@ def test_the_fault_suite_has_no_hard_failure(tiny_bert, tiny_llama, tmp_path):
     assert any(c.startswith("chat overload open loop") for c in cases)  # measured, and Triton did not crash
     drain = cases["drain on SIGTERM"]
     assert drain.figures["streams_in_flight"] >= 1 and drain.tally.ok >= drain.figures["streams_in_flight"]
+    orphans = cases["kill -9 kiln serve"]  # Triton, its stubs, redis-server: none outlives kiln serve
+    assert orphans.figures["left"] == 0 and orphans.figures["children"] >= 3 and orphans.recovery_s is not None
+    stranger = cases["port held by another process"]  # refused, naming the port, never ready through it
+    assert stranger.figures["exit_code"] == 2 and stranger.verdict == "PASS"
     saved = json.loads((tmp_path / "faults.json").read_text())
     assert [c["case"] for c in saved["cases"]] == list(cases) and saved["exit_code"] == 0
