@@ -1,0 +1,160 @@
+"""A Llama-family decoder written as onnxruntime's fused contrib ops, for a KV cache that is
+never copied: kiln's own graph builder (onnxruntime-genai's model builder was the reference
+for which ops and shapes; this builds from the same transformers module the parity gate runs).
+
+One step for a batch of sequences, each in its own row of a preallocated cache::
+
+    input_ids [B, S] int64, seqlens_k [B] int32 (each row's total length - 1),
+    total_sequence_length [] int32 (the longest row's total length),
+    past_key_values.{i}.key/value [B, kv_heads, max_context, head_dim] float32
+        -> logits [B, 1, V] (the last position only),
+           present.{i}.key/value: the same buffers, written in place
+
+Per layer: ``SimplifiedLayerNormalization`` / ``SkipSimplifiedLayerNormalization`` (the residual
+add fused into the norm), q/k/v and gate/up as MatMuls reading one activation (the int4 rewrite,
+``export.lm_quant``, fuses each group into one MatMulNBits), ``GroupQueryAttention`` with the
+rotary embedding inside it and the past/present buffers shared (bound once through IOBinding,
+written in place: no concat, no copy per step), SiLU-gated MLP. The prefill computes logits for
+its last position only. A row's new tokens go to positions ``seqlens_k - S + 1 .. seqlens_k`` of
+its cache; rows of a batch keep their own lengths (no left padding).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from export.lm_export import DecoderShape
+
+MS = "com.microsoft"
+OPSET = 17
+
+
+@dataclass(frozen=True)
+class GqaGraph:
+    model: object  # onnx.ModelProto
+    modules: dict[str, str]  # MatMul node name -> module path (what export.lm_quant reads)
+    shape: DecoderShape
+    max_context: int
+
+
+def rotary_caches(model, max_context: int) -> tuple[np.ndarray, np.ndarray]:
+    """cos, sin [max_context, head_dim / 2] from the model's own rotary module (its inv_freq
+    carries any rope scaling, its attention_scaling the amplitude)."""
+    import torch
+
+    rotary = model.model.rotary_emb
+    inv_freq = rotary.inv_freq.detach().to(torch.float64).cpu().numpy()
+    scale = float(getattr(rotary, "attention_scaling", 1.0) or 1.0)
+    freqs = np.outer(np.arange(max_context, dtype=np.float64), inv_freq)
+    return (np.cos(freqs) * scale).astype(np.float32), (np.sin(freqs) * scale).astype(np.float32)
+
+
+def supported(model) -> str | None:
+    """Why this model cannot be built here (None: it can)."""
+    cfg = model.config
+    if cfg.model_type not in ("llama", "mistral", "qwen2"):
+        return f"{cfg.model_type}: the fused graph covers Llama, Mistral and Qwen2 decoders"
+    if getattr(cfg, "hidden_act", "silu") != "silu":
+        return f"activation {cfg.hidden_act}: the fused graph has SiLU-gated MLPs only"
+    if getattr(cfg, "sliding_window", None) and getattr(cfg, "use_sliding_window", True) and cfg.model_type == "mistral":
+        return "sliding-window attention is not built yet"
+    return None
+
+
+def build_gqa_decoder(model, max_context: int) -> GqaGraph:
+    """The fp32 graph of ``model`` (a transformers LlamaForCausalLM-like module, eval, fp32)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    why = supported(model)
+    if why:
+        raise ValueError(why)
+    cfg = model.config
+    shape = DecoderShape.of(cfg)
+    heads, kv, hd = int(cfg.num_attention_heads), shape.num_kv_heads, shape.head_dim
+    eps = float(cfg.rms_norm_eps)
+    sd = {k: v.detach().to("cpu").float().numpy() for k, v in model.state_dict().items()}
+    nodes, inits, modules = [], [], {}
+
+    def init(name: str, value: np.ndarray) -> str:
+        inits.append(numpy_helper.from_array(np.ascontiguousarray(value), name))
+        return name
+
+    def node(op: str, inputs: list[str], outputs: list[str], name: str, domain: str = "", **attrs) -> None:
+        nodes.append(helper.make_node(op, inputs, outputs, name=name, domain=domain, **attrs))
+
+    def matmul(a: str, module: str, out: str, weight: np.ndarray | None = None) -> str:
+        """y = a @ W.T of a Linear (no bias in these models; a bias is added when there is one)."""
+        name = f"/{module}/MatMul"
+        w = weight if weight is not None else sd[f"{module}.weight"]
+        node("MatMul", [a, init(f"{module}.weight.T", w.T.astype(np.float32))], [out if f"{module}.bias" not in sd
+                                                                                  else f"{out}_nobias"], name)
+        modules[name] = module
+        if f"{module}.bias" in sd:
+            node("Add", [f"{out}_nobias", init(f"{module}.bias", sd[f"{module}.bias"])], [out], f"/{module}/Add")
+        return out
+
+    cos, sin = rotary_caches(model, max_context)
+    init("cos_cache", cos)
+    init("sin_cache", sin)
+    embed = sd["model.embed_tokens.weight"]
+    node("Gather", [init("model.embed_tokens.weight", embed), "input_ids"], ["embeds"], "/embed_tokens/Gather")
+
+    residual, pending = "embeds", None  # pending: the last block's output, not yet added to the residual
+    for i in range(shape.num_layers):
+        p = f"model.layers.{i}"
+        ln = init(f"{p}.input_layernorm.weight", sd[f"{p}.input_layernorm.weight"])
+        if pending is None:
+            node("SimplifiedLayerNormalization", [residual, ln], [f"{p}/attn_in"], f"/{p}/input_layernorm",
+                 axis=-1, epsilon=eps, stash_type=1)
+        else:
+            node("SkipSimplifiedLayerNormalization", [pending, residual, ln],
+                 [f"{p}/attn_in", "", "", f"{p}/resid_attn"], f"/{p}/input_layernorm", domain=MS, epsilon=eps)
+            residual = f"{p}/resid_attn"
+        a = f"{p}/attn_in"
+        q = matmul(a, f"{p}.self_attn.q_proj", f"{p}/q")
+        k = matmul(a, f"{p}.self_attn.k_proj", f"{p}/k")
+        v = matmul(a, f"{p}.self_attn.v_proj", f"{p}/v")
+        node("GroupQueryAttention",
+             [q, k, v, f"past_key_values.{i}.key", f"past_key_values.{i}.value", "seqlens_k",
+              "total_sequence_length", "cos_cache", "sin_cache"],
+             [f"{p}/attn", f"present.{i}.key", f"present.{i}.value"], f"/{p}/self_attn/GroupQueryAttention",
+             domain=MS, num_heads=heads, kv_num_heads=kv, do_rotary=1, rotary_interleaved=0,
+             scale=float(getattr(model.model.layers[i].self_attn, "scaling", hd ** -0.5)))
+        o = matmul(f"{p}/attn", f"{p}.self_attn.o_proj", f"{p}/o")
+        post = init(f"{p}.post_attention_layernorm.weight", sd[f"{p}.post_attention_layernorm.weight"])
+        node("SkipSimplifiedLayerNormalization", [o, residual, post], [f"{p}/mlp_in", "", "", f"{p}/resid_mlp"],
+             f"/{p}/post_attention_layernorm", domain=MS, epsilon=eps)
+        residual = f"{p}/resid_mlp"
+        m = f"{p}/mlp_in"
+        gate = matmul(m, f"{p}.mlp.gate_proj", f"{p}/gate")
+        up = matmul(m, f"{p}.mlp.up_proj", f"{p}/up")
+        node("Sigmoid", [gate], [f"{p}/gate_sig"], f"/{p}/mlp/Sigmoid")
+        node("Mul", [gate, f"{p}/gate_sig"], [f"{p}/gate_act"], f"/{p}/mlp/SiLU")
+        node("Mul", [f"{p}/gate_act", up], [f"{p}/gated"], f"/{p}/mlp/Mul")
+        pending = matmul(f"{p}/gated", f"{p}.mlp.down_proj", f"{p}/down")
+
+    final = init("model.norm.weight", sd["model.norm.weight"])
+    node("SkipSimplifiedLayerNormalization", [pending, residual, final], ["hidden", "", "", "resid_final"],
+         "/norm", domain=MS, epsilon=eps)
+    # only the last position's logits: a prefill of S tokens pays the head once, not S times
+    node("Slice", ["hidden", init("last_start", np.array([-1], np.int64)), init("last_end", np.array([2**62], np.int64)),
+                   init("seq_axis", np.array([1], np.int64))], ["hidden_last"], "/last_position")
+    head = sd.get("lm_head.weight", embed)
+    matmul("hidden_last", "lm_head", "logits", weight=head)
+
+    cache = ["batch", kv, max_context, hd]
+    inputs = [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "sequence"]),
+              helper.make_tensor_value_info("seqlens_k", TensorProto.INT32, ["batch"]),
+              helper.make_tensor_value_info("total_sequence_length", TensorProto.INT32, [])]
+    outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 1, shape.vocab_size])]
+    for i in range(shape.num_layers):
+        for kind in ("key", "value"):
+            inputs.append(helper.make_tensor_value_info(f"past_key_values.{i}.{kind}", TensorProto.FLOAT, cache))
+            outputs.append(helper.make_tensor_value_info(f"present.{i}.{kind}", TensorProto.FLOAT, cache))
+    graph = helper.make_graph(nodes, "kiln_gqa_decoder", inputs, outputs, inits)
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(MS, 1)],
+                              producer_name="kiln")
+    proto.ir_version = 9  # onnx's checker knows no contrib op; onnxruntime checks the graph when it opens it
+    return GqaGraph(proto, modules, shape, max_context)
