@@ -355,6 +355,9 @@ def quantize_int8(src: Path, dst: Path) -> str:
             quantize_dynamic(
                 str(tmp), str(dst), weight_type=QuantType.QUInt8, per_channel=True, op_types_to_quantize=["MatMul"],
                 nodes_to_exclude=keep, use_external_data_format=external,
+                # the fused graph's contrib ops (GroupQueryAttention, ...) stop onnx's shape inference:
+                # what it cannot type is float, as every activation of these graphs is
+                extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
             )
         finally:
             tmp.unlink(missing_ok=True)

@@ -29,6 +29,8 @@ from export.lm_export import DecoderShape
 
 MS = "com.microsoft"
 OPSET = 17
+SCOPES_KEY = "pkg.torch.onnx.name_scopes"
+KV_LAYOUT = "slots"  # the manifest's decoder["kv_layout"] for this graph (absent: the exported KV-concat graph)
 
 
 @dataclass(frozen=True)
@@ -37,6 +39,28 @@ class GqaGraph:
     modules: dict[str, str]  # MatMul node name -> module path (what export.lm_quant reads)
     shape: DecoderShape
     max_context: int
+
+
+def io_specs(shape: DecoderShape, max_context: int):
+    """The fused graph's tensor contract (the slot engine relies on it)."""
+    from kiln_core.manifest import TensorSpec
+
+    cache = ["batch", shape.num_kv_heads, max_context, shape.head_dim]
+    inputs = [TensorSpec(name="input_ids", dtype="int64", shape=["batch", "sequence"]),
+              TensorSpec(name="seqlens_k", dtype="int32", shape=["batch"]),
+              TensorSpec(name="total_sequence_length", dtype="int32", shape=[])]
+    inputs += [TensorSpec(name=n, dtype="float32", shape=cache) for n in shape.past_names]
+    outputs = [TensorSpec(name="logits", dtype="float32", shape=["batch", 1, shape.vocab_size])]
+    outputs += [TensorSpec(name=n, dtype="float32", shape=cache) for n in shape.present_names]
+    return inputs, outputs
+
+
+def save(graph: GqaGraph, path) -> None:
+    """Write the graph (its weights beside it when the protobuf would pass 2 GB)."""
+    import onnx
+
+    external = sum(t.ByteSize() for t in graph.model.graph.initializer) > 1_800_000_000
+    onnx.save(graph.model, str(path), save_as_external_data=external, location=path.name + ".data")
 
 
 def rotary_caches(model, max_context: int) -> tuple[np.ndarray, np.ndarray]:
@@ -51,10 +75,20 @@ def rotary_caches(model, max_context: int) -> tuple[np.ndarray, np.ndarray]:
     return (np.cos(freqs) * scale).astype(np.float32), (np.sin(freqs) * scale).astype(np.float32)
 
 
+MODEL_TYPES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+
+
+def kv_layout(graph_choice: str, architecture: str) -> str:
+    """The manifest's kv_layout a spec's generation.graph asks for ("auto": fused where the
+    architecture is covered): "slots" or "concat" (an exported graph has no kv_layout)."""
+    fused = graph_choice == "fused" or (graph_choice == "auto" and architecture in MODEL_TYPES.values())
+    return KV_LAYOUT if fused else "concat"
+
+
 def supported(model) -> str | None:
     """Why this model cannot be built here (None: it can)."""
     cfg = model.config
-    if cfg.model_type not in ("llama", "mistral", "qwen2"):
+    if cfg.model_type not in MODEL_TYPES:
         return f"{cfg.model_type}: the fused graph covers Llama, Mistral and Qwen2 decoders"
     if getattr(cfg, "hidden_act", "silu") != "silu":
         return f"activation {cfg.hidden_act}: the fused graph has SiLU-gated MLPs only"
@@ -90,6 +124,9 @@ def build_gqa_decoder(model, max_context: int) -> GqaGraph:
         w = weight if weight is not None else sd[f"{module}.weight"]
         node("MatMul", [a, init(f"{module}.weight.T", w.T.astype(np.float32))], [out if f"{module}.bias" not in sd
                                                                                   else f"{out}_nobias"], name)
+        # the module path where the dynamo exporter writes it: export.lm_export.weight_matmuls
+        # (and so the int8 / int4 rewrites) read this graph as they read an exported one
+        nodes[-1].metadata_props.add(key=SCOPES_KEY, value=f"['{module}', 'MatMul']")
         modules[name] = module
         if f"{module}.bias" in sd:
             node("Add", [f"{out}_nobias", init(f"{module}.bias", sd[f"{module}.bias"])], [out], f"/{module}/Add")

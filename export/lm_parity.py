@@ -152,9 +152,79 @@ class OrtLM:
         return new
 
 
+class FusedLM:
+    """The fused graph (export/lm_graph.py) in ONNX Runtime, with the loops the gate needs, each
+    over the served slot layout: a sequence in its own row of the cache, no padding anywhere."""
+
+    def __init__(self, path: Path, shape: DecoderShape, max_context: int, threads: int = 0, rows: int = 8):
+        from kiln_runtime.generation.slots import OrtSlotRunner
+
+        self.session = open_session(str(path), intra_op_threads=threads)
+        self.shape, self.max_context = shape, max_context
+        self.runner = OrtSlotRunner(self.session, shape.past_names, shape.present_names, rows, shape.num_kv_heads,
+                                    max_context, shape.head_dim)
+
+    def run(self, ids: list[list[int]], lengths: list[int], row0: int = 0) -> np.ndarray:
+        """The rows' last-position logits [b, vocab] (a copy)."""
+        return self.runner.run(np.asarray(ids, np.int64), np.asarray(lengths), row0)[:, 0].copy()
+
+    def logits(self, ids: list[int]) -> np.ndarray:
+        """Every position's logits [len, vocab] of one sequence: one token per call (the graph
+        computes the last position only)."""
+        return np.stack([self.run([[t]], [i + 1])[0] for i, t in enumerate(ids)])
+
+    def greedy(self, prompt: list[int], max_new: int, eos_ids: list[int]) -> list[int]:
+        new = [int(self.run([prompt], [len(prompt)])[0].argmax())]
+        while len(new) < max_new and new[-1] not in eos_ids:
+            new.append(int(self.run([[new[-1]]], [len(prompt) + len(new)])[0].argmax()))
+        return new
+
+    def batched_greedy(self, prompts: list[list[int]], steps: int) -> list[list[int]]:
+        """Each prompt prefilled into its own row, then ``steps`` greedy tokens for all of them
+        in one call per step (rows of different lengths, as the slot engine runs them)."""
+        out = [[int(self.run([p], [len(p)], row)[0].argmax())] for row, p in enumerate(prompts)]
+        for k in range(1, steps):
+            logits = self.run([[o[-1]] for o in out], [len(p) + k for p in prompts])
+            for row, o in enumerate(out):
+                o.append(int(logits[row].argmax()))
+        return out
+
+    def timed_decode(self, prompt: list[int], steps: int) -> float:
+        import time
+
+        token = int(self.run([prompt], [len(prompt)])[0].argmax())
+        t0 = time.perf_counter()
+        for i in range(steps):
+            token = int(self.runner.run(np.array([[token]], np.int64), np.array([len(prompt) + i + 1]), 0)[0, 0].argmax())
+        return steps / (time.perf_counter() - t0)
+
+    def logits_figures(self, ref: "LMReference") -> dict[str, float]:
+        """The reference's padded prefill and decode steps, each row alone in its own row of the
+        cache: max |diff| of the last position's logits after the prefill, and of each decode step."""
+        mask = ref.batch["attention_mask"].astype(bool)
+        prompts = [ids[m].tolist() for ids, m in zip(ref.batch["input_ids"], mask)]
+        prefill = max(float(np.abs(self.run([p], [len(p)], row)[0] - ref.prefill_logits[row, -1]).max())
+                      for row, p in enumerate(prompts))
+        decode = 0.0
+        for k, (tokens, expected) in enumerate(zip(ref.decode_tokens, ref.decode_logits), 1):
+            logits = self.run(tokens.tolist(), [len(p) + k for p in prompts])
+            decode = max(decode, float(np.abs(logits - expected).max()))
+        return {"prefill_max_abs_diff": prefill, "decode_max_abs_diff": decode}
+
+
+def open_lm(path: Path, shape: DecoderShape, decoder: dict, threads: int = 0):
+    """The gate's LM over a variant's graph, by the manifest's decoder section: FusedLM for the
+    fused graph (kv_layout "slots"), OrtLM for the exported KV-concat graph."""
+    if decoder.get("kv_layout") == "slots":
+        return FusedLM(path, shape, int(decoder["max_context"]), threads)
+    return OrtLM(path, shape, threads)
+
+
 def batched_greedy(lm: OrtLM, prompts: list[list[int]], steps: int, pad_id: int) -> list[list[int]]:
     """``steps`` greedy tokens for each prompt, all decoded together in one left-padded batch
     (no early stop, so every row runs every step). One prompt: the same loop, alone."""
+    if isinstance(lm, FusedLM):
+        return lm.batched_greedy(prompts, steps)
     feeds = left_pad(prompts, pad_id)
     past, out = lm.empty_past(len(prompts)), [[] for _ in prompts]
     for _ in range(steps):
@@ -173,6 +243,9 @@ def batched_greedy(lm: OrtLM, prompts: list[list[int]], steps: int, pad_id: int)
 def timed_decode(lm: OrtLM, prompt: list[int], steps: int) -> float:
     """Greedy decode tokens/s of one stream after its prefill (which is not timed)."""
     import time
+
+    if isinstance(lm, FusedLM):
+        return lm.timed_decode(prompt, steps)
 
     feeds, past = left_pad([prompt], 0), lm.empty_past(1)
     logits, past = lm.step(feeds, past)
@@ -278,6 +351,8 @@ def build_reference(spec: DeploymentSpec, model, tokenizer, eos_ids: list[int], 
 
 def logits_figures(ref: LMReference, lm: OrtLM) -> dict[str, float]:
     """Max |diff| of logits on the padded prefill (real tokens only) and over the decode steps."""
+    if isinstance(lm, FusedLM):
+        return lm.logits_figures(ref)
     logits, past = lm.step(ref.batch, lm.empty_past(ref.batch["input_ids"].shape[0]))
     real = ref.batch["attention_mask"].astype(bool)
     prefill = float(np.abs(logits - ref.prefill_logits)[real].max())

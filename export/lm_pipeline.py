@@ -19,7 +19,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from export import lm_export, lm_parity, selection
+from export import lm_export, lm_graph, lm_parity, selection
 from export.parity import add_portability, gates_caption, raise_gate_failures
 from kiln_core.manifest import (
     EXPORT_FORMAT,
@@ -59,10 +59,19 @@ def run_lm_export(spec: DeploymentSpec, console: Console | None = None, fail_on_
         raise RuntimeError(f"{ckpt}: no fast tokenizer (tokenizer.json) could be produced")
 
     fp32 = out / FILES[Precision.fp32]
-    step(f"exporting {architecture} ({shape.num_layers} layers) with a KV cache to ONNX (opset {spec.opset}, dynamo exporter)")
-    lm_export.export_lm(model, fp32, spec.opset)
-    inputs, outputs = lm_export.io_specs(shape)
     decoder = lm_export.decoder_info(model, tokenizer, spec.generation.max_context)
+    fused = fused_graph(spec, model)
+    if fused:
+        step(f"building {architecture} ({shape.num_layers} layers) as the fused graph: GroupQueryAttention, "
+             f"a KV cache of {spec.generation.max_context} positions per sequence written in place")
+        lm_graph.save(lm_graph.build_gqa_decoder(model, spec.generation.max_context), fp32)
+        inputs, outputs = lm_graph.io_specs(shape, spec.generation.max_context)
+        decoder["kv_layout"] = lm_graph.KV_LAYOUT
+    else:
+        step(f"exporting {architecture} ({shape.num_layers} layers) with a KV cache to ONNX (opset {spec.opset}, "
+             "dynamo exporter)")
+        lm_export.export_lm(model, fp32, spec.opset)
+        inputs, outputs = lm_export.io_specs(shape)
 
     step("computing PyTorch references (padded prefill, decode steps, perplexity)")
     ref = lm_parity.build_reference(spec, model, tokenizer, decoder["eos_token_ids"], progress=step)
@@ -92,15 +101,19 @@ def run_lm_export(spec: DeploymentSpec, console: Console | None = None, fail_on_
     for precision in [p for p in FILES if p in spec.precisions]:
         path = out / FILES[precision]
         if precision is Precision.fp32:
-            notes = "dynamo export, onnxscript-optimized; KV cache as explicit inputs/outputs"
+            notes = (FUSED_NOTES if fused else
+                     "dynamo export, onnxscript-optimized; KV cache as explicit inputs/outputs")
             step(f"parity gate for fp32 vs PyTorch: logits, {n} greedy generations, perplexity")
-            figures, fp32_generated, fp32_ppl = lm_parity.fp32_figures(ref, lm_parity.OrtLM(path, shape))
+            figures, fp32_generated, fp32_ppl = lm_parity.fp32_figures(ref, lm_parity.open_lm(path, shape, decoder))
         else:
             step(f"building {precision.value} variant")
-            quantize = lm_export.quantize_int8 if precision is Precision.int8 else lm_export.quantize_int4
-            notes = quantize(fp32, path)
+            if precision is Precision.int8:
+                notes = lm_export.quantize_int8(fp32, path)
+            else:  # the fused graph has no padding for the softmax rewrite to guard against
+                notes = lm_export.quantize_int4(fp32, path, pad_invariant=not fused)
             step(f"parity gate for {precision.value} vs fp32: perplexity, {n} greedy generations")
-            figures = lm_parity.quantized_figures(ref, fp32_generated, fp32_ppl, lm_parity.OrtLM(path, shape))
+            figures = lm_parity.quantized_figures(ref, fp32_generated, fp32_ppl,
+                                                  lm_parity.open_lm(path, shape, decoder))
         report = lm_parity.gate_lm(spec, precision, figures, n)
         if precision is not Precision.fp32:
             add_portability(report, path)
@@ -114,7 +127,7 @@ def run_lm_export(spec: DeploymentSpec, console: Console | None = None, fail_on_
         )
         if report.passed:
             step(f"{precision.value}: batch invariance ({min(4, n)} prompts alone vs co-batched) and {selection.LM_METRIC}")
-            lm = lm_parity.OrtLM(path, shape, threads=spec.instances.intra_op_threads)
+            lm = lm_parity.open_lm(path, shape, decoder, threads=spec.instances.intra_op_threads)
             selection.record(manifest, precision.value, selection.lm_invariance(lm, ref.prompts[:4], 24, 0),
                              {selection.LM_METRIC: selection.lm_speed(lm, ref.prompts[0])})
         manifest.write(out)
@@ -130,6 +143,19 @@ def run_lm_export(spec: DeploymentSpec, console: Console | None = None, fail_on_
     if fail_on_gate:
         raise_gate_failures(spec, manifest, strict)
     return manifest
+
+
+FUSED_NOTES = ("fused graph (export/lm_graph.py): GroupQueryAttention with rotary inside, KV cache rows written in "
+               "place through IOBinding, SkipSimplifiedLayerNormalization, last-position logits")
+
+
+def fused_graph(spec: DeploymentSpec, model) -> bool:
+    """Whether this export builds the fused graph (spec.generation.graph; "auto": where covered)."""
+    choice = spec.generation.graph
+    why = lm_graph.supported(model)
+    if choice == "fused" and why:
+        raise ValueError(f"generation.graph: fused: {why}")
+    return choice == "fused" or (choice == "auto" and why is None)
 
 
 def _bytes(path: Path) -> int:

@@ -15,7 +15,11 @@ def stale_reasons(s: DeploymentSpec, manifest) -> list[str]:
     if manifest.export_format != EXPORT_FORMAT:
         reasons.append(f"export format {manifest.export_format}, this kiln writes {EXPORT_FORMAT}")
     if s.task.value == "text-generation":
-        fields = [("task", s.task.value, manifest.task), ("max_context", s.generation.max_context, manifest.max_length)]
+        from export.lm_graph import kv_layout
+
+        fields = [("task", s.task.value, manifest.task), ("max_context", s.generation.max_context, manifest.max_length),
+                  ("generation.graph", kv_layout(s.generation.graph, manifest.architecture),
+                   (manifest.decoder or {}).get("kv_layout", "concat"))]
     else:
         fields = [
             ("task", s.task.value, manifest.task),

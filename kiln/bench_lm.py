@@ -146,19 +146,17 @@ def _engine_runs(spec: DeploymentSpec, manifest, new_tokens: int, runs: int, con
     from tokenizers import Tokenizer
 
     from kiln_runtime.generation.chat_template import ChatTemplate, encode_prompt
-    from kiln_runtime.generation.engine import Engine
+    from kiln_runtime.generation.slots import engine_for
     from kiln_runtime.generation.params import SamplingParams
     from kiln_runtime.ort import open_session
 
     d = manifest.decoder
     variant = manifest.usable_variant(spec.serve_precision.value)
     sess = open_session(str(spec.export_dir / variant.file), spec.instances.intra_op_threads or 0)
-    names = [o.name for o in sess.get_outputs()]
     tok_dir = spec.export_dir / manifest.tokenizer_dir
     tok = Tokenizer.from_file(str(tok_dir / "tokenizer.json"))
     template = ChatTemplate.from_dir(str(tok_dir))
-    engine = Engine(lambda f: dict(zip(names, sess.run(names, f))), d["num_layers"], d["num_kv_heads"], d["head_dim"],
-                    d["eos_token_ids"], 1, d["max_context"], tok)
+    engine = engine_for(sess, d, tok, 1)
     out_runs = []
     for r in range(runs + 1):  # the first run warms ONNX Runtime up and is not kept
         ids = encode_prompt(tok, messages=[{"role": "user", "content": PROMPTS[r % len(PROMPTS)]}], template=template)

@@ -52,7 +52,7 @@ def make_engine(spec: DeploymentSpec, manifest, session, *, max_concurrent: int,
     from tokenizers import Tokenizer
 
     from kiln_runtime.generation.chat_template import ChatTemplate
-    from kiln_runtime.generation.engine import Engine
+    from kiln_runtime.generation.slots import engine_for
     from kiln_runtime.ort import session_runner
 
     d = manifest.decoder
@@ -60,9 +60,12 @@ def make_engine(spec: DeploymentSpec, manifest, session, *, max_concurrent: int,
     tok = Tokenizer.from_file(str(tok_dir / "tokenizer.json"))
     template = ChatTemplate.from_dir(str(tok_dir))
     kw = {"prefill_chunk": prefill_chunk} if prefill_chunk is not None else {}
-    engine = (engine_cls or Engine)(
-        session_runner(session), d["num_layers"], d["num_kv_heads"], d["head_dim"],
-        [] if ignore_eos else d["eos_token_ids"], max_concurrent, d["max_context"], tok, **kw)
+    eos = [] if ignore_eos else d["eos_token_ids"]
+    if engine_cls is None:  # the engine the served model runs for this graph
+        engine = engine_for(session, d, tok, max_concurrent, eos_token_ids=eos, **kw)
+    else:
+        engine = engine_cls(session_runner(session), d["num_layers"], d["num_kv_heads"], d["head_dim"], eos,
+                            max_concurrent, d["max_context"], tok, **kw)
     return engine, tok, template
 
 

@@ -519,16 +519,14 @@ def lm_in_process(spec: DeploymentSpec, manifest: ExportManifest, precision: str
 
     from kiln_runtime.contract import TOKENIZER_FILE
     from kiln_runtime.generation.chat_template import encode_prompt
-    from kiln_runtime.generation.engine import Engine
     from kiln_runtime.generation.params import SamplingParams
-    from kiln_runtime.ort import open_session, session_runner
+    from kiln_runtime.generation.slots import engine_for
+    from kiln_runtime.ort import open_session
 
     d = manifest.decoder
     tokenizer = Tokenizer.from_file(str(spec.export_dir / manifest.tokenizer_dir / Path(TOKENIZER_FILE).name))
     session = open_session(str(spec.export_dir / manifest.usable_variant(precision).file), spec.instances.intra_op_threads)
-    engine = Engine(session_runner(session), num_layers=d["num_layers"], num_kv_heads=d["num_kv_heads"],
-                    head_dim=d["head_dim"], eos_token_ids=d["eos_token_ids"], max_concurrent=1,
-                    max_context=int(d["max_context"]), tokenizer=tokenizer)
+    engine = engine_for(session, d, tokenizer, 1)
 
     def run(prompt: str, max_tokens: int) -> str:
         rid = f"smoke-{time.monotonic_ns()}"

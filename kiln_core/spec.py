@@ -153,6 +153,11 @@ class Generation(_Frozen):
     # stall step 2.0-3.1x a normal one at 16, 4.4-4.6x at 32, 45-70x unchunked; the long
     # prompt's own TTFT grows 2.5-4x at 16 (README, Causal LMs)
     prefill_chunk: int = Field(16, ge=0, le=131072)
+    # the decoder graph: "fused" (export/lm_graph.py: onnxruntime's GroupQueryAttention with the
+    # rotary embedding inside, a KV cache written in place, one cache row per sequence), "kv-concat"
+    # (the dynamo export of the transformers module, its cache concatenated every step), or
+    # "auto": fused where the architecture is covered (Llama, Mistral, Qwen2), else kv-concat
+    graph: Literal["auto", "fused", "kv-concat"] = "auto"
     parity_prompts: int = Field(8, ge=1, description="greedy-identity prompts in the gate")
     parity_new_tokens: int = Field(64, ge=1)
     parity_decode_steps: int = Field(16, ge=1)

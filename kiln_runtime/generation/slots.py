@@ -184,3 +184,22 @@ class OrtSlotRunner:
     def move(self, src: int, dst: int, length: int) -> None:
         for a in self.cache.values():
             a[dst, :, :length] = a[src, :, :length]
+
+
+def engine_for(session, decoder: dict, tokenizer, max_concurrent: int, *, eos_token_ids=None, **kwargs) -> Engine:
+    """The engine a served generation model (and every bench, smoke test and reload that must
+    answer as it does) runs over ``session``, by the manifest's ``decoder`` section: a
+    ``SlotEngine`` over the fused graph (kv_layout "slots"), else the ``Engine`` over the
+    exported KV-concat graph. ``kwargs``: the engine's own (default_max_tokens, max_queue,
+    prefill_chunk)."""
+    from kiln_runtime.ort import session_runner
+
+    layers, kv, hd = int(decoder["num_layers"]), int(decoder["num_kv_heads"]), int(decoder["head_dim"])
+    eos = decoder["eos_token_ids"] if eos_token_ids is None else eos_token_ids
+    context = int(decoder["max_context"])
+    if decoder.get("kv_layout") == "slots":
+        past = [f"past_key_values.{i}.{k}" for i in range(layers) for k in ("key", "value")]
+        present = [f"present.{i}.{k}" for i in range(layers) for k in ("key", "value")]
+        runner = OrtSlotRunner(session, past, present, max_concurrent, kv, context, hd)
+        return SlotEngine(runner, layers, kv, hd, eos, max_concurrent, context, tokenizer, **kwargs)
+    return Engine(session_runner(session), layers, kv, hd, eos, max_concurrent, context, tokenizer, **kwargs)

@@ -27,8 +27,9 @@ from kiln_runtime.contract import (
 )
 from kiln_runtime.generation.chat_template import ChatTemplate
 from kiln_runtime.generation.driver import FAULT_ENV, Driver, FaultPlan
-from kiln_runtime.generation.engine import DEFAULT_PREFILL_CHUNK, Engine
-from kiln_runtime.ort import open_session, session_runner
+from kiln_runtime.generation.engine import DEFAULT_PREFILL_CHUNK
+from kiln_runtime.generation.slots import engine_for
+from kiln_runtime.ort import open_session
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 # the driver's error kinds as TritonError codes (named: pb_utils.TritonError exists only once
@@ -90,15 +91,12 @@ class TritonPythonModel:
         prefill_chunk = int(p.get("prefill_chunk", DEFAULT_PREFILL_CHUNK)) or None
         tok_dir = os.path.join(here, TOKENIZER_DIR)
         tokenizer = Tokenizer.from_file(os.path.join(here, TOKENIZER_FILE))
-        engine = Engine(
-            session_runner(session),
-            num_layers=decoder["num_layers"],
-            num_kv_heads=decoder["num_kv_heads"],
-            head_dim=decoder["head_dim"],
-            eos_token_ids=decoder["eos_token_ids"],
-            max_concurrent=int(p["max_concurrent"]),
-            max_context=int(decoder["max_context"]),
-            tokenizer=tokenizer,
+        # the slot engine over the fused graph, the padded-batch engine over an exported one
+        engine = engine_for(
+            session,
+            decoder,
+            tokenizer,
+            int(p["max_concurrent"]),
             default_max_tokens=int(p["default_max_tokens"]),
             max_queue=int(p.get("max_queue", 0)) or None,  # 0 / absent (older repositories): unbounded
             prefill_chunk=prefill_chunk,

@@ -28,8 +28,58 @@ def _spec(checkpoint, workdir, precisions=("fp32", "int8"), **generation):
 
 @pytest.fixture(scope="module")
 def exported(tiny_llama, tmp_path_factory):
-    spec = _spec(tiny_llama, tmp_path_factory.mktemp("work"), precisions=("fp32", "int8", "int4"))
+    """The dynamo export (generation.graph: kv-concat), what architectures the fused graph does
+    not cover get."""
+    spec = _spec(tiny_llama, tmp_path_factory.mktemp("work"), precisions=("fp32", "int8", "int4"), graph="kv-concat")
     return spec, run_export(spec)
+
+
+@pytest.fixture(scope="module")
+def fused(tiny_llama, tmp_path_factory):
+    """The default for a Llama: the fused graph (export/lm_graph.py)."""
+    spec = _spec(tiny_llama, tmp_path_factory.mktemp("fused"), precisions=("fp32", "int8", "int4"))
+    return spec, run_export(spec)
+
+
+def test_the_fused_graph_is_gated_and_recorded_like_the_exported_one(fused):
+    spec, manifest = fused
+    assert manifest.decoder["kv_layout"] == "slots" and spec.generation.graph == "auto"
+    names = ["input_ids", "seqlens_k", "total_sequence_length"] + [
+        f"past_key_values.{i}.{kv}" for i in range(2) for kv in ("key", "value")]
+    assert [t.name for t in manifest.inputs] == names
+    assert manifest.inputs[3].shape == ["batch", 2, 256, 16]  # one row per sequence, the whole context
+    assert manifest.outputs[0].shape == ["batch", 1, manifest.decoder["vocab_size"]]  # the last position only
+    fp32 = manifest.variants["fp32"]
+    assert fp32.parity.passed and "GroupQueryAttention" in fp32.notes
+    f = fp32.parity.figures
+    assert f["prefill_max_abs_diff"] < 1e-4 and f["decode_max_abs_diff"] < 1e-4
+    assert f["greedy_identical"] == 8 and abs(f["ppl_ratio_vs_torch"] - 1) < 1e-4
+    int4 = manifest.variants["int4"]
+    assert int4.parity.passed and "ppl_ratio" in int4.parity.figures and "MatMulNBits" in int4.notes
+    graph = onnx.load(str(spec.export_dir / int4.file)).graph
+    ops = {n.op_type for n in graph.node}
+    assert {"GroupQueryAttention", "MatMulNBits", "SkipSimplifiedLayerNormalization"} <= ops
+    assert "Softmax" not in ops and "Concat" not in ops  # attention and its cache live inside GroupQueryAttention
+    assert "int8" in manifest.variants  # dynamic int8 reads the fused graph too
+    for name, v in manifest.variants.items():  # every variant's graph has the manifest's names and axes
+        if v.parity.passed:
+            assert v.batch_invariance is not None and v.speed["one-stream decode tokens/s"] > 0, name
+        g = onnx.load(str(spec.export_dir / v.file)).graph
+        assert [x.name for x in g.input] == names
+        for x, t in zip(g.input, manifest.inputs):
+            assert [d.dim_param or d.dim_value for d in x.type.tensor_type.shape.dim] == t.shape
+
+
+def test_a_corrupted_fused_graph_fails_its_gate(fused, tmp_path):
+    spec, manifest = fused
+    model, tokenizer, _ = lm_export.load_causal_lm(spec)
+    ref = lm_parity.build_reference(spec, model, tokenizer, manifest.decoder["eos_token_ids"])
+    bad = _corrupt(spec.export_dir / "model.fp32.onnx", tmp_path / "corrupt.onnx")
+    lm = lm_parity.open_lm(bad, lm_export.DecoderShape.of(model.config), manifest.decoder)
+    assert isinstance(lm, lm_parity.FusedLM)
+    figures, _, _ = lm_parity.fp32_figures(ref, lm)
+    report = lm_parity.gate_lm(spec, Precision.fp32, figures, len(ref.prompts))
+    assert not report.passed and figures["prefill_max_abs_diff"] > 1e-3
 
 
 def test_fp32_gate_passes_with_its_figures_recorded(exported):
@@ -156,7 +206,7 @@ def test_failed_gate_stops_the_pipeline_and_marks_fp32_unusable(tiny_llama, tmp_
         return _corrupt(out_path, out_path)
 
     monkeypatch.setattr(lm_export, "export_lm", corrupting)
-    spec = _spec(tiny_llama, tmp_path, parity_prompts=2, parity_decode_steps=2)
+    spec = _spec(tiny_llama, tmp_path, parity_prompts=2, parity_decode_steps=2, graph="kv-concat")
     with pytest.raises(ParityError, match="fp32.*prefill_max_abs_diff"):
         run_export(spec)
     manifest = ExportManifest.read(spec.export_dir)
