@@ -6,8 +6,10 @@ Rows (greedy, the chat prompts below, `new_tokens` new tokens, every row the med
 - in-process: transformers `generate` (PyTorch eager fp32) and kiln's generation engine over
   ONNX Runtime (the served code minus Triton), one stream
 - served, through one load generator (kiln/loadgen.py: streamed OpenAI chat completions):
-  the kiln gateway in front of Triton, and llama-cpp-python's server on the same GGUF file
-  (optional; skipped with the reason when `llama_cpp` does not import), at 1 and 8 streams
+  the kiln gateway in front of Triton, and llama.cpp on the same GGUF file at 1 and 8 streams:
+  its own `llama-server --parallel 8` when $KILN_LLAMA_SERVER names the binary
+  (../shared/tools/build_llama_server.sh builds one), else llama-cpp-python's server (one
+  sequence at a time; optional, skipped with the reason when `llama_cpp` does not import)
 - extra: Triton's own generate_stream (HTTP SSE, no gateway), one stream
 
 Runs are interleaved (run 1 of every server, then run 2, ...), so drift on a shared
@@ -233,7 +235,8 @@ def run_lm_bench(spec: DeploymentSpec, console: Console | None = None, new_token
     rows = [lm_row("transformers generate (PyTorch eager fp32)", HF, _hf_runs(Path(manifest.checkpoint), new_tokens, runs, console)),
             lm_row(f"ONNX Runtime {serve} engine (in-process)", ENGINE, _engine_runs(spec, manifest, new_tokens, runs, console))]
 
-    llama_reason = llamacpp.unavailable() if llama else "skipped (llama=False)"
+    binary = llamacpp.llama_server_binary()  # $KILN_LLAMA_SERVER: llama.cpp's own server, else llama-cpp-python's
+    llama_reason = (None if binary else llamacpp.unavailable()) if llama else "skipped (llama=False)"
     gguf = None
     if llama_reason is None:
         try:
@@ -255,8 +258,12 @@ def run_lm_bench(spec: DeploymentSpec, console: Console | None = None, new_token
         servers[GATEWAY] = (stack.gateway_url, spec.name, None)
         if gguf is not None:
             try:
-                proc = cleanup.enter_context(llamacpp.llama_process(gguf, free_port(), threads,
-                                                                    spec.root / "bench-llama-cpp.log"))
+                if binary is not None:  # llama.cpp's own server, parallel slots
+                    proc = cleanup.enter_context(llamacpp.llama_server_process(
+                        binary, gguf, free_port(), threads, max(streams), spec.root / "bench-llama-server.log"))
+                else:
+                    proc = cleanup.enter_context(llamacpp.llama_process(gguf, free_port(), threads,
+                                                                        spec.root / "bench-llama-cpp.log"))
                 servers[LLAMA] = (proc.url, gguf.stem, llamacpp.GREEDY_EXTRA)
             except RuntimeError as err:  # reported, and the rest of the bench still runs
                 llama_reason, gguf = f"its server did not start: {err}", None
@@ -276,13 +283,18 @@ def run_lm_bench(spec: DeploymentSpec, console: Console | None = None, new_token
                     waves.setdefault((TRITON, 1), []).append(_triton_wave(server.http_url, spec.name, _prompts(1, r), new_tokens))
         gateway_result = run_gateway_bench(stack, spec.name, console, "generation", PROMPTS, rounds=100)
 
-    llama_note = (f"llama-cpp-python {llamacpp.version()}, {gguf.name}, {threads} threads; {llamacpp.SERIALIZES}"
-                  if gguf else "")
+    if gguf is None:
+        llama_note = ""
+    elif binary is not None:
+        llama_note = f"{binary.name} ({binary}), {gguf.name}, {threads} threads, --parallel {max(streams)}"
+    else:
+        llama_note = f"llama-cpp-python {llamacpp.version()}, {gguf.name}, {threads} threads; {llamacpp.SERIALIZES}"
     for n in streams:
         rows.append(lm_row(f"kiln gateway -> Triton ({serve}), OpenAI SSE", GATEWAY, waves[(GATEWAY, n)]))
         if (LLAMA, n) in waves:
-            rows.append(lm_row(f"llama.cpp server (llama-cpp-python, {gguf.name.split('.', 1)[-1].removesuffix('.gguf')})",
-                               LLAMA, waves[(LLAMA, n)], llama_note))
+            quant = gguf.name.split('.', 1)[-1].removesuffix('.gguf')
+            rows.append(lm_row(f"llama.cpp llama-server --parallel {max(streams)} ({quant})" if binary else
+                               f"llama.cpp server (llama-cpp-python, {quant})", LLAMA, waves[(LLAMA, n)], llama_note))
     rows.append(lm_row(f"Triton generate_stream ({serve}), direct HTTP SSE", TRITON, waves[(TRITON, 1)]))
 
     # ---- decode profile (kiln/bench_profile.py): every server is stopped by now; the split of an
@@ -314,7 +326,8 @@ def run_lm_bench(spec: DeploymentSpec, console: Console | None = None, new_token
     if llama_reason:
         console.print(f"  note: llama.cpp not measured: {llama_reason}")
     else:
-        console.print(f"  note: llama.cpp's server {llamacpp.SERIALIZES}; it also reuses the previous prompt's "
+        serializes = llamacpp.PARALLEL_NOTE if binary else llamacpp.SERIALIZES
+        console.print(f"  note: llama.cpp's server: {serializes}; it also reuses the previous prompt's "
                       "matching KV prefix, kiln does not")
     if load_before > 0.5 * (os.cpu_count() or 1):
         console.print(f"  [yellow]note[/]: the machine was busy before the bench began (1-minute load {load_before:.1f} "

@@ -49,3 +49,26 @@ def server_command(gguf: Path, port: int, threads: int, n_ctx: int = 2048, host:
 def llama_process(gguf: Path, port: int, threads: int, log_file: Path, n_ctx: int = 2048) -> BaselineProcess:
     return BaselineProcess("llama-cpp-python server", server_command(gguf, port, threads, n_ctx), port, log_file,
                            ready_path="/v1/models")
+
+
+# llama.cpp's own server binary (`llama-server`, ../shared/tools/build_llama_server.sh builds one):
+# parallel slots, so N streams decode together as kiln's engine does; what the issues measure against
+LLAMA_SERVER_ENV = "KILN_LLAMA_SERVER"
+PARALLEL_NOTE = "llama-server with parallel slots (continuous batching)"
+
+
+def llama_server_binary() -> Path | None:
+    """The llama-server binary named by $KILN_LLAMA_SERVER, when it is an executable file."""
+    import os
+
+    path = os.environ.get(LLAMA_SERVER_ENV)
+    return Path(path) if path and os.access(path, os.X_OK) else None
+
+
+def llama_server_process(binary: Path, gguf: Path, port: int, threads: int, parallel: int, log_file: Path,
+                         n_ctx: int = 2048) -> BaselineProcess:
+    """``llama-server -m GGUF -t THREADS --parallel N`` (each slot gets n_ctx positions)."""
+    cmd = [str(binary), "-m", str(gguf), "-t", str(threads), "-tb", str(threads), "--parallel", str(parallel),
+           "-c", str(n_ctx * parallel), "--host", "127.0.0.1", "--port", str(port), "--alias", gguf.stem,
+           "--no-webui"]
+    return BaselineProcess("llama-server", cmd, port, log_file, ready_path="/health")
