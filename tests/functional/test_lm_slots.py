@@ -150,3 +150,18 @@ def test_cancel_frees_the_row_and_chunked_prefill_rides_beside_decoding(lm, gqa)
     assert tokens(results["long"]) == whole
     assert tokens(results["run"]) == reference(model, companion, 30)
     assert engine.profile()["counts"]["compactions"] >= 1
+
+
+def test_the_served_model_picks_the_engine_by_the_manifests_kv_layout(lm, gqa):
+    from kiln_runtime.generation.engine import Engine
+    from kiln_runtime.generation.slots import engine_for
+
+    session, graph = gqa
+    _, tok = lm
+    s = graph.shape
+    decoder = {"num_layers": s.num_layers, "num_kv_heads": s.num_kv_heads, "head_dim": s.head_dim,
+               "eos_token_ids": [2], "max_context": MAX_CONTEXT, "kv_layout": "slots"}
+    engine = engine_for(session, decoder, tok, 4, prefill_chunk=16)
+    assert isinstance(engine, SlotEngine) and engine.runner.rows == 4 and engine.prefill_chunk == 16
+    older = engine_for(session, {k: v for k, v in decoder.items() if k != "kv_layout"}, tok, 4)
+    assert type(older) is Engine  # the exported KV-concat graph: the padded-batch engine

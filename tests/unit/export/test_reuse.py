@@ -36,3 +36,18 @@ def test_an_export_in_an_older_format_is_rebuilt_not_reused():
     spec = load_spec("minilm")
     reasons = stale_reasons(spec, _manifest(spec, export_format=1))
     assert reasons == [f"export format 1, this kiln writes {EXPORT_FORMAT}"]
+
+
+def test_a_chat_export_in_another_graph_form_is_rebuilt():
+    """generation.graph: auto asks for the fused graph of a Llama; an export of the older
+    KV-concat graph (no kv_layout) is stale, a fused one is reused, and kv-concat asks back."""
+    spec = load_spec("smollm2")
+    fused = {"kv_layout": "slots", "max_context": spec.generation.max_context}
+    common = dict(task="text-generation", architecture="LlamaForCausalLM", max_length=spec.generation.max_context)
+    assert stale_reasons(spec, _manifest(spec, decoder=fused, **common)) == []
+    older = stale_reasons(spec, _manifest(spec, decoder={}, **common))
+    assert older == ["generation.graph: spec 'slots', export 'concat'"]
+    pinned = spec.model_copy(update={"generation": spec.generation.model_copy(update={"graph": "kv-concat"})})
+    assert stale_reasons(pinned, _manifest(pinned, decoder={}, **common)) == []
+    other = stale_reasons(spec, _manifest(spec, decoder={}, **{**common, "architecture": "GPT2LMHeadModel"}))
+    assert other == []  # an architecture the fused graph does not cover keeps the exported graph
