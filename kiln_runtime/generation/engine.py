@@ -332,28 +332,21 @@ class Engine:
         t0 = _now()
         done = seq.length
         n = min(n, seq.prompt_len - done)
-        feeds = dict(zip(self.past_names, self._empty_past if seq.kv is None else seq.kv))
-        feeds["input_ids"] = np.asarray([seq.prompt[done : done + n]], dtype=np.int64)
-        feeds["attention_mask"] = np.ones((1, done + n), dtype=np.int64)
-        feeds["position_ids"] = np.arange(done, done + n, dtype=np.int64)[None]
-        t1 = _now()
-        out = self.runner(feeds)
-        t2 = _now()
-        seq.kv = [out[name] for name in self.present_names]
+        logits, run_s = self._prefill_call(seq, done, n)
         seq.length = done + n
         prof, counts = self._prof, self._prof_n
-        prof["run_prefill"] += t2 - t1
+        prof["run_prefill"] += run_s
         counts["prefill_calls"] += 1
         counts["prefill_tokens"] += n
         if seq.length < seq.prompt_len:
-            prof["kv"] += t1 - t0 + _now() - t2
+            prof["kv"] += _now() - t0 - run_s
             return False
         seq.prompt = None  # only the cache needs it from now on
         t3 = _now()
-        token = seq.sampler.sample(out["logits"][0, -1])
+        token = seq.sampler.sample(logits)
         t4 = _now()
         ended = self._advance(seq, token, events)
-        prof["kv"] += t1 - t0 + t3 - t2
+        prof["kv"] += t3 - t0 - run_s
         prof["sample"] += t4 - t3
         prof["detok"] += _now() - t4
         if ended:
@@ -362,6 +355,19 @@ class Engine:
             self._running[seq.rid] = seq
             self._regroup = True
         return True
+
+    def _prefill_call(self, seq: _Seq, done: int, n: int) -> tuple[np.ndarray, float]:
+        """Run prompt tokens done .. done+n-1 of seq on its own cache (kept in seq.kv): the last
+        position's logits and the seconds the runner took."""
+        feeds = dict(zip(self.past_names, self._empty_past if seq.kv is None else seq.kv))
+        feeds["input_ids"] = np.asarray([seq.prompt[done : done + n]], dtype=np.int64)
+        feeds["attention_mask"] = np.ones((1, done + n), dtype=np.int64)
+        feeds["position_ids"] = np.arange(done, done + n, dtype=np.int64)[None]
+        t1 = _now()
+        out = self.runner(feeds)
+        t2 = _now()
+        seq.kv = [out[name] for name in self.present_names]
+        return out["logits"][0, -1], t2 - t1
 
     def _fail(self, seqs: list[_Seq], err: Exception, events: list[Event]) -> None:
         """End requests the engine could not serve: each gets a last event with the error."""

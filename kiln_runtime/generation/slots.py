@@ -83,35 +83,14 @@ class SlotEngine(Engine):
                     self._free_row(seq)
         return events
 
-    def _prefill(self, seq: _Seq, n: int, events: list[Event]) -> bool:
-        t0 = _now()
-        done = seq.length
-        n = min(n, seq.prompt_len - done)
+    def _prefill_call(self, seq: _Seq, done: int, n: int) -> tuple[np.ndarray, float]:
+        """Prompt tokens done .. done+n-1 straight into seq's row (taken at its first chunk)."""
         row = self._take_row(seq)
         ids = np.asarray([seq.prompt[done : done + n]], dtype=np.int64)
         lengths = np.asarray([done + n], dtype=np.int32)
         t1 = _now()
         logits = self.runner.run(ids, lengths, row)
-        t2 = _now()
-        seq.length = done + n
-        prof, counts = self._prof, self._prof_n
-        prof["run_prefill"] += t2 - t1
-        counts["prefill_calls"] += 1
-        counts["prefill_tokens"] += n
-        if seq.length < seq.prompt_len:
-            prof["kv"] += t1 - t0
-            return False
-        seq.prompt = None
-        t3 = _now()
-        token = seq.sampler.sample(logits[0, -1])
-        t4 = _now()
-        ended = self._advance(seq, token, events)
-        prof["kv"] += t1 - t0
-        prof["sample"] += t4 - t3
-        prof["detok"] += _now() - t4
-        if not ended:
-            self._running[seq.rid] = seq
-        return True
+        return logits[0, -1], _now() - t1
 
     def _decode_call(self, seqs: list[_Seq]) -> np.ndarray:
         """One call over every slotted row; self._batch becomes the decoding sequences, and the
