@@ -238,6 +238,7 @@ def generation_config(spec: DeploymentSpec, man: ExportManifest, model_file: str
         default_max_tokens=g.default_max_tokens,
         max_queue=g.max_queue,
         prefill_chunk=g.prefill_chunk,
+        stream_interval=g.stream_interval,
     )
     return cfg
 

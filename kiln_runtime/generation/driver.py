@@ -152,12 +152,17 @@ def request_from_inputs(get: Inputs, tokenizer, template: ChatTemplate | None) -
     return GenerateRequest(ids, prompt_field, params, bool(_first(get, STREAM, False)))
 
 
+COALESCE_ABOVE = 2  # streams in one step above which stream_interval applies (fewer: every token at once)
+
+
 @dataclass
 class _Pending:
     sender: Sender
     stream: bool
     cancelled: Callable[[], bool]
-    chunks: list[str] = field(default_factory=list)  # a non-streamed request's text so far
+    chunks: list[str] = field(default_factory=list)  # a non-streamed request's text so far; streamed: held back
+    held_steps: int = 0  # streamed: steps whose text is held back, not sent yet
+    sent: bool = False  # streamed: its first text went out
 
 
 class InjectedFault(RuntimeError):
@@ -237,7 +242,12 @@ class Driver:
     Failures: see the module docstring."""
 
     def __init__(self, engine: Engine, tokenizer, template: ChatTemplate | None, logger: Logger, *,
-                 faults: FaultPlan | None = None, max_step_failures: int = MAX_STEP_FAILURES):
+                 faults: FaultPlan | None = None, max_step_failures: int = MAX_STEP_FAILURES,
+                 stream_interval: int = 1, coalesce_above: int = COALESCE_ABOVE):
+        if stream_interval < 1:
+            raise ValueError(f"stream_interval must be >= 1 (got {stream_interval})")
+        self.stream_interval, self.coalesce_above = stream_interval, coalesce_above
+        self._interval = 1  # this step's: stream_interval when more than coalesce_above streams got text
         self.engine = engine
         self.tokenizer = tokenizer
         self.template = template
@@ -404,6 +414,9 @@ class Driver:
         with self._lock:
             touched = [(ev, self._pending.pop(ev.request_id) if ev.finished else self._pending[ev.request_id])
                        for ev in events if ev.request_id in self._pending]
+        # with many streams each step, their texts go out every stream_interval steps (each
+        # response costs the python backend, Triton and the gateway the same whatever its length)
+        self._interval = self.stream_interval if len(touched) > self.coalesce_above else 1
         for ev, pending in touched:
             if ev.error is not None:
                 self.logger.log_error(f"kiln generate: request {ev.request_id} failed in the engine: {ev.error}")
@@ -418,13 +431,21 @@ class Driver:
         if not ev.finished:
             if not pending.stream:
                 pending.chunks.append(ev.text)
-            elif ev.text:
-                pending.sender.send_text(ev.text)
+                return
+            pending.chunks.append(ev.text)
+            pending.held_steps += 1
+            # the first text at once (time to first token); then every _interval steps
+            if pending.sent and pending.held_steps < self._interval:
+                return
+            text = "".join(pending.chunks)
+            if text:
+                pending.chunks.clear()
+                pending.held_steps = 0
+                pending.sent = True
+                pending.sender.send_text(text)
         elif ev.finish_reason == "cancelled":
             pending.sender.send_cancelled()
-        elif pending.stream:
-            pending.sender.send_final(ev.text, ev)
-        else:
+        else:  # streamed: what was held back goes with the final response
             pending.sender.send_final("".join(pending.chunks) + ev.text, ev)
 
     def _drop(self, rid: str, pending: _Pending, where: str, err: Exception) -> None:

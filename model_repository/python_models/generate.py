@@ -102,7 +102,8 @@ class TritonPythonModel:
             prefill_chunk=prefill_chunk,
         )
         faults = FaultPlan.parse(os.environ.get(FAULT_ENV))
-        self.driver = Driver(engine, tokenizer, ChatTemplate.from_dir(tok_dir), pb_utils.Logger, faults=faults)
+        self.driver = Driver(engine, tokenizer, ChatTemplate.from_dir(tok_dir), pb_utils.Logger, faults=faults,
+                             stream_interval=int(p.get("stream_interval", "1")))
         self.driver.start()
 
     def execute(self, requests):
