@@ -175,9 +175,22 @@ def build_gqa_decoder(model, max_context: int) -> GqaGraph:
     final = init("model.norm.weight", sd["model.norm.weight"])
     node("SkipSimplifiedLayerNormalization", [pending, residual, final], ["hidden", "", "", "resid_final"],
          "/norm", domain=MS, epsilon=eps)
-    # only the last position's logits: a prefill of S tokens pays the head once, not S times
-    node("Slice", ["hidden", init("last_start", np.array([-1], np.int64)), init("last_end", np.array([2**62], np.int64)),
-                   init("seq_axis", np.array([1], np.int64))], ["hidden_last"], "/last_position")
+    # only each row's last new position: a prefill of S tokens pays the head once, not S times.
+    # That position is min(seqlens_k, S - 1): S - 1 for a decode step or a chunk on a past, the
+    # row's own last token for prompts prefilled together right-padded (no past: seqlens_k = len - 1)
+    node("Shape", ["input_ids"], ["ids_shape"], "/last/Shape")
+    node("Gather", ["ids_shape", init("seq_dim", np.array(1, np.int64))], ["seq_len"], "/last/S", axis=0)
+    node("Sub", ["seq_len", init("one", np.array(1, np.int64))], ["seq_last"], "/last/S_minus_1")
+    node("Cast", ["seqlens_k"], ["seqlens_k_64"], "/last/Cast", to=TensorProto.INT64)
+    node("Min", ["seqlens_k_64", "seq_last"], ["last_index"], "/last/Min")
+    node("Unsqueeze", ["last_index", init("axes_12", np.array([1, 2], np.int64))], ["last_index_3d"], "/last/Unsqueeze")
+    node("Shape", ["hidden"], ["hidden_shape"], "/last/hidden_shape")
+    node("Slice", ["hidden_shape", init("two", np.array([2], np.int64)), init("three", np.array([3], np.int64))],
+         ["hidden_width"], "/last/width")
+    node("Concat", [init("one_1d", np.array([1], np.int64)), "one_1d", "hidden_width"], ["gather_shape"],
+         "/last/gather_shape", axis=0)  # [1, 1, H]: broadcast against the index's [B, 1, 1]
+    node("Expand", ["last_index_3d", "gather_shape"], ["last_index_exp"], "/last/Expand")
+    node("GatherElements", ["hidden", "last_index_exp"], ["hidden_last"], "/last/GatherElements", axis=1)
     head = sd.get("lm_head.weight", embed)
     matmul("hidden_last", "lm_head", "logits", weight=head)
 

@@ -286,14 +286,9 @@ class Engine:
             self._busy = len(self._running) + len(self._prefilling) + len(admitted)
         # chunks only while others decode: with nobody to stall they would only add calls
         chunk = self.prefill_chunk if decoding else None
-        for seq in admitted:
-            if chunk is None or seq.prompt_len <= chunk:
-                try:
-                    self._prefill(seq, seq.prompt_len, events)
-                except Exception as err:  # this prompt's failure: the others go on
-                    self._fail([seq], err, events)
-            else:
-                self._prefilling.append(seq)
+        whole = [seq for seq in admitted if chunk is None or seq.prompt_len <= chunk]
+        self._prefilling.extend(seq for seq in admitted if not (chunk is None or seq.prompt_len <= chunk))
+        self._prefill_whole(whole, events)
         if self._prefilling:  # one chunk per step (or the rest), first come first served
             seq = self._prefilling[0]
             try:
@@ -326,6 +321,15 @@ class Engine:
         self._prof_n["steps"] += 1
         return events
 
+    def _prefill_whole(self, seqs: list[_Seq], events: list[Event]) -> None:
+        """Prefill each of seqs whole (admitted this step, no chunking needed); a prompt that
+        fails ends its request only."""
+        for seq in seqs:
+            try:
+                self._prefill(seq, seq.prompt_len, events)
+            except Exception as err:  # this prompt's failure: the others go on
+                self._fail([seq], err, events)
+
     def _prefill(self, seq: _Seq, n: int, events: list[Event]) -> bool:
         """Run the next n prompt tokens of seq (all that are left, at most); at the end of the
         prompt, sample its first token. True when its prompt is done."""
@@ -333,11 +337,17 @@ class Engine:
         done = seq.length
         n = min(n, seq.prompt_len - done)
         logits, run_s = self._prefill_call(seq, done, n)
-        seq.length = done + n
+        self._prof_n["prefill_calls"] += 1
+        return self._prefilled(seq, done + n, logits, run_s, t0, events)
+
+    def _prefilled(self, seq: _Seq, length: int, logits: np.ndarray, run_s: float, t0: float,
+                   events: list[Event]) -> bool:
+        """Account a prefill call's part for seq (its cache now holds ``length`` tokens); at the
+        end of its prompt, sample its first token from ``logits``. True when its prompt is done."""
         prof, counts = self._prof, self._prof_n
+        counts["prefill_tokens"] += length - seq.length
+        seq.length = length
         prof["run_prefill"] += run_s
-        counts["prefill_calls"] += 1
-        counts["prefill_tokens"] += n
         if seq.length < seq.prompt_len:
             prof["kv"] += _now() - t0 - run_s
             return False

@@ -28,6 +28,9 @@ import numpy as np
 from kiln_runtime.generation.engine import Engine, Event, _Seq
 
 
+PREFILL_TOKENS = 4096  # padded prompt tokens in one batched prefill call, at most
+
+
 class SlotRunner(Protocol):
     def run(self, input_ids: np.ndarray, lengths: np.ndarray, row0: int) -> np.ndarray: ...
 
@@ -91,6 +94,45 @@ class SlotEngine(Engine):
         t1 = _now()
         logits = self.runner.run(ids, lengths, row)
         return logits[0, -1], _now() - t1
+
+    def _prefill_whole(self, seqs: list[_Seq], events: list[Event]) -> None:
+        """Prompts admitted together are prefilled together: one call over their new rows (they
+        are the last ones, so contiguous), right-padded to the longest, up to PREFILL_TOKENS
+        padded tokens a call. Every weight is read once per call, not once per prompt."""
+        i = 0
+        while i < len(seqs):
+            group = [seqs[i]]
+            while (i + len(group) < len(seqs)
+                   and (len(group) + 1) * max(s.prompt_len for s in [*group, seqs[i + len(group)]]) <= PREFILL_TOKENS):
+                group.append(seqs[i + len(group)])
+            i += len(group)
+            if len(group) == 1:
+                super()._prefill_whole(group, events)
+                continue
+            try:
+                logits, share = self._prefill_group(group)
+            except Exception as err:  # the call failed: its prompts fail, the others go on
+                self._fail(group, err, events)
+                continue
+            for b, seq in enumerate(group):  # the call's time is shared out among its prompts
+                try:
+                    self._prefilled(seq, seq.prompt_len, logits[b, -1], share, _now() - share, events)
+                except Exception as err:  # this prompt's sampling failed: it alone ends
+                    self._fail([seq], err, events)
+
+    def _prefill_group(self, group: list[_Seq]) -> tuple[np.ndarray, float]:
+        """One call over the group's new rows: (logits [b, 1, V], the call's seconds per prompt)."""
+        rows = [self._take_row(s) for s in group]
+        if rows != list(range(rows[0], rows[0] + len(rows))):
+            raise RuntimeError(f"prefill rows {rows} are not contiguous")
+        ids = np.zeros((len(group), max(s.prompt_len for s in group)), dtype=np.int64)  # right padding: never attended
+        for b, s in enumerate(group):
+            ids[b, : s.prompt_len] = s.prompt
+        lengths = np.fromiter((s.prompt_len for s in group), dtype=np.int32, count=len(group))
+        t1 = _now()
+        logits = self.runner.run(ids, lengths, rows[0])
+        self._prof_n["prefill_calls"] += 1
+        return logits, (_now() - t1) / len(group)
 
     def _decode_call(self, seqs: list[_Seq]) -> np.ndarray:
         """One call over every slotted row; self._batch becomes the decoding sequences, and the

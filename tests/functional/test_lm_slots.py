@@ -165,3 +165,22 @@ def test_the_served_model_picks_the_engine_by_the_manifests_kv_layout(lm, gqa):
     assert isinstance(engine, SlotEngine) and engine.runner.rows == 4 and engine.prefill_chunk == 16
     older = engine_for(session, {k: v for k, v in decoder.items() if k != "kv_layout"}, tok, 4)
     assert type(older) is Engine  # the exported KV-concat graph: the padded-batch engine
+
+
+def test_prompts_admitted_together_are_prefilled_in_one_call(lm, gqa):
+    """Eight prompts of different lengths arriving at once: one prefill call over their rows,
+    right-padded, each row's first token from its own last position, and every request's tokens
+    as alone."""
+    model, tok = lm
+    prompts = [tok.encode(p).ids for p in CHAT_PROMPTS]
+    engine = make(lm, gqa)
+    calls = []
+    run = engine.runner.run
+    engine.runner.run = lambda ids, lengths, row0: calls.append(ids.shape) or run(ids, lengths, row0)
+    for i, p in enumerate(prompts):
+        engine.submit(f"r{i}", p, greedy(10))
+    results = drain(engine)
+    assert calls[0] == (8, max(len(p) for p in prompts))  # one call prefilled all eight
+    assert engine.profile()["counts"]["prefill_calls"] == 1
+    for i, p in enumerate(prompts):
+        assert tokens(results[f"r{i}"]) == reference(model, p, 10), f"request {i}"
