@@ -219,6 +219,45 @@ def test_streamed_chunks_arrive_in_order_then_one_final_with_counts(served, toke
     assert driver.num_pending == 0
 
 
+def _streams(tokenizer, template, streams: int, stream_interval: int) -> tuple[list[Outbox], list[int]]:
+    """`streams` streamed requests for the whole SCRIPT at once: their outboxes, and the
+    responses sent at each engine step."""
+    prompt_len = len(tokenizer.encode(PROMPT).ids)
+    runner = ScriptedRunner(tokenizer.encode(SCRIPT).ids, prompt_len, tokenizer.get_vocab_size())
+    engine = Engine(runner, 1, 1, 1, [], 4, 128, tokenizer)
+    driver = Driver(engine, tokenizer, template, Log(), stream_interval=stream_interval)
+    boxes = [Outbox() for _ in range(streams)]
+    for box in boxes:
+        driver.submit(inputs({TEXT_INPUT: PROMPT, MAX_TOKENS: script_len(tokenizer), STREAM: True}), box, never)
+    per_step = []
+    while engine.has_work():
+        before = sum(len(b.sent) for b in boxes)
+        driver.step()
+        per_step.append(sum(len(b.sent) for b in boxes) - before)
+    return boxes, per_step
+
+
+@pytest.mark.parametrize("streams, interval", [(2, 2), (4, 2), (4, 3)])
+def test_many_streams_get_their_text_every_interval_steps_and_the_first_token_at_once(tokenizer, template,
+                                                                                     streams, interval):
+    """stream_interval with more than 2 streams: a stream's first text goes out with its first
+    token, the rest every `interval` steps, and nothing is lost (text + final == SCRIPT); two
+    streams are never held back (as many responses as a stream sent every token)."""
+    [alone], _ = _streams(tokenizer, template, 1, 1)
+    every_token = sum(s[0] == "text" for s in alone.sent)
+    boxes, per_step = _streams(tokenizer, template, streams, interval)
+    for box in boxes:
+        assert box.sent[-1][0] == "final" and box.streamed + box.sent[-1][1] == SCRIPT
+        assert all(s[1] for s in box.sent[:-1])  # no empty chunks
+    assert per_step[0] == streams  # every stream's first token at once
+    texts = [sum(s[0] == "text" for s in box.sent) for box in boxes]
+    if streams <= 2:
+        assert texts == [every_token] * streams
+    else:
+        steps = script_len(tokenizer)  # one token a step: at most one response per `interval` of them
+        assert all(t <= 1 + -(-steps // interval) for t in texts) and max(texts) < every_token, (texts, every_token)
+
+
 def test_non_stream_gets_one_final_with_the_whole_text(served, tokenizer):
     driver, _, _ = served()
     n = script_len(tokenizer)
