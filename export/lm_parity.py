@@ -42,6 +42,15 @@ def chat_prompts(n: int) -> list[str]:
     return [lines[i % len(lines)] + ("" if i < len(lines) else f" ({i // len(lines) + 1})") for i in range(n)]
 
 
+def quality_prompts() -> list[list[dict]]:
+    """The 32 conversations of export/data/quality_prompts.txt (facts, arithmetic, short
+    instructions, multi-turn), each as chat messages."""
+    import json
+
+    return [json.loads(l) if l.startswith("[") else [{"role": "user", "content": l}]
+            for l in _lines("quality_prompts.txt")]
+
+
 def heldout_text() -> str:
     return "\n\n".join(_lines("heldout.txt"))
 

@@ -237,6 +237,17 @@ def run_lm_bench(spec: DeploymentSpec, console: Console | None = None, new_token
 
     binary = llamacpp.llama_server_binary()  # $KILN_LLAMA_SERVER: llama.cpp's own server, else llama-cpp-python's
     llama_reason = (None if binary else llamacpp.unavailable()) if llama else "skipped (llama=False)"
+
+    # the "as right" half: the fp32 graph's greedy answers to the 32 conversations, in process
+    from export.lm_parity import quality_prompts
+    from kiln import bench_quality as bq
+
+    conversations = quality_prompts()
+    reference = None
+    if "fp32" in manifest.variants and manifest.variants["fp32"].usable:
+        step(f"quality: the fp32 graph's greedy answers to {len(conversations)} conversations ({bq.NEW_TOKENS} tokens)")
+        reference = bq.reference_answers(spec, manifest, conversations)
+    answers: dict[str, list[str]] = {}
     gguf = None
     if llama_reason is None:
         try:
@@ -282,6 +293,10 @@ def run_lm_bench(spec: DeploymentSpec, console: Console | None = None, new_token
                 if n == 1:
                     waves.setdefault((TRITON, 1), []).append(_triton_wave(server.http_url, spec.name, _prompts(1, r), new_tokens))
         gateway_result = run_gateway_bench(stack, spec.name, console, "generation", PROMPTS, rounds=100)
+        if reference is not None:
+            for name, (url, model, extra) in servers.items():
+                step(f"quality: {name}'s greedy answers, one request at a time")
+                answers[name] = bq.served_answers(url, model, conversations, extra)
 
     if gguf is None:
         llama_note = ""
@@ -318,6 +333,19 @@ def run_lm_bench(spec: DeploymentSpec, console: Console | None = None, new_token
     profile = {"steps": [{k: v for k, v in r.items() if k != "raw"} for r in steps], "join": join}
 
     verdicts = lm_targets(rows, many=max(streams))
+    quality: list = []
+    if reference is not None:
+        from tokenizers import Tokenizer
+
+        tok = Tokenizer.from_file(str(spec.export_dir / manifest.tokenizer_dir / "tokenizer.json"))
+        ref_ids = bq.token_ids(tok, reference)
+        labels = {GATEWAY: f"kiln gateway -> Triton ({serve})", LLAMA: f"llama.cpp ({gguf.name if gguf else ''})"}
+        quality = [bq.agreement(labels[name], ref_ids, bq.token_ids(tok, texts)) for name, texts in answers.items()]
+        by = {name: q for name, q in zip(answers, quality)}
+        if GATEWAY in by and LLAMA in by:
+            verdicts["agreement_vs_llama_cpp"] = Target(
+                "served greedy agreement with fp32 (mean matching prefix) >= llama.cpp's on the same prompts",
+                _ratio(by[GATEWAY].mean_prefix, by[LLAMA].mean_prefix), 1.0)
     verdicts["join_p99"] = Target(
         f"while a {join['prompt_tokens']}-token prompt joins, the running stream's inter-token p99 <= "
         f"{MAX_JOIN_P99_X:g}x its undisturbed median (prefill_chunk {join['prefill_chunk']})",
@@ -344,6 +372,10 @@ def run_lm_bench(spec: DeploymentSpec, console: Console | None = None, new_token
                           f"{o['inprocess_step_ms']:.1f} ms: Triton + gateway add {o['overhead_ms']:.1f} ms "
                           f"({o['overhead_pct']:.0f}%)")
     console.print(join_table([join]))
+    if quality:
+        console.print(bq.quality_table(quality, f"served variant {serve}: ppl x"
+                                                f"{manifest.variants[serve].parity.figures.get('ppl_ratio', 1.0):.4f} of "
+                                                "fp32 at export; every answer re-encoded with the model's tokenizer"))
     print_targets(console, verdicts)
     out = spec.root / "bench.json"
     out.write_text(json.dumps(
@@ -354,7 +386,8 @@ def run_lm_bench(spec: DeploymentSpec, console: Console | None = None, new_token
          "machine": {**machine_info(), "flags_line": flags_line(),
                      "load_1min": {"before": load_before, "after": os.getloadavg()[0]}},
          "llama_cpp": {"measured": not llama_reason, "reason": llama_reason, "note": llama_note},
-         "gateway": gateway_result, "decode_profile": profile}, indent=2) + "\n")
+         "gateway": gateway_result, "decode_profile": profile,
+         "quality": [q.as_dict() for q in quality]}, indent=2) + "\n")
     step(f"done in {time.perf_counter() - t_start:.0f}s -> {out}")
     return rows, verdicts
 
