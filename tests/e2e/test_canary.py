@@ -63,10 +63,11 @@ def test_a_canary_that_meets_its_bar_is_promoted_with_no_failed_request(live):
     spec32, spec16, stack = live
     c = gateway_client(stack)
     before, ids = embedding_of(c, "live", PROBE), [m.id for m in c.models.list().data]
-    plan = CanaryPlan(0.3, min_requests=60, max_seconds=30, max_p95_ratio=4.0)
+    plan = CanaryPlan(0.3, min_requests=240, max_seconds=30, max_p95_ratio=4.0)
     # (a looser p95 bar than the default 1.2x: fp16 is emulated on a CPU without fp16 arithmetic, the canary has
     # its own, less batched step instances, and the load shares the 2 cores (measured 1.9x here); the
-    # rule itself is unit-tested at 1.2x in tests/unit/kiln/test_canary.py)
+    # rule itself is unit-tested at 1.2x in tests/unit/kiln/test_canary.py. 240 requests, ~4 s: with 60 the
+    # window was ~1 s, and the canary's first, cold requests alone made its p95 4.3x once on an EPYC)
     with embedding_load(stack, "live", PROBE) as load:
         result = reload_version(spec16, [TritonAdmin.of(stack.triton)], repo=spec32.repository_dir, canary=plan,
                                 gateways=gateways_in([stack.workdir]))
