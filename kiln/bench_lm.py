@@ -145,20 +145,12 @@ def _hf_runs(checkpoint: Path, new_tokens: int, runs: int, console: Console) -> 
 
 def _engine_runs(spec: DeploymentSpec, manifest, new_tokens: int, runs: int, console: Console) -> list[ChatRun]:
     """The generation engine in this process over ONNX Runtime: the served code minus Triton."""
-    from tokenizers import Tokenizer
-
-    from kiln_runtime.generation.chat_template import ChatTemplate, encode_prompt
-    from kiln_runtime.generation.slots import engine_for
+    from kiln.bench_profile import make_engine, served_session
+    from kiln_runtime.generation.chat_template import encode_prompt
     from kiln_runtime.generation.params import SamplingParams
-    from kiln_runtime.ort import open_session
 
-    d = manifest.decoder
-    variant = manifest.usable_variant(spec.serve_precision.value)
-    sess = open_session(str(spec.export_dir / variant.file), spec.instances.intra_op_threads or 0)
-    tok_dir = spec.export_dir / manifest.tokenizer_dir
-    tok = Tokenizer.from_file(str(tok_dir / "tokenizer.json"))
-    template = ChatTemplate.from_dir(str(tok_dir))
-    engine = engine_for(sess, d, tok, 1)
+    engine, tok, template = make_engine(spec, manifest, served_session(spec, manifest)[0], max_concurrent=1,
+                                        ignore_eos=False)
     out_runs = []
     for r in range(runs + 1):  # the first run warms ONNX Runtime up and is not kept
         ids = encode_prompt(tok, messages=[{"role": "user", "content": PROMPTS[r % len(PROMPTS)]}], template=template)

@@ -48,19 +48,12 @@ def agreement(path: str, reference: Sequence[list[int]], answers: Sequence[list[
 
 def reference_answers(spec, manifest, conversations: Sequence[list[dict]], new_tokens: int = NEW_TOKENS) -> list[str]:
     """The fp32 graph's greedy answers, in process (the engine the served model runs)."""
-    from tokenizers import Tokenizer
-
-    from kiln_runtime.generation.chat_template import ChatTemplate, encode_prompt
+    from kiln.bench_profile import make_engine, served_session
+    from kiln_runtime.generation.chat_template import encode_prompt
     from kiln_runtime.generation.params import SamplingParams
-    from kiln_runtime.generation.slots import engine_for
-    from kiln_runtime.ort import open_session
 
-    tok_dir = spec.export_dir / manifest.tokenizer_dir
-    tok = Tokenizer.from_file(str(tok_dir / "tokenizer.json"))
-    template = ChatTemplate.from_dir(str(tok_dir))
-    session = open_session(str(spec.export_dir / manifest.usable_variant("fp32").file),
-                           spec.instances.intra_op_threads or 0)
-    engine = engine_for(session, manifest.decoder, tok, 1)
+    session, _ = served_session(spec.with_precision("fp32"), manifest)
+    engine, tok, template = make_engine(spec, manifest, session, max_concurrent=1, ignore_eos=False)
     answers = []
     for i, messages in enumerate(conversations):
         engine.submit(str(i), encode_prompt(tok, messages=messages, template=template),
