@@ -50,6 +50,13 @@ class Event:
     error: str | None = None
 
 
+def cache_names(num_layers: int) -> tuple[list[str], list[str]]:
+    """The graphs' past and present tensor names, layer by layer, key then value."""
+    kinds = ("key", "value")
+    return ([f"past_key_values.{i}.{kv}" for i in range(num_layers) for kv in kinds],
+            [f"present.{i}.{kv}" for i in range(num_layers) for kv in kinds])
+
+
 class QueueFull(Exception):
     """More requests wait than the engine's max_queue allows: the server is busy, not the
     request wrong. The message starts with Triton's own phrase for a full queue."""
@@ -142,8 +149,7 @@ class Engine:
         self.default_max_tokens = default_max_tokens
         self.kv_dtype = np.dtype(kv_dtype)
         self.prefill_chunk = None if prefill_chunk is None else int(prefill_chunk)
-        self.past_names = [f"past_key_values.{i}.{kv}" for i in range(num_layers) for kv in ("key", "value")]
-        self.present_names = [f"present.{i}.{kv}" for i in range(num_layers) for kv in ("key", "value")]
+        self.past_names, self.present_names = cache_names(num_layers)
         self._empty_past = [np.zeros((1, num_kv_heads, 0, head_dim), self.kv_dtype)] * len(self.past_names)
 
         self._cond = threading.Condition()
@@ -287,7 +293,7 @@ class Engine:
         # chunks only while others decode: with nobody to stall they would only add calls
         chunk = self.prefill_chunk if decoding else None
         whole = [seq for seq in admitted if chunk is None or seq.prompt_len <= chunk]
-        self._prefilling.extend(seq for seq in admitted if not (chunk is None or seq.prompt_len <= chunk))
+        self._prefilling.extend(seq for seq in admitted if seq not in whole)
         self._prefill_whole(whole, events)
         if self._prefilling:  # one chunk per step (or the rest), first come first served
             seq = self._prefilling[0]

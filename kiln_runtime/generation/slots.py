@@ -25,7 +25,7 @@ from typing import Protocol
 
 import numpy as np
 
-from kiln_runtime.generation.engine import Engine, Event, _Seq
+from kiln_runtime.generation.engine import Engine, Event, _Seq, cache_names
 
 
 PREFILL_TOKENS = 4096  # padded prompt tokens in one batched prefill call, at most
@@ -219,8 +219,6 @@ def engine_for(session, decoder: dict, tokenizer, max_concurrent: int, *, eos_to
     eos = decoder["eos_token_ids"] if eos_token_ids is None else eos_token_ids
     context = int(decoder["max_context"])
     if decoder.get("kv_layout") == "slots":
-        past = [f"past_key_values.{i}.{k}" for i in range(layers) for k in ("key", "value")]
-        present = [f"present.{i}.{k}" for i in range(layers) for k in ("key", "value")]
-        runner = OrtSlotRunner(session, past, present, max_concurrent, kv, context, hd)
+        runner = OrtSlotRunner(session, *cache_names(layers), max_concurrent, kv, context, hd)
         return SlotEngine(runner, layers, kv, hd, eos, max_concurrent, context, tokenizer, **kwargs)
     return Engine(session_runner(session), layers, kv, hd, eos, max_concurrent, context, tokenizer, **kwargs)
