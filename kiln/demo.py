@@ -23,7 +23,8 @@ from rich.table import Table
 
 from kiln.gateway.auth import new_key
 from kiln.gateway.config import GatewayConfig
-from kiln.server import TritonServer, free_port
+from kiln.processes import free_port
+from kiln.server import TritonServer
 from kiln.stack import GatewayOptions, Stack
 from kiln_core.spec import DeploymentSpec
 from kiln_runtime.contract import EMBEDDING, LABEL, SCORES, TEXT, TEXT_OUTPUT

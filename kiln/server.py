@@ -22,7 +22,7 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from kiln.processes import check_ports_free, free_port, spawn, stop_process  # noqa: F401  (free_port, stop_process: re-exported)
+from kiln.processes import check_ports_free, free_port, spawn, stop_process
 from kiln_core.card import RepositoryCard
 from kiln_core.spec import Ports
 

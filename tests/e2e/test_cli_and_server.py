@@ -13,7 +13,8 @@ import pytest
 import tritonclient.grpc as grpcclient
 
 from export.pipeline import run_export
-from kiln.server import ServerError, TritonServer, free_port, free_ports
+from kiln.processes import free_port
+from kiln.server import ServerError, TritonServer, free_ports
 from kiln_testkit import KILN, serve, tiny_spec
 from model_repository.writer import write_repository
 
