@@ -12,7 +12,7 @@ import pytest
 
 from kiln_runtime.generation.params import SamplingParams
 from kiln_runtime.generation.slots import OrtSlotRunner, SlotEngine
-from kiln_testkit import CHAT_PROMPTS
+from kiln_testkit import CHAT_PROMPTS, staggered
 
 MAX_CONTEXT = 256
 LONG = " ".join(CHAT_PROMPTS[i % 8] for i in range(24))  # ~150 tokens of the tiny tokenizer
@@ -115,12 +115,7 @@ def test_every_request_gets_its_solo_tokens_whatever_joins_and_leaves(lm, gqa):
     assert solo[0] == reference(model, prompts[0], budgets[0])
 
     engine = make(lm, gqa)
-    results = {}
-    for i, (p, n) in enumerate(zip(prompts, budgets)):
-        engine.submit(f"r{i}", p, greedy(n))
-        for ev in engine.step():
-            results.setdefault(ev.request_id, []).append(ev)
-    drain(engine, results)
+    results = staggered(engine, prompts, budgets, greedy)
     for i in range(8):
         assert tokens(results[f"r{i}"]) == solo[i], f"request {i} changed when batched"
         assert results[f"r{i}"][-1].finish_reason == "length"

@@ -319,3 +319,17 @@ def run_to_exit(cmd: list[str], env: dict, mark: str, timeout: float = 300.0, gr
     ended = time.monotonic()
     reader.join(5)
     return Ran(proc.returncode, "".join(lines), ended - seen[0] if seen else None)
+
+
+def staggered(engine, prompts, budgets, params) -> dict:
+    """Submit ``r0``, ``r1``, ... one per engine step (each joins a running batch), then step
+    until idle: {request_id: [events]}. ``params(max_tokens)`` makes each request's params."""
+    results: dict = {}
+    for i, (p, n) in enumerate(zip(prompts, budgets)):
+        engine.submit(f"r{i}", p, params(n))
+        for ev in engine.step():
+            results.setdefault(ev.request_id, []).append(ev)
+    while engine.has_work():
+        for ev in engine.step():
+            results.setdefault(ev.request_id, []).append(ev)
+    return results

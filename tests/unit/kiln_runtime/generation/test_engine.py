@@ -19,7 +19,7 @@ import pytest
 from kiln_runtime.errors import InputError
 from kiln_runtime.generation.engine import PROFILE_PHASES, Engine, QueueFull
 from kiln_runtime.generation.params import SamplingParams
-from kiln_testkit import CHAT_PROMPTS, make_engine
+from kiln_testkit import CHAT_PROMPTS, make_engine, staggered
 
 
 def drain(engine, results=None):
@@ -196,14 +196,10 @@ def test_greedy_output_does_not_depend_on_batching(lm):
     assert all(len(set(s)) > len(s) // 2 for s in solo), solo  # varied text: a mix-up would show
 
     engine = make_engine(lm, eos=[])
-    results, widths = {}, []
+    widths = []
     real = engine.runner
     engine.runner = lambda feeds: widths.append(feeds["input_ids"].shape) or real(feeds)
-    for i, (p, n) in enumerate(zip(prompts, budgets)):
-        engine.submit(f"r{i}", p, greedy(n))
-        for ev in engine.step():
-            results.setdefault(ev.request_id, []).append(ev)
-    drain(engine, results)
+    results = staggered(engine, prompts, budgets, greedy)
     for i in range(8):
         assert tokens(results[f"r{i}"]) == solo[i], f"request {i} changed when batched"
         assert results[f"r{i}"][-1].finish_reason == "length"
